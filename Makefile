@@ -1,0 +1,31 @@
+# rankstream: `make demo` and `make test` work on a fresh machine (they create .venv first).
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed-stamp
+
+.PHONY: install demo test proto lint clean
+
+# CPU machines get torch==2.13.0 (a CPU build, from local disk where available) before anything
+# else can ask for torch; on a machine with CUDA the range in pyproject.toml takes a CUDA build.
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	if ! command -v nvidia-smi >/dev/null 2>&1; then $(PY) -m pip install --quiet torch==2.13.0; fi
+	$(PY) -m pip install --quiet -e '.[server,langchain,dev]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+proto: $(STAMP)  ## regenerate the Python stubs from protos/ (never edit them by hand)
+	$(PY) -m grpc_tools.protoc -I protos --python_out=client --pyi_out=client --grpc_python_out=client \
+		protos/rankstream/v1/*.proto
+
+demo: $(STAMP)
+	$(PY) -m rankstream_server.demo
+
+test: $(STAMP)
+	$(PY) -m pytest -q
+
+clean:
+	rm -rf $(VENV) .cache

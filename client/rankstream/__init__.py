@@ -1,0 +1,1 @@
+"""rankstream client: typed Python access to the rankstream gRPC service."""

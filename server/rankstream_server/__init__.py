@@ -1,0 +1,1 @@
+"""rankstream server: gRPC retrieve-and-rerank over transformer models."""

@@ -1,0 +1,107 @@
+"""The server's lifecycle: bind, report NOT_SERVING, load and warm models off the event loop,
+report SERVING, and on shutdown drain in-flight calls before stopping the batchers."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+
+import grpc
+import torch
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from rankstream.v1 import rankstream_pb2 as pb
+from rankstream.v1 import rankstream_pb2_grpc as pb_grpc
+
+from .config import Settings
+from .registry import ModelRegistry
+from .service import InfoService, Readiness, RerankerService
+
+log = logging.getLogger(__name__)
+
+SERVICE_NAMES = [pb.DESCRIPTOR.services_by_name[name].full_name for name in ("Reranker", "Info")]
+
+
+class RankstreamServer:
+    """One gRPC server process: services, health, reflection and the model registry."""
+
+    def __init__(self, settings: Settings):
+        self.settings = settings
+        self.port: int | None = None
+        self._readiness = Readiness()
+        self._health = health.aio.HealthServicer()
+        self._tokenize_pool = ThreadPoolExecutor(settings.server.tokenizer_threads, thread_name_prefix="tokenize")
+        self._server = grpc.aio.server(
+            options=[
+                ("grpc.max_receive_message_length", 64 * 1024 * 1024),
+                ("grpc.so_reuseport", 0),
+            ]
+        )
+        pb_grpc.add_RerankerServicer_to_server(
+            RerankerService(settings, self._readiness, self._tokenize_pool), self._server
+        )
+        pb_grpc.add_InfoServicer_to_server(InfoService(self._readiness), self._server)
+        health_pb2_grpc.add_HealthServicer_to_server(self._health, self._server)
+        reflection.enable_server_reflection([*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME], self._server)
+
+    async def _set_health(self, status: int) -> None:
+        for name in ["", *SERVICE_NAMES]:
+            await self._health.set(name, status)
+
+    async def start(self) -> int:
+        """Binds and starts serving health (NOT_SERVING); returns the bound port."""
+        server = self.settings.server
+        if server.torch_threads:
+            torch.set_num_threads(server.torch_threads)
+        self.port = self._server.add_insecure_port(f"{server.host}:{server.port}")
+        if self.port == 0:
+            raise OSError(f"cannot bind {server.host}:{server.port}")
+        await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
+        await self._server.start()
+        return self.port
+
+    async def load_models(self) -> None:
+        """Loads and warms every model on a worker thread, then reports SERVING."""
+        registry = ModelRegistry(self.settings)
+        await asyncio.to_thread(registry.load_all)
+        self._readiness.registry = registry
+        await self._set_health(health_pb2.HealthCheckResponse.SERVING)
+        log.info("serving %s on port %s", [m.name for m in registry.models], self.port)
+
+    async def stop(self) -> None:
+        """Graceful: report NOT_SERVING, let in-flight calls finish within the grace period, stop batchers."""
+        await self._health.enter_graceful_shutdown()
+        await self._server.stop(self.settings.server.grace_seconds)
+        if self._readiness.registry is not None:
+            await asyncio.to_thread(self._readiness.registry.close)
+        self._tokenize_pool.shutdown(wait=False, cancel_futures=True)
+
+    async def wait(self) -> None:
+        await self._server.wait_for_termination()
+
+
+async def serve(settings: Settings, on_bound: Callable[[int], None] | None = None) -> None:
+    """Runs until SIGINT or SIGTERM."""
+    server = RankstreamServer(settings)
+    port = await server.start()
+    if on_bound is not None:
+        on_bound(port)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    loader = asyncio.create_task(server.load_models())
+    stopper = asyncio.create_task(stop.wait())
+    done, _ = await asyncio.wait({loader, stopper}, return_when=asyncio.FIRST_COMPLETED)
+    if loader in done and loader.exception() is not None:
+        stopper.cancel()
+        await server.stop()
+        raise loader.exception()
+    await stopper
+    log.info("shutting down: draining in-flight calls")
+    loader.cancel()
+    await server.stop()

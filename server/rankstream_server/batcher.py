@@ -1,0 +1,273 @@
+"""Dynamic batching: one bounded queue and one inference thread per model.
+
+Requests from many clients are merged into shared forward passes. A batch is
+cut by a padded-token budget (rows x longest row) and a row cap; it waits at
+most `max_wait_ms` for more work once it has some. Each request's pairs enter
+the queue sorted longest first, so consecutive rows have similar lengths and
+padding stays small. Work of cancelled or expired requests is dropped before it
+runs. A request that would overflow the queue is refused at once
+(ResourceExhausted). Model code runs only on the batcher's thread, never on the
+event loop; results go back to the loop with call_soon_threadsafe.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+import threading
+import time
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import numpy as np
+
+from .config import BatchingConfig
+from .errors import DeadlineExceeded, InferenceFailed, ResourceExhausted, Unavailable
+from .tokenization import EncodedPair
+
+log = logging.getLogger(__name__)
+
+
+class PendingResult(Protocol):
+    def result(self) -> np.ndarray: ...
+
+
+class Backend(Protocol):
+    asynchronous: bool
+
+    def launch(self, pairs: Sequence[EncodedPair]) -> PendingResult: ...
+
+
+@dataclass
+class JobStats:
+    """What happened to one request inside the batcher (written by the batcher thread)."""
+
+    enqueued_at: float = 0.0
+    first_batch_at: float | None = None
+    inference_s: float = 0.0
+    batches: int = 0
+    max_batch_size: int = 0
+    shared_batches: int = 0
+    scored: int = 0
+
+
+@dataclass(eq=False)
+class Job:
+    """One request's pairs in a batcher, and the channel their scores come back on."""
+
+    size: int
+    deadline: float | None = None  # time.monotonic() value; None = no deadline
+    stats: JobStats = field(default_factory=JobStats)
+    cancelled: bool = False
+
+    def __post_init__(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._chunks: asyncio.Queue[tuple[np.ndarray, np.ndarray] | BaseException] = asyncio.Queue()
+        self._received = 0
+
+    @property
+    def done(self) -> bool:
+        return self._received >= self.size
+
+    def expired(self, now: float) -> bool:
+        return self.deadline is not None and now >= self.deadline
+
+    def _deliver(self, chunk: tuple[np.ndarray, np.ndarray] | BaseException) -> None:
+        """Called from the batcher thread."""
+        self._loop.call_soon_threadsafe(self._chunks.put_nowait, chunk)
+
+    async def results(self) -> AsyncIterator[tuple[np.ndarray, np.ndarray]]:
+        """Yields (request indices, logits) per micro-batch until every pair is scored."""
+        while not self.done:
+            chunk = await self._chunks.get()
+            if isinstance(chunk, BaseException):
+                raise chunk
+            self._received += len(chunk[0])
+            yield chunk
+
+
+@dataclass
+class _Item:
+    job: Job
+    pair: EncodedPair
+
+    @property
+    def length(self) -> int:
+        return len(self.pair.input_ids)
+
+
+@dataclass
+class BatcherCounters:
+    batches: int = 0
+    items: int = 0
+    dropped: int = 0
+    rejected: int = 0
+    max_requests_per_batch: int = 0
+    max_batch_size: int = 0
+
+
+class DynamicBatcher:
+    """Merges pairs of concurrent requests into forward passes on one thread."""
+
+    def __init__(self, name: str, backend: Backend, config: BatchingConfig):
+        self.name = name
+        self.capacity = config.queue_capacity
+        self._backend = backend
+        self._max_tokens = config.max_batch_tokens
+        self._max_rows = config.max_batch_size
+        self._max_wait = config.max_wait_ms / 1000.0
+        self._cond = threading.Condition()
+        self._queue: collections.deque[_Item] = collections.deque()
+        self._queued_tokens = 0
+        self._in_flight = 0  # admitted pairs not yet scored or dropped
+        self._closed = False
+        self.counters = BatcherCounters()
+        self._thread = threading.Thread(target=self._run, name=f"batcher-{name}", daemon=True)
+        self._thread.start()
+
+    @property
+    def in_flight(self) -> int:
+        return self._in_flight
+
+    # -- event-loop side -------------------------------------------------------------
+
+    def submit(self, job: Job, pairs: Sequence[EncodedPair]) -> None:
+        """Queue a request's pairs, or refuse at once when they do not fit."""
+        ordered = sorted(pairs, key=lambda p: len(p.input_ids), reverse=True)
+        with self._cond:
+            if self._closed:
+                raise Unavailable(f"model {self.name!r} is shutting down")
+            if self._in_flight + len(ordered) > self.capacity:
+                self.counters.rejected += 1
+                raise ResourceExhausted(
+                    f"model {self.name!r} queue is full: {self._in_flight} of {self.capacity} pairs in flight, "
+                    f"request adds {len(ordered)}; retry later"
+                )
+            job.stats.enqueued_at = time.perf_counter()
+            self._in_flight += len(ordered)
+            for pair in ordered:
+                self._queue.append(_Item(job, pair))
+                self._queued_tokens += len(pair.input_ids)
+            self._cond.notify()
+
+    def cancel(self, job: Job) -> None:
+        """Drop a request's queued pairs (its running batch, if any, completes and is discarded)."""
+        job.cancelled = True
+        with self._cond:
+            kept = collections.deque(item for item in self._queue if item.job is not job)
+            self._drop_count(len(self._queue) - len(kept), sum(i.length for i in self._queue) - sum(i.length for i in kept))
+            self._queue = kept
+
+    def close(self, timeout: float | None = None) -> None:
+        """Stop taking work; the thread finishes what is queued, then exits."""
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
+        self._thread.join(timeout)
+
+    # -- batcher thread ------------------------------------------------------------------
+
+    def _drop_count(self, items: int, tokens: int) -> None:
+        self._in_flight -= items
+        self._queued_tokens -= tokens
+        self.counters.dropped += items
+
+    def _enough_for_a_batch(self) -> bool:
+        return len(self._queue) >= self._max_rows or self._queued_tokens >= self._max_tokens
+
+    def _next_batch(self, wait: bool) -> list[_Item] | None:
+        with self._cond:
+            if wait:
+                while not self._queue and not self._closed:
+                    self._cond.wait()
+                deadline = time.monotonic() + self._max_wait
+                while self._queue and not self._enough_for_a_batch() and not self._closed:
+                    remaining = deadline - time.monotonic()
+                    if remaining <= 0:
+                        break
+                    self._cond.wait(remaining)
+            batch: list[_Item] = []
+            longest = 0
+            now = time.monotonic()
+            while self._queue:
+                item = self._queue[0]
+                if item.job.cancelled or item.job.expired(now):
+                    self._queue.popleft()
+                    self._drop_count(1, item.length)
+                    if not item.job.cancelled:  # expired: tell the waiting request once
+                        item.job.cancelled = True
+                        item.job._deliver(DeadlineExceeded("deadline passed while the request was queued"))
+                    continue
+                widest = max(longest, item.length)
+                if batch and (len(batch) >= self._max_rows or widest * (len(batch) + 1) > self._max_tokens):
+                    break
+                self._queue.popleft()
+                self._queued_tokens -= item.length
+                batch.append(item)
+                longest = widest
+            return batch or None
+
+    def _run(self) -> None:
+        running: tuple[list[_Item], PendingResult | None, float] | None = None
+        while True:
+            batch = self._next_batch(wait=running is None)
+            if batch is None:
+                if running is not None:
+                    self._complete(*running)
+                    running = None
+                    continue
+                with self._cond:
+                    if self._closed and not self._queue:
+                        return
+                continue
+            launched = self._launch(batch)
+            if running is not None:
+                self._complete(*running)
+            running = launched
+            if not self._backend.asynchronous:
+                self._complete(*running)
+                running = None
+
+    def _launch(self, batch: list[_Item]) -> tuple[list[_Item], PendingResult | None, float]:
+        started = time.perf_counter()
+        for item in batch:
+            if item.job.stats.first_batch_at is None:
+                item.job.stats.first_batch_at = started
+        try:
+            return batch, self._backend.launch([item.pair for item in batch]), started
+        except Exception:  # noqa: BLE001 - reported to the requests, logged here
+            log.exception("model %s failed to launch a batch of %d", self.name, len(batch))
+            return batch, None, started
+
+    def _complete(self, batch: list[_Item], pending: PendingResult | None, started: float) -> None:
+        logits: np.ndarray | None = None
+        if pending is not None:
+            try:
+                logits = pending.result()
+            except Exception:  # noqa: BLE001
+                log.exception("model %s failed on a batch of %d", self.name, len(batch))
+        elapsed = time.perf_counter() - started
+        by_job: dict[Job, list[int]] = {}
+        for row, item in enumerate(batch):
+            by_job.setdefault(item.job, []).append(row)
+        for job, rows in by_job.items():
+            stats = job.stats
+            stats.batches += 1
+            stats.inference_s += elapsed
+            stats.max_batch_size = max(stats.max_batch_size, len(batch))
+            stats.shared_batches += len(by_job) > 1
+            if logits is None:
+                job._deliver(InferenceFailed(f"model {self.name!r} failed on a batch; see the server log"))
+                continue
+            stats.scored += len(rows)
+            indices = np.fromiter((batch[r].pair.index for r in rows), dtype=np.int64, count=len(rows))
+            job._deliver((indices, logits[rows]))
+        with self._cond:
+            self._in_flight -= len(batch)
+            counters = self.counters
+            counters.batches += 1
+            counters.items += len(batch)
+            counters.max_batch_size = max(counters.max_batch_size, len(batch))
+            counters.max_requests_per_batch = max(counters.max_requests_per_batch, len(by_job))

@@ -1,0 +1,125 @@
+"""The one typed configuration: a YAML file, overridden by RANKSTREAM_* env vars, then CLI flags.
+
+Loaded once by the CLI and passed down; nothing reads it at import time.
+Env overrides nest with "__", e.g. RANKSTREAM_SERVER__PORT=9000 or
+RANKSTREAM_BATCHING__MAX_WAIT_MS=5.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ModelConfig(_Strict):
+    """One model the server loads."""
+
+    name: str = Field(min_length=1, description="Name requests use to pick this model.")
+    kind: Literal["cross"] = "cross"
+    weights: str = Field(min_length=1, description="Hub id or local folder.")
+    tokenizer: str | None = Field(None, description="Hub id or folder; defaults to weights.")
+    max_length: int | None = Field(
+        None, gt=2, description="Tokens per (query, passage) pair; default: the tokenizer's, capped at the model's positions."
+    )
+    activation: Literal["auto", "sigmoid", "none"] = Field(
+        "auto", description="auto = what the checkpoint's sentence-transformers config says, else sigmoid."
+    )
+    dtype: Literal["auto", "float32", "float16", "bfloat16"] = Field(
+        "auto", description="auto = float16 on CUDA, float32 on CPU."
+    )
+    device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$")
+    revision: str | None = Field(None, description="Hub revision (branch, tag or commit).")
+
+
+class BatchingConfig(_Strict):
+    """Dynamic batching, per model."""
+
+    max_batch_tokens: int = Field(16384, gt=0, description="Padded tokens per forward pass (rows x longest row).")
+    max_batch_size: int = Field(128, gt=0, description="Pairs per forward pass.")
+    max_wait_ms: float = Field(2.0, ge=0, description="How long a batch waits for more work once it has some.")
+    queue_capacity: int = Field(4096, gt=0, description="Pairs queued or running per model; beyond: RESOURCE_EXHAUSTED.")
+
+
+class LimitsConfig(_Strict):
+    """Request limits: past them a request gets INVALID_ARGUMENT naming the field and the limit."""
+
+    max_passages: int = Field(1000, gt=0)
+    max_query_chars: int = Field(2048, gt=0)
+    max_passage_chars: int = Field(20000, gt=0)
+
+
+class ServerConfig(_Strict):
+    host: str = "0.0.0.0"
+    port: int = Field(50051, ge=0, le=65535)
+    torch_threads: int | None = Field(None, gt=0, description="torch intra-op threads; default: torch's own choice.")
+    tokenizer_threads: int = Field(2, gt=0)
+    warmup: bool = True
+    grace_seconds: float = Field(10.0, ge=0, description="Drain time on shutdown.")
+
+
+class Settings(BaseSettings):
+    """The whole configuration."""
+
+    model_config = SettingsConfigDict(env_prefix="RANKSTREAM_", env_nested_delimiter="__", extra="forbid")
+
+    server: ServerConfig = ServerConfig()
+    limits: LimitsConfig = LimitsConfig()
+    batching: BatchingConfig = BatchingConfig()
+    models: list[ModelConfig] = Field(min_length=1)
+    default_model: str | None = Field(None, description="Model used when a request names none; default: the first.")
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # Env vars override the file's values (passed as init kwargs).
+        return env_settings, init_settings
+
+    @model_validator(mode="after")
+    def _check_models(self) -> Settings:
+        names = [m.name for m in self.models]
+        duplicates = sorted({n for n in names if names.count(n) > 1})
+        if duplicates:
+            raise ValueError(f"models: duplicate names {duplicates}")
+        if self.default_model is None:
+            self.default_model = names[0]
+        elif self.default_model not in names:
+            raise ValueError(f"default_model {self.default_model!r} is not one of models {names}")
+        if self.limits.max_passages > self.batching.queue_capacity:
+            raise ValueError(
+                f"limits.max_passages ({self.limits.max_passages}) must not exceed "
+                f"batching.queue_capacity ({self.batching.queue_capacity}): such a request could never be queued"
+            )
+        return self
+
+    def model(self, name: str) -> ModelConfig:
+        return next(m for m in self.models if m.name == name)
+
+
+def load_settings(path: str | Path | None = None, **overrides: Any) -> Settings:
+    """Read a YAML file (if given), apply env overrides, then `overrides` (the CLI's)."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        text = Path(path).read_text(encoding="utf-8")
+        data = yaml.safe_load(text) or {}
+        if not isinstance(data, dict):
+            raise ValueError(f"{path}: expected a mapping at the top level")
+    settings = Settings(**data)
+    for dotted, value in overrides.items():
+        if value is not None:
+            section, _, key = dotted.partition(".")
+            setattr(getattr(settings, section), key, value)
+    return settings

