@@ -3,6 +3,7 @@ a checkpoint carries (sentence-transformers config files) so our scores match it
 
 from __future__ import annotations
 
+import inspect
 import json
 import logging
 from dataclasses import dataclass
@@ -128,7 +129,7 @@ def load_cross_encoder(cfg: ModelConfig) -> LoadedCrossEncoder:
     uses_token_type_ids = (
         "token_type_ids" in tokenizer.model_input_names
         and getattr(hf_config, "type_vocab_size", 0) > 0
-        and "token_type_ids" in model.forward.__code__.co_varnames
+        and "token_type_ids" in inspect.signature(model.forward).parameters
     )
     loaded = LoadedCrossEncoder(
         config=cfg,

@@ -1,0 +1,125 @@
+"""Shared fixtures: models built by the tests, and real servers on 127.0.0.1 called over gRPC."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+import pytest
+import pytest_asyncio
+
+import model_factory
+from rankstream.v1 import rankstream_pb2 as pb
+from rankstream.v1 import rankstream_pb2_grpc as pb_grpc
+from rankstream_server.app import RankstreamServer
+from rankstream_server.config import Settings
+from rankstream_server.service import STATS_TRAILER
+
+
+@dataclass(frozen=True)
+class ModelDirs:
+    bert: Path
+    distilbert: Path
+    deberta: Path  # weights only
+    deberta_tokenizer: Path
+    deberta_reference: Path  # weights + tokenizer in one folder, for sentence-transformers
+    minilm: Path
+
+
+@pytest.fixture(scope="session")
+def models(tmp_path_factory: pytest.TempPathFactory) -> ModelDirs:
+    root = tmp_path_factory.mktemp("models")
+    deberta = model_factory.tiny_deberta_v2(root / "tiny-deberta")
+    deberta_tokenizer = model_factory.bert_tokenizer(root / "deberta-tokenizer")
+    return ModelDirs(
+        bert=model_factory.tiny_bert(root / "tiny-bert"),
+        distilbert=model_factory.tiny_distilbert(root / "tiny-distilbert"),
+        deberta=deberta,
+        deberta_tokenizer=deberta_tokenizer,
+        deberta_reference=model_factory.with_tokenizer(deberta, deberta_tokenizer, root / "tiny-deberta-ref"),
+        minilm=model_factory.minilm_cross(root / "minilm-cross"),
+    )
+
+
+def model_entries(models: ModelDirs) -> list[dict]:
+    return [
+        {"name": "tiny-bert", "weights": str(models.bert)},
+        {"name": "tiny-distilbert", "weights": str(models.distilbert)},
+        {"name": "tiny-deberta", "weights": str(models.deberta), "tokenizer": str(models.deberta_tokenizer)},
+        {"name": "minilm", "weights": str(models.minilm)},
+    ]
+
+
+def make_settings(models: list[dict], **sections) -> Settings:
+    server = {"host": "127.0.0.1", "port": 0, **sections.pop("server", {})}
+    return Settings(models=models, server=server, **sections)
+
+
+@dataclass
+class Harness:
+    """A running server and aio stubs to call it."""
+
+    server: RankstreamServer
+    channel: grpc.aio.Channel
+    reranker: pb_grpc.RerankerStub
+    info: pb_grpc.InfoStub
+
+    async def rerank(self, timeout: float | None = 60, **fields) -> tuple[list[pb.ScoredPassage], pb.RerankStats]:
+        call = self.reranker.Rerank(pb.RerankRequest(**fields), timeout=timeout)
+        messages = [message async for message in call]
+        return messages, stats_of(await call.trailing_metadata())
+
+    async def model_info(self, name: str) -> pb.ModelInfo:
+        response = await self.info.ListModels(pb.ListModelsRequest())
+        return next(m for m in response.models if m.name == name)
+
+
+def stats_of(trailing: grpc.aio.Metadata) -> pb.RerankStats:
+    return pb.RerankStats.FromString(dict(trailing)[STATS_TRAILER])
+
+
+@contextlib.asynccontextmanager
+async def running(settings: Settings, load: bool = True) -> AsyncIterator[Harness]:
+    server = RankstreamServer(settings)
+    port = await server.start()
+    if load:
+        await server.load_models()
+    channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
+    try:
+        yield Harness(server, channel, pb_grpc.RerankerStub(channel), pb_grpc.InfoStub(channel))
+    finally:
+        await channel.close()
+        await server.stop()
+
+
+@pytest_asyncio.fixture(scope="session")
+async def served(models: ModelDirs) -> AsyncIterator[Harness]:
+    """One server with every test model, default limits and batching."""
+    settings = make_settings(
+        model_entries(models),
+        limits={"max_passages": 64, "max_query_chars": 1000, "max_passage_chars": 5000},
+        default_model="tiny-bert",
+    )
+    async with running(settings) as harness:
+        yield harness
+
+
+def passages(texts: list[str], **extra) -> list[pb.Passage]:
+    return [pb.Passage(id=f"p{i}", text=text, **extra) for i, text in enumerate(texts)]
+
+
+QUERY = "how do cross-encoders score a passage for a query"
+TEXTS = [
+    "A cross-encoder reads the query and the passage together and outputs one relevance score.",
+    "Bi-encoders embed queries and passages separately, which makes them fast for retrieval.",
+    "Paris is the capital of France.",
+    "Dense retrieval with FAISS finds nearest neighbours of a query embedding among passage embeddings.",
+    "The weather tomorrow will be sunny with a light breeze from the west.",
+    "Rerankers re-order the candidates a first-stage retriever returns, trading speed for quality.",
+    "short",
+    "MS MARCO is a large collection of real web search queries with passages judged relevant.",
+    " ".join(["A very long passage that has to be truncated to fit the model's maximum length."] * 60),
+]
