@@ -4,8 +4,13 @@ cross-encoder from that body plus a seeded (untrained) head, for demos, parity a
 
 from __future__ import annotations
 
+import os
 import shutil
 from pathlib import Path
+
+SCHEME = "embedded:"
+BI_ENCODER = "all-MiniLM-L6-v2"
+UNTRAINED_CROSS_ENCODER = "minilm-l6-cross-untrained"
 
 
 def embedded_model_path() -> Path:
@@ -37,3 +42,20 @@ def build_minilm_cross_encoder(out_dir: str | Path, seed: int = 0) -> Path:
     tokenizer.save_pretrained(staging)
     staging.rename(out)
     return out
+
+
+def cache_dir() -> Path:
+    """Where built models go: $RANKSTREAM_CACHE_DIR, else ~/.cache/rankstream."""
+    return Path(os.environ.get("RANKSTREAM_CACHE_DIR") or Path.home() / ".cache" / "rankstream")
+
+
+def resolve(source: str) -> str:
+    """Maps `embedded:NAME` to a local folder; anything else (hub id, folder) is returned as is."""
+    if not source.startswith(SCHEME):
+        return source
+    name = source[len(SCHEME):]
+    if name == BI_ENCODER:
+        return str(embedded_model_path())
+    if name == UNTRAINED_CROSS_ENCODER:
+        return str(build_minilm_cross_encoder(cache_dir() / UNTRAINED_CROSS_ENCODER))
+    raise ValueError(f"unknown embedded model {name!r}: choose {BI_ENCODER!r} or {UNTRAINED_CROSS_ENCODER!r}")

@@ -13,6 +13,7 @@ import torch
 from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer, PreTrainedTokenizerBase
 from transformers.utils import cached_file
 
+from . import embedded
 from .config import ModelConfig
 from .errors import ModelLoadError
 
@@ -57,10 +58,11 @@ class LoadedCrossEncoder:
 
 
 def _describe_missing(cfg: ModelConfig, what: str, exc: Exception) -> ModelLoadError:
+    source = getattr(cfg, what) or cfg.weights
     return ModelLoadError(
-        f"model {cfg.name!r}: cannot load {what} from {getattr(cfg, what) or cfg.weights!r}: {exc}. "
+        f"model {cfg.name!r}: cannot load {what} from {source!r}: {str(exc).rstrip('.')}. "
         "Give a local folder, or make the hub id available: on a machine with network access run "
-        f"`huggingface-cli download {getattr(cfg, what) or cfg.weights}` (or let the first start download it), "
+        f"`hf download {source}` (or let the first start download it), "
         "and set HF_HUB_OFFLINE=1 to serve from that cache without a network."
     )
 
@@ -106,6 +108,10 @@ def _max_length(cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase, hf_config:
 def load_cross_encoder(cfg: ModelConfig) -> LoadedCrossEncoder:
     device = resolve_device(cfg.device)
     dtype = resolve_dtype(cfg.dtype, device)
+    try:
+        cfg = cfg.model_copy(update={"weights": embedded.resolve(cfg.weights), "tokenizer": cfg.tokenizer and embedded.resolve(cfg.tokenizer)})
+    except ValueError as exc:
+        raise ModelLoadError(f"model {cfg.name!r}: {exc}") from exc
     tokenizer_source = cfg.tokenizer or cfg.weights
     try:
         hf_config = AutoConfig.from_pretrained(cfg.weights, revision=cfg.revision)

@@ -1,0 +1,143 @@
+"""The dynamic batcher on its own, with a recording backend: no model, no server."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+
+import numpy as np
+import pytest
+
+from rankstream_server.batcher import DynamicBatcher, Job
+from rankstream_server.config import BatchingConfig
+from rankstream_server.errors import InferenceFailed, ResourceExhausted
+from rankstream_server.tokenization import EncodedPair
+
+
+class RecordingBackend:
+    """Scores a pair as its length; records batch shapes; can be held to pile work up."""
+
+    asynchronous = False
+
+    def __init__(self, fail: bool = False):
+        self.batches: list[list[tuple[int, int]]] = []  # per batch: (index, length)
+        self.gate = threading.Event()
+        self.gate.set()
+        self.fail = fail
+
+    def launch(self, pairs):
+        self.gate.wait(10)
+        if self.fail:
+            raise RuntimeError("device fell over")
+        self.batches.append([(p.index, len(p.input_ids)) for p in pairs])
+        scores = np.array([len(p.input_ids) for p in pairs], dtype=np.float32)
+        return type("Done", (), {"result": lambda self: scores})()
+
+
+def pairs_of(lengths: list[int]) -> list[EncodedPair]:
+    return [EncodedPair(i, [1] * n, None, False) for i, n in enumerate(lengths)]
+
+
+async def collect(job: Job) -> dict[int, float]:
+    return {int(i): float(s) async for indices, scores in job.results() for i, s in zip(indices, scores)}
+
+
+def batcher(backend, **overrides) -> DynamicBatcher:
+    return DynamicBatcher("unit", backend, BatchingConfig(**{"max_wait_ms": 0, **overrides}))
+
+
+async def test_batches_respect_the_padded_token_budget_and_sort_by_length():
+    backend = RecordingBackend()
+    subject = batcher(backend, max_batch_tokens=100, max_batch_size=8)
+    lengths = [10, 50, 20, 40, 30, 5, 45]
+    job = Job(size=len(lengths))
+    subject.submit(job, pairs_of(lengths))
+    scores = await collect(job)
+    subject.close()
+    assert scores == {i: float(n) for i, n in enumerate(lengths)}
+    for batch in backend.batches:
+        widths = [n for _, n in batch]
+        assert max(widths) * len(widths) <= 100
+        assert widths == sorted(widths, reverse=True), "longest first, so padding stays small"
+    assert sum(len(b) for b in backend.batches) == len(lengths)
+
+
+async def test_a_pair_over_the_budget_still_runs_alone():
+    backend = RecordingBackend()
+    subject = batcher(backend, max_batch_tokens=16)
+    job = Job(size=2)
+    subject.submit(job, pairs_of([40, 3]))
+    assert await collect(job) == {0: 40.0, 1: 3.0}
+    subject.close()
+    assert [len(b) for b in backend.batches] == [1, 1]
+
+
+async def test_requests_waiting_together_share_a_batch_and_full_queue_is_refused():
+    backend = RecordingBackend()
+    backend.gate.clear()  # hold the thread so work piles up
+    subject = batcher(backend, queue_capacity=10, max_batch_size=16)
+    first, second = Job(size=4), Job(size=4)
+    subject.submit(Job(size=1), pairs_of([7]))  # taken by the held thread
+    await asyncio.sleep(0.05)
+    subject.submit(first, pairs_of([3, 3, 3, 3]))
+    subject.submit(second, pairs_of([2, 2, 2, 2]))
+    with pytest.raises(ResourceExhausted, match="9 of 10 pairs in flight, request adds 2"):
+        subject.submit(Job(size=2), pairs_of([1, 1]))
+    backend.gate.set()
+    assert len(await collect(first)) == 4 and len(await collect(second)) == 4
+    subject.close()
+    assert [len(b) for b in backend.batches] == [1, 8]
+    assert first.stats.shared_batches == 1 and second.stats.shared_batches == 1
+    assert subject.counters.max_requests_per_batch == 2 and subject.counters.rejected == 1
+
+
+async def test_cancelled_work_is_dropped_and_frees_the_queue():
+    backend = RecordingBackend()
+    backend.gate.clear()
+    subject = batcher(backend, queue_capacity=8)
+    subject.submit(Job(size=1), pairs_of([5]))
+    await asyncio.sleep(0.05)
+    doomed = Job(size=6)
+    subject.submit(doomed, pairs_of([4] * 6))
+    assert subject.in_flight == 7
+    subject.cancel(doomed)
+    assert subject.in_flight == 1 and subject.counters.dropped == 6
+    survivor = Job(size=6)
+    subject.submit(survivor, pairs_of([4] * 6))
+    backend.gate.set()
+    assert len(await collect(survivor)) == 6
+    subject.close()
+    assert sum(len(b) for b in backend.batches) == 7
+
+
+async def test_expired_work_is_dropped_and_reported():
+    import time
+
+    backend = RecordingBackend()
+    backend.gate.clear()
+    subject = batcher(backend)
+    subject.submit(Job(size=1), pairs_of([5]))
+    await asyncio.sleep(0.05)
+    late = Job(size=3, deadline=time.monotonic() + 0.01)
+    subject.submit(late, pairs_of([4, 4, 4]))
+    await asyncio.sleep(0.05)
+    backend.gate.set()
+    with pytest.raises(Exception, match="deadline passed"):
+        await collect(late)
+    subject.close()
+    assert subject.counters.dropped == 3 and subject.in_flight == 0
+
+
+async def test_a_failing_model_reports_an_error_and_the_thread_survives():
+    backend = RecordingBackend(fail=True)
+    subject = batcher(backend)
+    job = Job(size=2)
+    subject.submit(job, pairs_of([3, 3]))
+    with pytest.raises(InferenceFailed, match="see the server log"):
+        await collect(job)
+    backend.fail = False
+    healthy = Job(size=1)
+    subject.submit(healthy, pairs_of([3]))
+    assert await collect(healthy) == {0: 3.0}
+    subject.close()
+    assert subject.in_flight == 0

@@ -1,0 +1,100 @@
+"""Start-up and shutdown: health per service, reflection, the console script, clear start failures."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import time
+import sys
+from pathlib import Path
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+from conftest import QUERY, make_settings, passages, running
+from rankstream.v1 import rankstream_pb2 as pb
+from rankstream.v1 import rankstream_pb2_grpc as pb_grpc
+
+SERVICES = ["", "rankstream.v1.Reranker", "rankstream.v1.Info"]
+
+
+async def health_of(channel, service: str) -> int:
+    stub = health_pb2_grpc.HealthStub(channel)
+    return (await stub.Check(health_pb2.HealthCheckRequest(service=service))).status
+
+
+async def test_not_serving_until_models_are_loaded_then_serving(models):
+    settings = make_settings([{"name": "tiny-bert", "weights": str(models.bert)}])
+    async with running(settings, load=False) as harness:
+        for service in SERVICES:
+            assert await health_of(harness.channel, service) == health_pb2.HealthCheckResponse.NOT_SERVING
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await harness.rerank(query=QUERY, passages=passages(["x"]))
+        assert caught.value.code() == grpc.StatusCode.UNAVAILABLE and "loading" in caught.value.details()
+        await harness.server.load_models()
+        for service in SERVICES:
+            assert await health_of(harness.channel, service) == health_pb2.HealthCheckResponse.SERVING
+        results, _ = await harness.rerank(query=QUERY, passages=passages(["x"]))
+        assert len(results) == 1
+
+
+async def test_reflection_lists_the_services(served):
+    stub = reflection_pb2_grpc.ServerReflectionStub(served.channel)
+    responses = stub.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")]))
+    names = {s.name async for r in responses for s in r.list_services_response.service}
+    assert {"rankstream.v1.Reranker", "rankstream.v1.Info", "grpc.health.v1.Health"} <= names
+
+
+def _rankstream(*args: str, log: Path) -> subprocess.Popen:
+    """The installed console script; its log (stderr) goes to a file so a full pipe never blocks it."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    script = Path(sys.executable).with_name("rankstream")
+    return subprocess.Popen([str(script), *args], stdout=subprocess.PIPE, stderr=log.open("w"), text=True, env=env)
+
+
+def test_console_script_serves_on_a_printed_port_and_drains_on_sigterm(models, tmp_path):
+    config = tmp_path / "serve.yaml"
+    config.write_text(f"server: {{host: 127.0.0.1, port: 50999}}\nmodels:\n  - {{name: tiny, weights: {models.bert}}}\n")
+    process = _rankstream("serve", "--config", str(config), "--port", "0", log=tmp_path / "serve.log")
+    try:
+        line = process.stdout.readline()
+        assert line.startswith("rankstream listening on 127.0.0.1:"), line
+        port = int(line.rsplit(":", 1)[1])
+        assert port != 50999, "--port overrides the file"
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+            grpc.channel_ready_future(channel).result(timeout=30)
+            health = health_pb2_grpc.HealthStub(channel)
+            request = health_pb2.HealthCheckRequest(service="rankstream.v1.Reranker")
+            for _ in range(300):
+                if health.Check(request, timeout=5).status == health_pb2.HealthCheckResponse.SERVING:
+                    break
+                time.sleep(0.1)
+            else:
+                pytest.fail("never SERVING")
+            results = list(pb_grpc.RerankerStub(channel).Rerank(
+                pb.RerankRequest(query=QUERY, passages=passages(["a", "b"])), timeout=30
+            ))
+            assert [r.rank for r in results] == [1, 2]
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=60) == 0
+    finally:
+        process.kill()
+        process.wait()
+
+
+def test_missing_model_fails_at_start_naming_the_model_and_the_fix(tmp_path):
+    config = tmp_path / "missing.yaml"
+    config.write_text("server: {host: 127.0.0.1, port: 0}\nmodels:\n  - {name: ghost, weights: no-such-org/no-such-model}\n")
+    process = _rankstream("serve", "--config", str(config), log=tmp_path / "serve.log")
+    try:
+        assert process.wait(timeout=120) == 2
+        error = (tmp_path / "serve.log").read_text()
+        assert "model 'ghost'" in error and "no-such-org/no-such-model" in error
+        assert "hf download" in error and "HF_HUB_OFFLINE=1" in error
+        assert "Traceback" not in error
+    finally:
+        process.kill()
+        process.wait()
