@@ -2,10 +2,10 @@
 
 Requests from many clients are merged into shared forward passes. A batch is
 cut by a padded-token budget (rows x longest row) and a row cap; it waits at
-most `max_wait_ms` for more work once it has some. Each request's pairs enter
-the queue sorted longest first, so consecutive rows have similar lengths and
-padding stays small. Work of cancelled or expired requests is dropped before it
-runs. A request that would overflow the queue is refused at once
+most `max_wait_ms` for more work once it has some. The oldest few batches' worth
+of queued pairs, from all requests, are sorted by length before they are cut,
+so rows of a batch have similar lengths and padding stays small. Work of
+cancelled or expired requests is dropped before it runs. A request that would overflow the queue is refused at once
 (ResourceExhausted). Model code runs only on the batcher's thread, never on the
 event loop; results go back to the loop with call_soon_threadsafe.
 """
@@ -28,6 +28,8 @@ from .errors import DeadlineExceeded, InferenceFailed, ResourceExhausted, Unavai
 from .tokenization import EncodedPair
 
 log = logging.getLogger(__name__)
+
+WINDOW = 4  # batches' worth of the oldest work sorted together
 
 
 class PendingResult(Protocol):
@@ -106,6 +108,8 @@ class BatcherCounters:
     rejected: int = 0
     max_requests_per_batch: int = 0
     max_batch_size: int = 0
+    tokens: int = 0
+    padded_tokens: int = 0
 
 
 class DynamicBatcher:
@@ -157,7 +161,9 @@ class DynamicBatcher:
         job.cancelled = True
         with self._cond:
             kept = collections.deque(item for item in self._queue if item.job is not job)
-            self._drop_count(len(self._queue) - len(kept), sum(i.length for i in self._queue) - sum(i.length for i in kept))
+            self._in_flight -= len(self._queue) - len(kept)
+            self.counters.dropped += len(self._queue) - len(kept)
+            self._queued_tokens = sum(item.length for item in kept)
             self._queue = kept
 
     def close(self, timeout: float | None = None) -> None:
@@ -169,15 +175,21 @@ class DynamicBatcher:
 
     # -- batcher thread ------------------------------------------------------------------
 
-    def _drop_count(self, items: int, tokens: int) -> None:
-        self._in_flight -= items
-        self._queued_tokens -= tokens
-        self.counters.dropped += items
-
     def _enough_for_a_batch(self) -> bool:
         return len(self._queue) >= self._max_rows or self._queued_tokens >= self._max_tokens
 
-    def _next_batch(self, wait: bool) -> list[_Item] | None:
+    def _is_dead(self, item: _Item, now: float) -> bool:
+        """Cancelled or expired; an expired request is told once. Call with the lock held."""
+        job = item.job
+        if not job.cancelled and job.expired(now):
+            job.cancelled = True
+            job._deliver(DeadlineExceeded("deadline passed while the request was queued"))
+        return job.cancelled
+
+    def _next_window(self, wait: bool) -> list[list[_Item]]:
+        """Takes the oldest live work, up to WINDOW batches' worth, sorted by length and cut into
+        batches. Sorting across requests, not just within one, is what keeps padding low when
+        many requests are queued; taking the oldest first keeps it fair."""
         with self._cond:
             if wait:
                 while not self._queue and not self._closed:
@@ -188,39 +200,53 @@ class DynamicBatcher:
                     if remaining <= 0:
                         break
                     self._cond.wait(remaining)
-            batch: list[_Item] = []
-            longest = 0
+            window: list[_Item] = []
+            tokens = 0
             now = time.monotonic()
-            while self._queue:
-                item = self._queue[0]
-                if item.job.cancelled or item.job.expired(now):
-                    self._queue.popleft()
-                    self._drop_count(1, item.length)
-                    if not item.job.cancelled:  # expired: tell the waiting request once
-                        item.job.cancelled = True
-                        item.job._deliver(DeadlineExceeded("deadline passed while the request was queued"))
-                    continue
-                widest = max(longest, item.length)
-                if batch and (len(batch) >= self._max_rows or widest * (len(batch) + 1) > self._max_tokens):
-                    break
-                self._queue.popleft()
+            while self._queue and len(window) < WINDOW * self._max_rows and tokens < WINDOW * self._max_tokens:
+                item = self._queue.popleft()
                 self._queued_tokens -= item.length
+                if self._is_dead(item, now):
+                    self._in_flight -= 1
+                    self.counters.dropped += 1
+                    continue
+                window.append(item)
+                tokens += item.length
+        window.sort(key=lambda item: item.length, reverse=True)
+        batches: list[list[_Item]] = []
+        for item in window:
+            batch = batches[-1] if batches else None
+            # Sorted longest first, so the batch's first row sets its padded width.
+            if batch is None or len(batch) >= self._max_rows or batch[0].length * (len(batch) + 1) > self._max_tokens:
+                batches.append([item])
+            else:
                 batch.append(item)
-                longest = widest
-            return batch or None
+        return batches
+
+    def _live(self, batch: list[_Item]) -> list[_Item]:
+        """Drops rows whose request was cancelled or expired since the window was taken."""
+        with self._cond:
+            now = time.monotonic()
+            kept = [item for item in batch if not self._is_dead(item, now)]
+            self._in_flight -= len(batch) - len(kept)
+            self.counters.dropped += len(batch) - len(kept)
+        return kept
 
     def _run(self) -> None:
         running: tuple[list[_Item], PendingResult | None, float] | None = None
+        ready: collections.deque[list[_Item]] = collections.deque()
         while True:
-            batch = self._next_batch(wait=running is None)
-            if batch is None:
+            if not ready:
+                ready.extend(self._next_window(wait=running is None))
+            batch = self._live(ready.popleft()) if ready else []
+            if not batch:
                 if running is not None:
                     self._complete(*running)
                     running = None
-                    continue
-                with self._cond:
-                    if self._closed and not self._queue:
-                        return
+                elif not ready:
+                    with self._cond:
+                        if self._closed and not self._queue:
+                            return
                 continue
             launched = self._launch(batch)
             if running is not None:
@@ -271,3 +297,6 @@ class DynamicBatcher:
             counters.items += len(batch)
             counters.max_batch_size = max(counters.max_batch_size, len(batch))
             counters.max_requests_per_batch = max(counters.max_requests_per_batch, len(by_job))
+            lengths = [item.length for item in batch]
+            counters.tokens += sum(lengths)
+            counters.padded_tokens += max(lengths) * len(lengths)

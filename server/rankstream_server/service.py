@@ -177,6 +177,8 @@ class InfoService(pb_grpc.InfoServicer):
                         rejected=counters.rejected,
                         max_requests_per_batch=counters.max_requests_per_batch,
                         max_batch_size=counters.max_batch_size,
+                        tokens=counters.tokens,
+                        padded_tokens=counters.padded_tokens,
                     ),
                     **model.describe(),
                 )

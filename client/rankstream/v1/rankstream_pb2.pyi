@@ -152,7 +152,7 @@ class ModelInfo(_message.Message):
     def __init__(self, name: _Optional[str] = ..., kind: _Optional[_Union[ModelKind, str]] = ..., weights: _Optional[str] = ..., tokenizer: _Optional[str] = ..., max_length: _Optional[int] = ..., dtype: _Optional[str] = ..., device: _Optional[str] = ..., activation: _Optional[str] = ..., batcher: _Optional[_Union[BatcherStats, _Mapping]] = ...) -> None: ...
 
 class BatcherStats(_message.Message):
-    __slots__ = ("batches", "items", "dropped", "in_flight", "capacity", "rejected", "max_requests_per_batch", "max_batch_size")
+    __slots__ = ("batches", "items", "dropped", "in_flight", "capacity", "rejected", "max_requests_per_batch", "max_batch_size", "tokens", "padded_tokens")
     BATCHES_FIELD_NUMBER: _ClassVar[int]
     ITEMS_FIELD_NUMBER: _ClassVar[int]
     DROPPED_FIELD_NUMBER: _ClassVar[int]
@@ -161,6 +161,8 @@ class BatcherStats(_message.Message):
     REJECTED_FIELD_NUMBER: _ClassVar[int]
     MAX_REQUESTS_PER_BATCH_FIELD_NUMBER: _ClassVar[int]
     MAX_BATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
+    TOKENS_FIELD_NUMBER: _ClassVar[int]
+    PADDED_TOKENS_FIELD_NUMBER: _ClassVar[int]
     batches: int
     items: int
     dropped: int
@@ -169,4 +171,6 @@ class BatcherStats(_message.Message):
     rejected: int
     max_requests_per_batch: int
     max_batch_size: int
-    def __init__(self, batches: _Optional[int] = ..., items: _Optional[int] = ..., dropped: _Optional[int] = ..., in_flight: _Optional[int] = ..., capacity: _Optional[int] = ..., rejected: _Optional[int] = ..., max_requests_per_batch: _Optional[int] = ..., max_batch_size: _Optional[int] = ...) -> None: ...
+    tokens: int
+    padded_tokens: int
+    def __init__(self, batches: _Optional[int] = ..., items: _Optional[int] = ..., dropped: _Optional[int] = ..., in_flight: _Optional[int] = ..., capacity: _Optional[int] = ..., rejected: _Optional[int] = ..., max_requests_per_batch: _Optional[int] = ..., max_batch_size: _Optional[int] = ..., tokens: _Optional[int] = ..., padded_tokens: _Optional[int] = ...) -> None: ...
