@@ -67,7 +67,7 @@ def start_server(model_dir: Path, threads: int, batch_tokens: int, scratch: Path
     config.write_text(
         f"server: {{host: 127.0.0.1, port: 0, torch_threads: {threads}}}\n"
         f"limits: {{max_passages: 1000}}\n"
-        f"batching: {{max_batch_tokens: {batch_tokens}, max_batch_size: 256, max_wait_ms: 2}}\n"
+        f"batching: {{max_batch_tokens: {batch_tokens or 'null'}, max_batch_size: 256, max_wait_ms: 2}}\n"
         f"models:\n  - {{name: minilm, weights: {model_dir}}}\n"
     )
     process = subprocess.Popen(
@@ -118,7 +118,7 @@ def main() -> None:
     parser.add_argument("--passage-words", type=int, default=60, help="mean passage length in words")
     parser.add_argument("--threads", type=int, default=os.cpu_count())
     parser.add_argument("--batch-size", type=int, default=32, help="sentence-transformers predict batch size")
-    parser.add_argument("--batch-tokens", type=int, default=8192, help="server max_batch_tokens")
+    parser.add_argument("--batch-tokens", type=int, default=0, help="server max_batch_tokens (0 = its default)")
     parser.add_argument("--per-request", type=int, default=100, help="passages per Rerank request")
     parser.add_argument("--concurrency", type=int, default=4, help="concurrent gRPC clients")
     parser.add_argument("--repeats", type=int, default=3)

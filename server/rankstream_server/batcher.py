@@ -30,6 +30,8 @@ from .tokenization import EncodedPair
 log = logging.getLogger(__name__)
 
 WINDOW = 4  # batches' worth of the oldest work sorted together
+CPU_BATCH_TOKENS = 2048  # defaults for BatchingConfig.max_batch_tokens
+GPU_BATCH_TOKENS = 16384
 
 
 class PendingResult(Protocol):
@@ -119,7 +121,9 @@ class DynamicBatcher:
         self.name = name
         self.capacity = config.queue_capacity
         self._backend = backend
-        self._max_tokens = config.max_batch_tokens
+        self._max_tokens = config.max_batch_tokens or (
+            GPU_BATCH_TOKENS if backend.asynchronous else CPU_BATCH_TOKENS
+        )
         self._max_rows = config.max_batch_size
         self._max_wait = config.max_wait_ms / 1000.0
         self._cond = threading.Condition()
