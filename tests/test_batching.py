@@ -83,6 +83,8 @@ async def test_full_queue_is_refused_at_once_and_the_server_recovers(slow):
     assert caught.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
     details = caught.value.details()
     assert "queue is full" in details and "of 64 pairs" in details and "adds 16" in details
+    busy = await slow.model_info("minilm")
+    assert busy.batcher.in_flight > 0, "the event loop answers while the model works"
     while (message := await big.read()) is not grpc.aio.EOF:
         received.append(message)
     assert len(received) == 64 and stats_of(await big.trailing_metadata()).scored == 64

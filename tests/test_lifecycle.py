@@ -48,9 +48,9 @@ async def test_reflection_lists_the_services(served):
     assert {"rankstream.v1.Reranker", "rankstream.v1.Info", "grpc.health.v1.Health"} <= names
 
 
-def _rankstream(*args: str, log: Path) -> subprocess.Popen:
+def _rankstream(*args: str, log: Path, env: dict[str, str] | None = None) -> subprocess.Popen:
     """The installed console script; its log (stderr) goes to a file so a full pipe never blocks it."""
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})}
     script = Path(sys.executable).with_name("rankstream")
     return subprocess.Popen([str(script), *args], stdout=subprocess.PIPE, stderr=log.open("w"), text=True, env=env)
 
@@ -95,6 +95,41 @@ def test_missing_model_fails_at_start_naming_the_model_and_the_fix(tmp_path):
         assert "model 'ghost'" in error and "no-such-org/no-such-model" in error
         assert "hf download" in error and "HF_HUB_OFFLINE=1" in error
         assert "Traceback" not in error
+    finally:
+        process.kill()
+        process.wait()
+
+
+def test_hub_id_serves_offline_from_the_local_hub_cache(models, tmp_path):
+    """A hub id resolves through transformers' cache with HF_HUB_OFFLINE=1 (the air-gapped setup)."""
+    snapshot = tmp_path / "hf" / "hub" / "models--rankstream-test--tiny-bert" / "snapshots" / "0123abcd"
+    snapshot.mkdir(parents=True)
+    for file in models.bert.iterdir():
+        (snapshot / file.name).write_bytes(file.read_bytes())
+    refs = snapshot.parents[1] / "refs"
+    refs.mkdir()
+    (refs / "main").write_text("0123abcd")
+    config = tmp_path / "hub.yaml"
+    config.write_text("server: {host: 127.0.0.1, port: 0}\nmodels:\n  - {name: hubbed, weights: rankstream-test/tiny-bert}\n")
+    process = _rankstream("serve", "--config", str(config), log=tmp_path / "serve.log", env={"HF_HOME": str(tmp_path / "hf")})
+    try:
+        port = int(process.stdout.readline().rsplit(":", 1)[1])
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+            info = pb_grpc.InfoStub(channel)
+            for _ in range(300):
+                try:
+                    models_response = info.ListModels(pb.ListModelsRequest(), timeout=5)
+                    break
+                except grpc.RpcError as error:
+                    assert error.code() == grpc.StatusCode.UNAVAILABLE, (tmp_path / "serve.log").read_text()
+                    time.sleep(0.1)
+            else:
+                pytest.fail("never loaded")
+            assert models_response.models[0].weights == "rankstream-test/tiny-bert"
+            results = list(pb_grpc.RerankerStub(channel).Rerank(
+                pb.RerankRequest(query=QUERY, passages=passages(["a", "b", "c"])), timeout=30
+            ))
+            assert len(results) == 3
     finally:
         process.kill()
         process.wait()
