@@ -12,7 +12,11 @@ from .errors import ModelLoadError
 
 
 def _serve(args: argparse.Namespace) -> int:
+    from transformers.utils import logging as hf_logging
+
     from .app import serve  # imports torch: only for the commands that need it
+
+    hf_logging.disable_progress_bar()
 
     settings = load_settings(args.config, **{"server.port": args.port, "server.host": args.host})
 

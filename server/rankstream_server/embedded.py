@@ -28,13 +28,19 @@ def build_minilm_cross_encoder(out_dir: str | Path, seed: int = 0) -> Path:
     """
     import torch
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
+    from transformers.utils import logging as hf_logging
 
     out = Path(out_dir)
     if (out / "config.json").exists():
         return out
     source = embedded_model_path()
     torch.manual_seed(seed)
-    model = AutoModelForSequenceClassification.from_pretrained(source, num_labels=1)
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # the head is missing from the body checkpoint on purpose
+    try:
+        model = AutoModelForSequenceClassification.from_pretrained(source, num_labels=1)
+    finally:
+        hf_logging.set_verbosity(verbosity)
     tokenizer = AutoTokenizer.from_pretrained(source)
     staging = out.with_name(out.name + ".partial")
     shutil.rmtree(staging, ignore_errors=True)

@@ -109,7 +109,8 @@ def load_cross_encoder(cfg: ModelConfig) -> LoadedCrossEncoder:
     device = resolve_device(cfg.device)
     dtype = resolve_dtype(cfg.dtype, device)
     try:
-        cfg = cfg.model_copy(update={"weights": embedded.resolve(cfg.weights), "tokenizer": cfg.tokenizer and embedded.resolve(cfg.tokenizer)})
+        resolved = {"weights": embedded.resolve(cfg.weights), "tokenizer": cfg.tokenizer and embedded.resolve(cfg.tokenizer)}
+        cfg = cfg.model_copy(update=resolved)
     except ValueError as exc:
         raise ModelLoadError(f"model {cfg.name!r}: {exc}") from exc
     tokenizer_source = cfg.tokenizer or cfg.weights
