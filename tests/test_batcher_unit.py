@@ -11,7 +11,7 @@ import pytest
 from rankstream_server.batcher import DynamicBatcher, Job
 from rankstream_server.config import BatchingConfig
 from rankstream_server.errors import InferenceFailed, ResourceExhausted
-from rankstream_server.tokenization import EncodedPair
+from rankstream_server.tokenization import TokenizedInput
 
 
 class RecordingBackend:
@@ -34,8 +34,8 @@ class RecordingBackend:
         return type("Done", (), {"result": lambda self: scores})()
 
 
-def pairs_of(lengths: list[int]) -> list[EncodedPair]:
-    return [EncodedPair(i, [1] * n, None, False) for i, n in enumerate(lengths)]
+def pairs_of(lengths: list[int]) -> list[TokenizedInput]:
+    return [TokenizedInput(i, [1] * n, None, False) for i, n in enumerate(lengths)]
 
 
 async def collect(job: Job) -> dict[int, float]:

@@ -19,11 +19,11 @@ from rankstream.v1 import rankstream_pb2_grpc as pb_grpc
 
 from .config import Settings
 from .registry import ModelRegistry
-from .service import InfoService, Readiness, RerankerService
+from .service import InfoService, Readiness, RerankerService, RetrieverService
 
 log = logging.getLogger(__name__)
 
-SERVICE_NAMES = [pb.DESCRIPTOR.services_by_name[name].full_name for name in ("Reranker", "Info")]
+SERVICE_NAMES = [pb.DESCRIPTOR.services_by_name[name].full_name for name in ("Reranker", "Retriever", "Info")]
 
 
 class RankstreamServer:
@@ -44,7 +44,11 @@ class RankstreamServer:
         pb_grpc.add_RerankerServicer_to_server(
             RerankerService(settings, self._readiness, self._tokenize_pool), self._server
         )
+        pb_grpc.add_RetrieverServicer_to_server(
+            RetrieverService(settings, self._readiness, self._tokenize_pool), self._server
+        )
         pb_grpc.add_InfoServicer_to_server(InfoService(self._readiness), self._server)
+        self._saver: asyncio.Task | None = None
         health_pb2_grpc.add_HealthServicer_to_server(self._health, self._server)
         reflection.enable_server_reflection([*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME], self._server)
 
@@ -69,11 +73,26 @@ class RankstreamServer:
         registry = ModelRegistry(self.settings)
         await asyncio.to_thread(registry.load_all)
         self._readiness.registry = registry
+        if self.settings.indexes:
+            self._saver = asyncio.create_task(self._save_periodically(registry))
         await self._set_health(health_pb2.HealthCheckResponse.SERVING)
         log.info("serving %s on port %s", [m.name for m in registry.models], self.port)
 
+    async def _save_periodically(self, registry: ModelRegistry) -> None:
+        """Saves changed FAISS indexes now and then (the document store is durable on every write)."""
+        interval = min(index.save_interval_seconds for index in self.settings.indexes)
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                await asyncio.to_thread(registry.save_indexes)
+            except Exception:  # noqa: BLE001 - a failed save is retried next time; the store has the data
+                log.exception("saving indexes failed")
+
     async def stop(self) -> None:
-        """Graceful: report NOT_SERVING, let in-flight calls finish within the grace period, stop batchers."""
+        """Graceful: report NOT_SERVING, let in-flight calls finish within the grace period, stop
+        batchers, save indexes."""
+        if self._saver is not None:
+            self._saver.cancel()
         await self._health.enter_graceful_shutdown()
         await self._server.stop(self.settings.server.grace_seconds)
         if self._readiness.registry is not None:

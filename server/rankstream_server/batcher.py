@@ -25,7 +25,7 @@ import numpy as np
 
 from .config import BatchingConfig
 from .errors import DeadlineExceeded, InferenceFailed, ResourceExhausted, Unavailable
-from .tokenization import EncodedPair
+from .tokenization import TokenizedInput
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +41,7 @@ class PendingResult(Protocol):
 class Backend(Protocol):
     asynchronous: bool
 
-    def launch(self, pairs: Sequence[EncodedPair]) -> PendingResult: ...
+    def launch(self, pairs: Sequence[TokenizedInput]) -> PendingResult: ...
 
 
 @dataclass
@@ -95,7 +95,7 @@ class Job:
 @dataclass
 class _Item:
     job: Job
-    pair: EncodedPair
+    pair: TokenizedInput
 
     @property
     def length(self) -> int:
@@ -141,7 +141,7 @@ class DynamicBatcher:
 
     # -- event-loop side -------------------------------------------------------------
 
-    def submit(self, job: Job, pairs: Sequence[EncodedPair]) -> None:
+    def submit(self, job: Job, pairs: Sequence[TokenizedInput]) -> None:
         """Queue a request's pairs, or refuse at once when they do not fit."""
         ordered = sorted(pairs, key=lambda p: len(p.input_ids), reverse=True)
         with self._cond:

@@ -23,7 +23,7 @@ class ModelConfig(_Strict):
     """One model the server loads."""
 
     name: str = Field(min_length=1, description="Name requests use to pick this model.")
-    kind: Literal["cross"] = "cross"
+    kind: Literal["cross", "bi"] = "cross"
     weights: str = Field(min_length=1, description="Hub id or local folder.")
     tokenizer: str | None = Field(None, description="Hub id or folder; defaults to weights.")
     max_length: int | None = Field(
@@ -37,6 +37,41 @@ class ModelConfig(_Strict):
     )
     device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$")
     revision: str | None = Field(None, description="Hub revision (branch, tag or commit).")
+    # Bi-encoders only:
+    pooling: Literal["auto", "cls", "mean"] = Field(
+        "auto", description="auto = the checkpoint's 1_Pooling/config.json, else cls."
+    )
+    similarity: Literal["auto", "dot", "cosine"] = Field(
+        "auto", description="auto = cosine when the checkpoint's modules.json normalizes, else dot."
+    )
+    query_prefix: str = ""
+    passage_prefix: str = ""
+
+
+class HnswConfig(_Strict):
+    m: int = Field(32, gt=1, description="Graph degree.")
+    ef_construction: int = Field(200, gt=0)
+    ef_search: int = Field(128, gt=0, description="Search breadth: higher = better recall, slower.")
+
+
+class IvfConfig(_Strict):
+    nlist: int | None = Field(None, gt=0, description="Clusters; default 4 x sqrt(count), at least 1.")
+    nprobe: int = Field(32, gt=0, description="Clusters searched per query.")
+
+
+class IndexConfig(_Strict):
+    """One searchable corpus: an index folder built by `rankstream index build` (or created empty)."""
+
+    name: str = Field(min_length=1)
+    path: str = Field(min_length=1, description="The index folder.")
+    model: str = Field(min_length=1, description="Name of the bi-encoder (kind: bi) that embeds it.")
+    type: Literal["flat", "hnsw", "ivf"] = Field("flat", description="flat = exact inner product.")
+    hnsw: HnswConfig = HnswConfig()
+    ivf: IvfConfig = IvfConfig()
+    device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$", description="auto = GPU when faiss has GPU support and a device.")
+    gpu_fp16: bool = Field(False, description="Store vectors as float16 on the GPU.")
+    create: bool = Field(False, description="Create an empty index at `path` when there is none.")
+    save_interval_seconds: float = Field(60.0, gt=0, description="How often changed vectors are saved (the store is durable at once).")
 
 
 class BatchingConfig(_Strict):
@@ -57,6 +92,7 @@ class LimitsConfig(_Strict):
     """Request limits: past them a request gets INVALID_ARGUMENT naming the field and the limit."""
 
     max_passages: int = Field(1000, gt=0)
+    max_top_k: int = Field(1000, gt=0)
     max_query_chars: int = Field(2048, gt=0)
     max_passage_chars: int = Field(20000, gt=0)
 
@@ -79,7 +115,9 @@ class Settings(BaseSettings):
     limits: LimitsConfig = LimitsConfig()
     batching: BatchingConfig = BatchingConfig()
     models: list[ModelConfig] = Field(min_length=1)
-    default_model: str | None = Field(None, description="Model used when a request names none; default: the first.")
+    default_model: str | None = Field(None, description="Rerank's model when a request names none; default: the first cross-encoder, else the first model.")
+    indexes: list[IndexConfig] = []
+    default_index: str | None = Field(None, description="Index used when a request names none; default: the first.")
 
     @classmethod
     def settings_customise_sources(
@@ -100,9 +138,21 @@ class Settings(BaseSettings):
         if duplicates:
             raise ValueError(f"models: duplicate names {duplicates}")
         if self.default_model is None:
-            self.default_model = names[0]
+            self.default_model = next((m.name for m in self.models if m.kind == "cross"), names[0])
         elif self.default_model not in names:
             raise ValueError(f"default_model {self.default_model!r} is not one of models {names}")
+        kinds = {m.name: m.kind for m in self.models}
+        index_names = [i.name for i in self.indexes]
+        for index in self.indexes:
+            if kinds.get(index.model) != "bi":
+                bi = [n for n, k in kinds.items() if k == "bi"]
+                raise ValueError(f"index {index.name!r}: model {index.model!r} must be a bi-encoder (kind: bi) among {bi}")
+        if len(set(index_names)) != len(index_names):
+            raise ValueError(f"indexes: duplicate names {index_names}")
+        if self.default_index is None:
+            self.default_index = index_names[0] if index_names else None
+        elif self.default_index not in index_names:
+            raise ValueError(f"default_index {self.default_index!r} is not one of indexes {index_names}")
         if self.limits.max_passages > self.batching.queue_capacity:
             raise ValueError(
                 f"limits.max_passages ({self.limits.max_passages}) must not exceed "

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer, PreTrainedTokenizerBase
+from transformers import AutoConfig, AutoModel, AutoModelForSequenceClassification, AutoTokenizer, PreTrainedTokenizerBase
 from transformers.utils import cached_file
 
 from . import embedded
@@ -44,17 +44,36 @@ def dtype_name(dtype: torch.dtype) -> str:
 
 
 @dataclass
-class LoadedCrossEncoder:
-    """A cross-encoder ready to run: the torch module, its tokenizer and settings."""
+class LoadedModel:
+    """A model ready to run: the torch module, its tokenizer and its serving settings."""
 
-    config: ModelConfig
+    config: ModelConfig  # with `embedded:` sources resolved to folders
+    source: str  # weights as configured (hub id, folder or embedded:NAME): the model's identity
     model: torch.nn.Module
     tokenizer: PreTrainedTokenizerBase
     device: torch.device
     dtype: torch.dtype
     max_length: int
-    activation: str  # "sigmoid" | "none"
     uses_token_type_ids: bool
+    activation: str = "none"  # cross-encoders: "sigmoid" | "none"
+    pooling: str = ""  # bi-encoders: "cls" | "mean"
+    similarity: str = ""  # bi-encoders: "dot" | "cosine"
+    dimension: int = 0  # bi-encoders: embedding size, measured at warm-up
+
+    @property
+    def kind(self) -> str:
+        return self.config.kind
+
+    def identity(self) -> dict[str, object]:
+        """What makes a bi-encoder's embeddings what they are (recorded in index manifests)."""
+        return {
+            "weights": self.source,
+            "pooling": self.pooling,
+            "similarity": self.similarity,
+            "max_length": self.max_length,
+            "query_prefix": self.config.query_prefix,
+            "passage_prefix": self.config.passage_prefix,
+        }
 
 
 def _describe_missing(cfg: ModelConfig, what: str, exc: Exception) -> ModelLoadError:
@@ -105,51 +124,72 @@ def _max_length(cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase, hf_config:
     return int(min(length, positions))
 
 
-def load_cross_encoder(cfg: ModelConfig) -> LoadedCrossEncoder:
+def _bi_encoder_settings(cfg: ModelConfig) -> tuple[str, str]:
+    """Pooling and similarity: configured, else what the sentence-transformers folder says."""
+    pooling = cfg.pooling
+    if pooling == "auto":
+        saved = _read_json(cfg.weights, "1_Pooling/config.json", cfg.revision) or {}
+        pooling = "mean" if saved.get("pooling_mode_mean_tokens") else "cls"
+    similarity = cfg.similarity
+    if similarity == "auto":
+        modules = _read_json(cfg.weights, "modules.json", cfg.revision) or []
+        normalizes = any(m.get("type", "").endswith("Normalize") for m in modules)
+        similarity = "cosine" if normalizes else "dot"
+    return pooling, similarity
+
+
+def load_model(cfg: ModelConfig) -> LoadedModel:
+    """Loads a cross-encoder (sequence classifier, one logit) or a bi-encoder (bare encoder)."""
     device = resolve_device(cfg.device)
     dtype = resolve_dtype(cfg.dtype, device)
+    source = cfg.weights
     try:
         resolved = {"weights": embedded.resolve(cfg.weights), "tokenizer": cfg.tokenizer and embedded.resolve(cfg.tokenizer)}
         cfg = cfg.model_copy(update=resolved)
     except ValueError as exc:
         raise ModelLoadError(f"model {cfg.name!r}: {exc}") from exc
-    tokenizer_source = cfg.tokenizer or cfg.weights
     try:
         hf_config = AutoConfig.from_pretrained(cfg.weights, revision=cfg.revision)
     except (OSError, ValueError) as exc:
         raise _describe_missing(cfg, "weights", exc) from exc
     try:
-        tokenizer = AutoTokenizer.from_pretrained(tokenizer_source, revision=None if cfg.tokenizer else cfg.revision)
+        tokenizer = AutoTokenizer.from_pretrained(cfg.tokenizer or cfg.weights, revision=None if cfg.tokenizer else cfg.revision)
     except (OSError, ValueError) as exc:
         raise _describe_missing(cfg, "tokenizer", exc) from exc
-    if getattr(hf_config, "num_labels", 1) != 1:
+    if cfg.kind == "cross" and getattr(hf_config, "num_labels", 1) != 1:
         raise ModelLoadError(
             f"model {cfg.name!r} has {hf_config.num_labels} labels; a reranking cross-encoder needs exactly one"
         )
+    model_class = AutoModelForSequenceClassification if cfg.kind == "cross" else AutoModel
     try:
-        model = AutoModelForSequenceClassification.from_pretrained(cfg.weights, revision=cfg.revision, dtype=dtype)
+        model = model_class.from_pretrained(cfg.weights, revision=cfg.revision, dtype=dtype)
     except (OSError, ValueError) as exc:
         raise _describe_missing(cfg, "weights", exc) from exc
     model.to(device).eval()
-    activation = _checkpoint_activation(hf_config) if cfg.activation == "auto" else cfg.activation
-    # A model whose embeddings have no token types (DistilBERT, DeBERTa-v3) never gets them.
-    uses_token_type_ids = (
-        "token_type_ids" in tokenizer.model_input_names
-        and getattr(hf_config, "type_vocab_size", 0) > 0
-        and "token_type_ids" in inspect.signature(model.forward).parameters
-    )
-    loaded = LoadedCrossEncoder(
+    loaded = LoadedModel(
         config=cfg,
+        source=source,
         model=model,
         tokenizer=tokenizer,
         device=device,
         dtype=dtype,
         max_length=_max_length(cfg, tokenizer, hf_config),
-        activation=activation,
-        uses_token_type_ids=uses_token_type_ids,
+        # Pairs need segment ids where the model has them; DistilBERT and DeBERTa-v3 never get
+        # them. Single texts (bi-encoders) are one segment: all zeros, the models' default.
+        uses_token_type_ids=(
+            cfg.kind == "cross"
+            and "token_type_ids" in tokenizer.model_input_names
+            and getattr(hf_config, "type_vocab_size", 0) > 0
+            and "token_type_ids" in inspect.signature(model.forward).parameters
+        ),
     )
+    if cfg.kind == "cross":
+        loaded.activation = _checkpoint_activation(hf_config) if cfg.activation == "auto" else cfg.activation
+    else:
+        loaded.pooling, loaded.similarity = _bi_encoder_settings(cfg)
     log.info(
-        "loaded cross-encoder %s from %s on %s (%s, max_length=%d, activation=%s)",
-        cfg.name, cfg.weights, device, dtype_name(dtype), loaded.max_length, activation,
+        "loaded %s-encoder %s from %s on %s (%s, max_length=%d%s)",
+        cfg.kind, cfg.name, cfg.weights, device, dtype_name(dtype), loaded.max_length,
+        f", activation={loaded.activation}" if cfg.kind == "cross" else f", {loaded.pooling} pooling, {loaded.similarity}",
     )
     return loaded

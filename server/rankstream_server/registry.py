@@ -1,16 +1,17 @@
-"""The models a server holds: each loaded model with its tokenizer and its batcher."""
+"""What a server holds: each loaded model with its tokenizer and batcher, and each index."""
 
 from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
 
-from .backend import TorchCrossEncoder
+from .backend import backend_for
 from .batcher import DynamicBatcher
 from .config import Settings
+from .corpus_index import CorpusIndex
 from .errors import NotFound
-from .model_loading import LoadedCrossEncoder, dtype_name, load_cross_encoder
-from .tokenization import PairTokenizer
+from .model_loading import LoadedModel, dtype_name, load_model
+from .tokenization import PairTokenizer, TextTokenizer
 
 log = logging.getLogger(__name__)
 
@@ -21,49 +22,66 @@ _WARMUP_PASSAGES = ["A short passage.", "A somewhat longer passage that makes th
 @dataclass
 class ServedModel:
     name: str
-    loaded: LoadedCrossEncoder
-    tokenizer: PairTokenizer
+    loaded: LoadedModel
+    tokenizer: PairTokenizer | TextTokenizer  # pairs for cross-encoders, single texts for bi-encoders
     batcher: DynamicBatcher
 
     @property
-    def activation(self) -> str:
-        return self.loaded.activation
+    def kind(self) -> str:
+        return self.loaded.kind
 
     def describe(self) -> dict[str, object]:
+        loaded = self.loaded
         return {
             "name": self.name,
-            "weights": self.loaded.config.weights,
-            "tokenizer": self.loaded.config.tokenizer or self.loaded.config.weights,
-            "max_length": self.loaded.max_length,
-            "dtype": dtype_name(self.loaded.dtype),
-            "device": str(self.loaded.device),
-            "activation": self.loaded.activation,
+            "weights": loaded.source,
+            "tokenizer": loaded.config.tokenizer or loaded.source,
+            "max_length": loaded.max_length,
+            "dtype": dtype_name(loaded.dtype),
+            "device": str(loaded.device),
+            "activation": loaded.activation,
+            "pooling": loaded.pooling,
+            "similarity": loaded.similarity,
         }
 
 
 class ModelRegistry:
-    """Loads every configured model once; requests look models up by name."""
+    """Loads every configured model and index once; requests look them up by name."""
 
     def __init__(self, settings: Settings):
         self._settings = settings
         self._models: dict[str, ServedModel] = {}
+        self._indexes: dict[str, CorpusIndex] = {}
         self.default_name = settings.default_model or settings.models[0].name
+        self.default_index = settings.default_index or ""
 
     def load_all(self) -> None:
-        """Blocking: load and warm every model (call from a worker thread)."""
+        """Blocking: load and warm every model, then open every index (call from a worker thread)."""
         for cfg in self._settings.models:
-            loaded = load_cross_encoder(cfg)
-            pair_tokenizer = PairTokenizer(loaded.tokenizer, loaded.max_length, cfg.name, loaded.uses_token_type_ids)
-            backend = TorchCrossEncoder(loaded)
-            if self._settings.server.warmup:
-                backend.launch(pair_tokenizer.encode(_WARMUP_QUERY, _WARMUP_PASSAGES)).result()
-            self._models[cfg.name] = ServedModel(
-                cfg.name, loaded, pair_tokenizer, DynamicBatcher(cfg.name, backend, self._settings.batching)
-            )
+            loaded = load_model(cfg)
+            backend = backend_for(loaded)
+            if loaded.kind == "cross":
+                tokenizer = PairTokenizer(loaded.tokenizer, loaded.max_length, cfg.name, loaded.uses_token_type_ids)
+                warmup = tokenizer.encode(_WARMUP_QUERY, _WARMUP_PASSAGES)
+            else:
+                tokenizer = TextTokenizer(loaded.tokenizer, loaded.max_length, cfg.query_prefix, cfg.passage_prefix)
+                warmup = tokenizer.encode(_WARMUP_PASSAGES, "passage")
+            if self._settings.server.warmup or loaded.kind == "bi":
+                output = backend.launch(warmup).result()
+                loaded.dimension = output.shape[-1] if loaded.kind == "bi" else 0
+            batcher = DynamicBatcher(cfg.name, backend, self._settings.batching)
+            self._models[cfg.name] = ServedModel(cfg.name, loaded, tokenizer, batcher)
+        for index_cfg in self._settings.indexes:
+            model = self._models[index_cfg.model].loaded
+            self._indexes[index_cfg.name] = CorpusIndex.open(index_cfg, model.identity(), model.dimension)
 
     @property
     def models(self) -> list[ServedModel]:
         return list(self._models.values())
+
+    @property
+    def indexes(self) -> list[CorpusIndex]:
+        return list(self._indexes.values())
 
     def get(self, name: str) -> ServedModel:
         name = name or self.default_name
@@ -72,6 +90,21 @@ class ModelRegistry:
         except KeyError:
             raise NotFound(f"model: {name!r} is not loaded; loaded models: {sorted(self._models)}") from None
 
+    def index(self, name: str) -> tuple[CorpusIndex, ServedModel]:
+        """The index and the bi-encoder that embeds for it."""
+        name = name or self.default_index
+        try:
+            index = self._indexes[name]
+        except KeyError:
+            raise NotFound(f"index: {name!r} is not served; indexes: {sorted(self._indexes)}") from None
+        return index, self._models[index.config.model]
+
+    def save_indexes(self) -> None:
+        for index in self._indexes.values():
+            index.save()
+
     def close(self) -> None:
         for model in self._models.values():
             model.batcher.close(timeout=30)
+        for index in self._indexes.values():
+            index.close()

@@ -17,13 +17,15 @@ import numpy as np
 from rankstream.v1 import rankstream_pb2 as pb
 from rankstream.v1 import rankstream_pb2_grpc as pb_grpc
 
-from .batcher import Job
 from .config import Settings
+from .corpus_index import Hit
+from .docstore import Document
 from .errors import RankstreamError, Unavailable
 from .ranking import activate, passing, rank
-from .registry import ModelRegistry
+from .registry import ModelRegistry, ServedModel
+from .scoring import ModelCall
 from .tokenization import passage_text
-from .validation import check_rerank
+from .validation import check_delete, check_rerank, check_retrieve, check_retrieve_and_rerank, check_upsert
 
 log = logging.getLogger(__name__)
 
@@ -83,6 +85,71 @@ def _ms(seconds: float) -> float:
     return round(seconds * 1000.0, 3)
 
 
+def _optional(message, name: str):
+    return getattr(message, name) if message.HasField(name) else None
+
+
+def _fill(out: pb.ScoredPassage, text: str, title: str | None, metadata, want_text: bool, want_metadata: bool) -> pb.ScoredPassage:
+    if want_text:
+        out.text = text
+        if title is not None:
+            out.title = title
+    if want_metadata:
+        out.metadata.update(metadata)
+    return out
+
+
+async def _scored_stream(
+    call: ModelCall,
+    model: ServedModel,
+    query: str,
+    texts: list[str],
+    order: int,
+    top_n: int,
+    threshold: float | None,
+    raw: bool,
+    make: Callable[[int, float, int], pb.ScoredPassage],
+) -> AsyncIterator[pb.ScoredPassage]:
+    """Scores texts against the query and streams them in the requested order (Rerank semantics)."""
+    activation = "none" if raw else model.loaded.activation
+    if order == pb.AS_SCORED:
+        async for indices, raw_scores in call.score(model, query, texts):
+            scores = activate(raw_scores, activation)
+            keep = passing(scores, threshold)
+            for index, score in zip(indices[keep], scores[keep]):
+                yield make(int(index), float(score), 0)
+        return
+    scores = np.empty(len(texts), dtype=np.float32)
+    async for indices, raw_scores in call.score(model, query, texts):
+        scores[indices] = activate(raw_scores, activation)
+    for position, index in enumerate(rank(scores, top_n, threshold), start=1):
+        yield make(int(index), float(scores[index]), position)
+
+
+class _Trailer:
+    """Collects a call's stats and sends them as trailing metadata however the call ends."""
+
+    def __init__(self, context: grpc.aio.ServicerContext, call: ModelCall, model_name: str):
+        self.arrived = time.perf_counter()
+        self.returned = 0
+        self.retrieve_s = 0.0
+        self.candidates = 0
+        self._context = context
+        self._call = call
+        self._model_name = model_name
+
+    def send(self) -> None:
+        stats = pb.RerankStats(
+            model=self._model_name,
+            returned=self.returned,
+            total_ms=_ms(time.perf_counter() - self.arrived),
+            retrieve_ms=_ms(self.retrieve_s),
+            candidates=self.candidates,
+            **self._call.stats(),
+        )
+        self._context.set_trailing_metadata(((STATS_TRAILER, stats.SerializeToString()),))
+
+
 class RerankerService(pb_grpc.RerankerServicer):
     def __init__(self, settings: Settings, readiness: Readiness, tokenize_pool: ThreadPoolExecutor):
         self._settings = settings
@@ -91,68 +158,128 @@ class RerankerService(pb_grpc.RerankerServicer):
 
     @streaming_errors
     async def Rerank(self, request: pb.RerankRequest, context: grpc.aio.ServicerContext) -> AsyncIterator[pb.ScoredPassage]:
-        arrived = time.perf_counter()
         registry = self._readiness.require()
         model = registry.get(request.model)
         check_rerank(request, self._settings.limits)
         passages = request.passages
-        texts = [passage_text(p.text, p.title if p.HasField("title") else None) for p in passages]
-        loop = asyncio.get_running_loop()
-        pairs = await loop.run_in_executor(self._tokenize_pool, model.tokenizer.encode, request.query, texts)
-        tokenized = time.perf_counter()
+        texts = [passage_text(p.text, _optional(p, "title")) for p in passages]
 
-        remaining = context.time_remaining()
-        job = Job(size=len(pairs), deadline=None if remaining is None else time.monotonic() + remaining)
-        model.batcher.submit(job, pairs)
-        threshold = request.score_threshold if request.HasField("score_threshold") else None
-        activation = "none" if request.raw_scores else model.activation
-        returned = 0
-
-        def message(index: int, score: float, rank_: int) -> pb.ScoredPassage:
+        def make(index: int, score: float, rank_: int) -> pb.ScoredPassage:
             passage = passages[index]
             out = pb.ScoredPassage(id=passage.id, index=index, score=score, rank=rank_)
-            if request.return_text:
-                out.text = passage.text
-                if passage.HasField("title"):
-                    out.title = passage.title
-            if request.return_metadata:
-                out.metadata.update(passage.metadata)
-            return out
+            return _fill(out, passage.text, _optional(passage, "title"), passage.metadata, request.return_text, request.return_metadata)
 
+        call = ModelCall(self._tokenize_pool, context.time_remaining())
+        trailer = _Trailer(context, call, model.name)
         try:
-            if request.order == pb.AS_SCORED:
-                async for indices, logits in job.results():
-                    scores = activate(logits, activation)
-                    for index, score in zip(indices[passing(scores, threshold)], scores[passing(scores, threshold)]):
-                        returned += 1
-                        yield message(int(index), float(score), 0)
-            else:
-                scores = np.empty(len(pairs), dtype=np.float32)
-                async for indices, logits in job.results():
-                    scores[indices] = activate(logits, activation)
-                for position, index in enumerate(rank(scores, request.top_n, threshold), start=1):
-                    returned += 1
-                    yield message(int(index), float(scores[index]), position)
+            async for message in _scored_stream(
+                call, model, request.query, texts, request.order, request.top_n,
+                _optional(request, "score_threshold"), request.raw_scores, make,
+            ):
+                trailer.returned += 1
+                yield message
         finally:
-            if not job.done:
-                model.batcher.cancel(job)
-            stats = job.stats
-            first = stats.first_batch_at
-            summary = pb.RerankStats(
-                model=model.name,
-                passages=len(pairs),
-                scored=stats.scored,
-                returned=returned,
-                truncated=sum(p.truncated for p in pairs),
-                tokenize_ms=_ms(tokenized - arrived),
-                queue_ms=_ms(first - stats.enqueued_at) if first is not None else 0.0,
-                inference_ms=_ms(stats.inference_s),
-                total_ms=_ms(time.perf_counter() - arrived),
-                batches=stats.batches,
-                max_batch_size=stats.max_batch_size,
-                shared_batches=stats.shared_batches,
-            )
-            context.set_trailing_metadata(((STATS_TRAILER, summary.SerializeToString()),))
+            call.close()
+            trailer.send()
+
+
+class RetrieverService(pb_grpc.RetrieverServicer):
+    def __init__(self, settings: Settings, readiness: Readiness, tokenize_pool: ThreadPoolExecutor):
+        self._settings = settings
+        self._readiness = readiness
+        self._tokenize_pool = tokenize_pool
+
+    async def _retrieve(self, call: ModelCall, trailer: _Trailer, index_name: str, query: str, top_k: int, metadata_filter) -> list[Hit]:
+        index, encoder = self._readiness.require().index(index_name)
+        started = time.perf_counter()
+        query_vector = await call.embed(encoder, [query], "query")
+        hits = await asyncio.to_thread(index.search, query_vector[0], top_k, dict(metadata_filter) or None)
+        trailer.retrieve_s = time.perf_counter() - started
+        trailer.candidates = len(hits)
+        return hits
+
+    @streaming_errors
+    async def Retrieve(self, request: pb.RetrieveRequest, context: grpc.aio.ServicerContext) -> AsyncIterator[pb.ScoredPassage]:
+        registry = self._readiness.require()
+        _, encoder = registry.index(request.index)
+        check_retrieve(request, self._settings.limits)
+        threshold = _optional(request, "score_threshold")
+        call = ModelCall(self._tokenize_pool, context.time_remaining())
+        trailer = _Trailer(context, call, encoder.name)
+        try:
+            hits = await self._retrieve(call, trailer, request.index, request.query, request.top_k, request.filter)
+            for position, hit in enumerate(hits):
+                if threshold is not None and hit.score < threshold:
+                    break  # best first: the rest are lower
+                doc = hit.document
+                out = pb.ScoredPassage(
+                    id=doc.id, index=position, score=hit.score, rank=position + 1,
+                    stage=pb.STAGE_RETRIEVE, retrieval_score=hit.score,
+                )
+                trailer.returned += 1
+                yield _fill(out, doc.text, doc.title, doc.metadata, request.return_text, request.return_metadata)
+        finally:
+            call.close()
+            trailer.send()
+
+    @streaming_errors
+    async def RetrieveAndRerank(
+        self, request: pb.RetrieveAndRerankRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[pb.ScoredPassage]:
+        registry = self._readiness.require()
+        registry.index(request.index)
+        reranker = registry.get(request.reranker)
+        check_retrieve_and_rerank(request, self._settings.limits)
+        call = ModelCall(self._tokenize_pool, context.time_remaining())
+        trailer = _Trailer(context, call, reranker.name)
+        try:
+            hits = await self._retrieve(call, trailer, request.index, request.query, request.top_k, request.filter)
+            documents = [hit.document for hit in hits]
+
+            def make(index: int, score: float, rank_: int) -> pb.ScoredPassage:
+                doc = documents[index]
+                out = pb.ScoredPassage(
+                    id=doc.id, index=index, score=score, rank=rank_,
+                    stage=pb.STAGE_RERANK, retrieval_score=hits[index].score,
+                )
+                return _fill(out, doc.text, doc.title, doc.metadata, request.return_text, request.return_metadata)
+
+            if documents:
+                async for message in _scored_stream(
+                    call, reranker, request.query, [passage_text(d.text, d.title) for d in documents],
+                    request.order, request.top_n, _optional(request, "score_threshold"), request.raw_scores, make,
+                ):
+                    trailer.returned += 1
+                    yield message
+        finally:
+            call.close()
+            trailer.send()
+
+    @unary_errors
+    async def UpsertPassages(self, request: pb.UpsertPassagesRequest, context: grpc.aio.ServicerContext) -> pb.UpsertPassagesResponse:
+        registry = self._readiness.require()
+        index, encoder = registry.index(request.index)
+        check_upsert(request, self._settings.limits)
+        documents = [
+            Document(id=p.id, text=p.text, title=_optional(p, "title"), metadata=dict(p.metadata)) for p in request.passages
+        ]
+        call = ModelCall(self._tokenize_pool, context.time_remaining())
+        try:
+            embeddings = await call.embed(encoder, [passage_text(d.text, d.title) for d in documents], "passage")
+        finally:
+            call.close()
+        # Shielded: once the write starts it finishes, even if the client goes away.
+        version = await asyncio.shield(asyncio.to_thread(index.upsert, documents, embeddings))
+        return pb.UpsertPassagesResponse(upserted=len(documents), count=index.count, version=version)
+
+    @unary_errors
+    async def DeletePassages(self, request: pb.DeletePassagesRequest, context: grpc.aio.ServicerContext) -> pb.DeletePassagesResponse:
+        registry = self._readiness.require()
+        index, _ = registry.index(request.index)
+        check_delete(request, self._settings.limits)
+        ids = list(dict.fromkeys(request.ids))
+        deleted, version = await asyncio.shield(asyncio.to_thread(index.delete, ids))
+        return pb.DeletePassagesResponse(deleted=deleted, not_found=len(ids) - deleted, count=index.count, version=version)
 
 
 class InfoService(pb_grpc.InfoServicer):
@@ -162,12 +289,19 @@ class InfoService(pb_grpc.InfoServicer):
     @unary_errors
     async def ListModels(self, request: pb.ListModelsRequest, context: grpc.aio.ServicerContext) -> pb.ListModelsResponse:
         registry = self._readiness.require()
-        response = pb.ListModelsResponse(default_model=registry.default_name)
+        response = pb.ListModelsResponse(default_model=registry.default_name, default_index=registry.default_index)
+        for index in registry.indexes:
+            response.indexes.append(
+                pb.IndexInfo(
+                    name=index.config.name, model=index.config.model, count=index.count, dimension=index.dimension,
+                    similarity=index.similarity, index_type=index.index_type, device=index.device, version=index.version,
+                )
+            )
         for model in registry.models:
             counters = model.batcher.counters
             response.models.append(
                 pb.ModelInfo(
-                    kind=pb.MODEL_KIND_CROSS,
+                    kind=pb.MODEL_KIND_CROSS if model.kind == "cross" else pb.MODEL_KIND_BI,
                     batcher=pb.BatcherStats(
                         batches=counters.batches,
                         items=counters.items,

@@ -1,4 +1,5 @@
-"""Turning (query, passage) pairs into token ids: truncation cuts the passage, never the query.
+"""Turning text into token ids: (query, passage) pairs for cross-encoders, where truncation cuts
+the passage and never the query, and single texts for bi-encoders.
 
 Runs on a thread pool (fast tokenizers release the GIL), never on the event loop.
 """
@@ -13,10 +14,10 @@ from .errors import InvalidArgument
 
 
 @dataclass(frozen=True)
-class EncodedPair:
-    """One tokenized (query, passage) pair."""
+class TokenizedInput:
+    """One tokenized model input: a (query, passage) pair, or a single text."""
 
-    index: int  # the passage's position in the request
+    index: int  # the input's position in its request
     input_ids: list[int]
     token_type_ids: list[int] | None
     truncated: bool
@@ -46,7 +47,7 @@ class PairTokenizer:
                 f"(max_length {self._max_length}, queries are never truncated)"
             )
 
-    def encode(self, query: str, passages: list[str]) -> list[EncodedPair]:
+    def encode(self, query: str, passages: list[str]) -> list[TokenizedInput]:
         self._check_query(query)
         batch = self._tokenizer(
             [query] * len(passages),
@@ -65,7 +66,7 @@ class PairTokenizer:
             else:  # slow tokenizers do not report overflow: a full-length pair was (almost surely) cut
                 truncated = len(ids) >= self._max_length
             pairs.append(
-                EncodedPair(
+                TokenizedInput(
                     index=i,
                     input_ids=ids,
                     token_type_ids=batch["token_type_ids"][i] if self._uses_token_type_ids else None,
@@ -73,3 +74,34 @@ class PairTokenizer:
                 )
             )
         return pairs
+
+
+class TextTokenizer:
+    """Tokenizes single texts for one bi-encoder, with its query or passage prefix."""
+
+    def __init__(self, tokenizer: PreTrainedTokenizerBase, max_length: int, query_prefix: str, passage_prefix: str):
+        self._tokenizer = tokenizer
+        self._max_length = max_length
+        self._prefixes = {"query": query_prefix, "passage": passage_prefix}
+
+    def encode(self, texts: list[str], role: str) -> list[TokenizedInput]:
+        """role: "query" or "passage"."""
+        prefix = self._prefixes[role]
+        batch = self._tokenizer(
+            [prefix + text for text in texts],
+            truncation=True,
+            max_length=self._max_length,
+            padding=False,
+            return_token_type_ids=False,
+            return_attention_mask=False,
+        )
+        encodings = getattr(batch, "encodings", None)
+        return [
+            TokenizedInput(
+                index=i,
+                input_ids=ids,
+                token_type_ids=None,
+                truncated=bool(encodings[i].overflowing) if encodings else len(ids) >= self._max_length,
+            )
+            for i, ids in enumerate(batch["input_ids"])
+        ]

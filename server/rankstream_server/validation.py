@@ -15,15 +15,13 @@ def check_query(query: str, limits: LimitsConfig) -> None:
         raise InvalidArgument(f"query: {len(query)} characters, limit is max_query_chars={limits.max_query_chars}")
 
 
-def check_rerank(request, limits: LimitsConfig) -> None:
-    """Validates a rankstream.v1.RerankRequest."""
-    check_query(request.query, limits)
-    count = len(request.passages)
+def _check_passages(passages, limits: LimitsConfig) -> None:
+    count = len(passages)
     if count == 0:
         raise InvalidArgument("passages: at least one passage is required")
     if count > limits.max_passages:
         raise InvalidArgument(f"passages: {count} passages, limit is max_passages={limits.max_passages}")
-    for i, passage in enumerate(request.passages):
+    for i, passage in enumerate(passages):
         if not passage.text.strip():
             raise InvalidArgument(f"passages[{i}].text: must not be empty")
         length = len(passage.text) + len(passage.title)
@@ -31,7 +29,64 @@ def check_rerank(request, limits: LimitsConfig) -> None:
             raise InvalidArgument(
                 f"passages[{i}]: {length} characters (title + text), limit is max_passage_chars={limits.max_passage_chars}"
             )
+
+
+def _check_top_n(request) -> None:
     if request.top_n < 0:
         raise InvalidArgument(f"top_n: must be >= 0 (0 = all), got {request.top_n}")
+
+
+def _check_threshold(request) -> None:
     if request.HasField("score_threshold") and not math.isfinite(request.score_threshold):
         raise InvalidArgument(f"score_threshold: must be a finite number, got {request.score_threshold}")
+
+
+def _check_top_k(request, limits: LimitsConfig) -> None:
+    if not 1 <= request.top_k <= limits.max_top_k:
+        raise InvalidArgument(f"top_k: must be between 1 and max_top_k={limits.max_top_k}, got {request.top_k}")
+
+
+def _check_filter(request) -> None:
+    for key in request.filter:
+        if not key:
+            raise InvalidArgument("filter: keys must not be empty")
+
+
+def check_rerank(request, limits: LimitsConfig) -> None:
+    """Validates a rankstream.v1.RerankRequest."""
+    check_query(request.query, limits)
+    _check_passages(request.passages, limits)
+    _check_top_n(request)
+    _check_threshold(request)
+
+
+def check_retrieve(request, limits: LimitsConfig) -> None:
+    check_query(request.query, limits)
+    _check_top_k(request, limits)
+    _check_filter(request)
+    _check_threshold(request)
+
+
+def check_retrieve_and_rerank(request, limits: LimitsConfig) -> None:
+    check_retrieve(request, limits)
+    _check_top_n(request)
+
+
+def check_upsert(request, limits: LimitsConfig) -> None:
+    _check_passages(request.passages, limits)
+    seen: set[str] = set()
+    for i, passage in enumerate(request.passages):
+        if not passage.id:
+            raise InvalidArgument(f"passages[{i}].id: must not be empty (upserts are keyed by id)")
+        if passage.id in seen:
+            raise InvalidArgument(f"passages[{i}].id: {passage.id!r} appears twice in the request")
+        seen.add(passage.id)
+
+
+def check_delete(request, limits: LimitsConfig) -> None:
+    if not request.ids:
+        raise InvalidArgument("ids: at least one id is required")
+    if len(request.ids) > limits.max_passages:
+        raise InvalidArgument(f"ids: {len(request.ids)} ids, limit is max_passages={limits.max_passages}")
+    if any(not i for i in request.ids):
+        raise InvalidArgument("ids: ids must not be empty")

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1erankstream/v1/rankstream.proto\x12\rrankstream.v1\"\xaa\x01\n\x07Passage\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x12\n\x05title\x18\x03 \x01(\tH\x00\x88\x01\x01\x12\x36\n\x08metadata\x18\x04 \x03(\x0b\x32$.rankstream.v1.Passage.MetadataEntry\x1a/\n\rMetadataEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x42\x08\n\x06_title\"\xff\x01\n\rRerankRequest\x12\r\n\x05query\x18\x01 \x01(\t\x12(\n\x08passages\x18\x02 \x03(\x0b\x32\x16.rankstream.v1.Passage\x12\r\n\x05top_n\x18\x03 \x01(\x05\x12\r\n\x05model\x18\x04 \x01(\t\x12\x12\n\nraw_scores\x18\x05 \x01(\x08\x12#\n\x05order\x18\x06 \x01(\x0e\x32\x14.rankstream.v1.Order\x12\x13\n\x0breturn_text\x18\x07 \x01(\x08\x12\x1c\n\x0fscore_threshold\x18\x08 \x01(\x02H\x00\x88\x01\x01\x12\x17\n\x0freturn_metadata\x18\t \x01(\x08\x42\x12\n\x10_score_threshold\"\xe2\x01\n\rScoredPassage\x12\n\n\x02id\x18\x01 \x01(\t\x12\r\n\x05index\x18\x02 \x01(\x05\x12\r\n\x05score\x18\x03 \x01(\x02\x12\x0c\n\x04rank\x18\x04 \x01(\x05\x12\x0c\n\x04text\x18\x05 \x01(\t\x12\x12\n\x05title\x18\x06 \x01(\tH\x00\x88\x01\x01\x12<\n\x08metadata\x18\x07 \x03(\x0b\x32*.rankstream.v1.ScoredPassage.MetadataEntry\x1a/\n\rMetadataEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x42\x08\n\x06_title\"\xf3\x01\n\x0bRerankStats\x12\r\n\x05model\x18\x01 \x01(\t\x12\x10\n\x08passages\x18\x02 \x01(\x05\x12\x0e\n\x06scored\x18\x03 \x01(\x05\x12\x10\n\x08returned\x18\x04 \x01(\x05\x12\x11\n\ttruncated\x18\x05 \x01(\x05\x12\x13\n\x0btokenize_ms\x18\x06 \x01(\x01\x12\x10\n\x08queue_ms\x18\x07 \x01(\x01\x12\x14\n\x0cinference_ms\x18\x08 \x01(\x01\x12\x10\n\x08total_ms\x18\t \x01(\x01\x12\x0f\n\x07\x62\x61tches\x18\n \x01(\x05\x12\x16\n\x0emax_batch_size\x18\x0b \x01(\x05\x12\x16\n\x0eshared_batches\x18\x0c \x01(\x05\"\x13\n\x11ListModelsRequest\"U\n\x12ListModelsResponse\x12(\n\x06models\x18\x01 \x03(\x0b\x32\x18.rankstream.v1.ModelInfo\x12\x15\n\rdefault_model\x18\x02 \x01(\t\"\xda\x01\n\tModelInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12&\n\x04kind\x18\x02 \x01(\x0e\x32\x18.rankstream.v1.ModelKind\x12\x0f\n\x07weights\x18\x03 \x01(\t\x12\x11\n\ttokenizer\x18\x04 \x01(\t\x12\x12\n\nmax_length\x18\x05 \x01(\x05\x12\r\n\x05\x64type\x18\x06 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x07 \x01(\t\x12\x12\n\nactivation\x18\x08 \x01(\t\x12,\n\x07\x62\x61tcher\x18\t \x01(\x0b\x32\x1b.rankstream.v1.BatcherStats\"\xd5\x01\n\x0c\x42\x61tcherStats\x12\x0f\n\x07\x62\x61tches\x18\x01 \x01(\x03\x12\r\n\x05items\x18\x02 \x01(\x03\x12\x0f\n\x07\x64ropped\x18\x03 \x01(\x03\x12\x11\n\tin_flight\x18\x04 \x01(\x03\x12\x10\n\x08\x63\x61pacity\x18\x05 \x01(\x03\x12\x10\n\x08rejected\x18\x06 \x01(\x03\x12\x1e\n\x16max_requests_per_batch\x18\x07 \x01(\x03\x12\x16\n\x0emax_batch_size\x18\x08 \x01(\x03\x12\x0e\n\x06tokens\x18\t \x01(\x03\x12\x15\n\rpadded_tokens\x18\n \x01(\x03*\"\n\x05Order\x12\n\n\x06RANKED\x10\x00\x12\r\n\tAS_SCORED\x10\x01*P\n\tModelKind\x12\x1a\n\x16MODEL_KIND_UNSPECIFIED\x10\x00\x12\x14\n\x10MODEL_KIND_CROSS\x10\x01\x12\x11\n\rMODEL_KIND_BI\x10\x02\x32R\n\x08Reranker\x12\x46\n\x06Rerank\x12\x1c.rankstream.v1.RerankRequest\x1a\x1c.rankstream.v1.ScoredPassage0\x01\x32Y\n\x04Info\x12Q\n\nListModels\x12 .rankstream.v1.ListModelsRequest\x1a!.rankstream.v1.ListModelsResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1erankstream/v1/rankstream.proto\x12\rrankstream.v1\"\xaa\x01\n\x07Passage\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x12\n\x05title\x18\x03 \x01(\tH\x00\x88\x01\x01\x12\x36\n\x08metadata\x18\x04 \x03(\x0b\x32$.rankstream.v1.Passage.MetadataEntry\x1a/\n\rMetadataEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x42\x08\n\x06_title\"\xff\x01\n\rRerankRequest\x12\r\n\x05query\x18\x01 \x01(\t\x12(\n\x08passages\x18\x02 \x03(\x0b\x32\x16.rankstream.v1.Passage\x12\r\n\x05top_n\x18\x03 \x01(\x05\x12\r\n\x05model\x18\x04 \x01(\t\x12\x12\n\nraw_scores\x18\x05 \x01(\x08\x12#\n\x05order\x18\x06 \x01(\x0e\x32\x14.rankstream.v1.Order\x12\x13\n\x0breturn_text\x18\x07 \x01(\x08\x12\x1c\n\x0fscore_threshold\x18\x08 \x01(\x02H\x00\x88\x01\x01\x12\x17\n\x0freturn_metadata\x18\t \x01(\x08\x42\x12\n\x10_score_threshold\"\xa0\x02\n\rScoredPassage\x12\n\n\x02id\x18\x01 \x01(\t\x12\r\n\x05index\x18\x02 \x01(\x05\x12\r\n\x05score\x18\x03 \x01(\x02\x12\x0c\n\x04rank\x18\x04 \x01(\x05\x12\x0c\n\x04text\x18\x05 \x01(\t\x12\x12\n\x05title\x18\x06 \x01(\tH\x00\x88\x01\x01\x12<\n\x08metadata\x18\x07 \x03(\x0b\x32*.rankstream.v1.ScoredPassage.MetadataEntry\x12#\n\x05stage\x18\x08 \x01(\x0e\x32\x14.rankstream.v1.Stage\x12\x17\n\x0fretrieval_score\x18\t \x01(\x02\x1a/\n\rMetadataEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x42\x08\n\x06_title\"\x89\x02\n\x0fRetrieveRequest\x12\r\n\x05query\x18\x01 \x01(\t\x12\r\n\x05top_k\x18\x02 \x01(\x05\x12:\n\x06\x66ilter\x18\x03 \x03(\x0b\x32*.rankstream.v1.RetrieveRequest.FilterEntry\x12\x13\n\x0breturn_text\x18\x04 \x01(\x08\x12\x17\n\x0freturn_metadata\x18\x05 \x01(\x08\x12\r\n\x05index\x18\x06 \x01(\t\x12\x1c\n\x0fscore_threshold\x18\x07 \x01(\x02H\x00\x88\x01\x01\x1a-\n\x0b\x46ilterEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x42\x12\n\x10_score_threshold\"\xf5\x02\n\x18RetrieveAndRerankRequest\x12\r\n\x05query\x18\x01 \x01(\t\x12\r\n\x05top_k\x18\x02 \x01(\x05\x12\r\n\x05top_n\x18\x03 \x01(\x05\x12\x10\n\x08reranker\x18\x04 \x01(\t\x12\x43\n\x06\x66ilter\x18\x05 \x03(\x0b\x32\x33.rankstream.v1.RetrieveAndRerankRequest.FilterEntry\x12\x13\n\x0breturn_text\x18\x06 \x01(\x08\x12\x17\n\x0freturn_metadata\x18\x07 \x01(\x08\x12\r\n\x05index\x18\x08 \x01(\t\x12\x12\n\nraw_scores\x18\t \x01(\x08\x12#\n\x05order\x18\n \x01(\x0e\x32\x14.rankstream.v1.Order\x12\x1c\n\x0fscore_threshold\x18\x0b \x01(\x02H\x00\x88\x01\x01\x1a-\n\x0b\x46ilterEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x42\x12\n\x10_score_threshold\"P\n\x15UpsertPassagesRequest\x12\r\n\x05index\x18\x01 \x01(\t\x12(\n\x08passages\x18\x02 \x03(\x0b\x32\x16.rankstream.v1.Passage\"J\n\x16UpsertPassagesResponse\x12\x10\n\x08upserted\x18\x01 \x01(\x05\x12\r\n\x05\x63ount\x18\x02 \x01(\x03\x12\x0f\n\x07version\x18\x03 \x01(\x03\"3\n\x15\x44\x65letePassagesRequest\x12\r\n\x05index\x18\x01 \x01(\t\x12\x0b\n\x03ids\x18\x02 \x03(\t\"\\\n\x16\x44\x65letePassagesResponse\x12\x0f\n\x07\x64\x65leted\x18\x01 \x01(\x05\x12\x11\n\tnot_found\x18\x02 \x01(\x05\x12\r\n\x05\x63ount\x18\x03 \x01(\x03\x12\x0f\n\x07version\x18\x04 \x01(\x03\"\x9c\x02\n\x0bRerankStats\x12\r\n\x05model\x18\x01 \x01(\t\x12\x10\n\x08passages\x18\x02 \x01(\x05\x12\x0e\n\x06scored\x18\x03 \x01(\x05\x12\x10\n\x08returned\x18\x04 \x01(\x05\x12\x11\n\ttruncated\x18\x05 \x01(\x05\x12\x13\n\x0btokenize_ms\x18\x06 \x01(\x01\x12\x10\n\x08queue_ms\x18\x07 \x01(\x01\x12\x14\n\x0cinference_ms\x18\x08 \x01(\x01\x12\x10\n\x08total_ms\x18\t \x01(\x01\x12\x0f\n\x07\x62\x61tches\x18\n \x01(\x05\x12\x16\n\x0emax_batch_size\x18\x0b \x01(\x05\x12\x16\n\x0eshared_batches\x18\x0c \x01(\x05\x12\x13\n\x0bretrieve_ms\x18\r \x01(\x01\x12\x12\n\ncandidates\x18\x0e \x01(\x05\"\x13\n\x11ListModelsRequest\"\x97\x01\n\x12ListModelsResponse\x12(\n\x06models\x18\x01 \x03(\x0b\x32\x18.rankstream.v1.ModelInfo\x12\x15\n\rdefault_model\x18\x02 \x01(\t\x12)\n\x07indexes\x18\x03 \x03(\x0b\x32\x18.rankstream.v1.IndexInfo\x12\x15\n\rdefault_index\x18\x04 \x01(\t\"\x93\x01\n\tIndexInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\r\n\x05\x63ount\x18\x03 \x01(\x03\x12\x11\n\tdimension\x18\x04 \x01(\x05\x12\x12\n\nsimilarity\x18\x05 \x01(\t\x12\x12\n\nindex_type\x18\x06 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x07 \x01(\t\x12\x0f\n\x07version\x18\x08 \x01(\x03\"\xff\x01\n\tModelInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12&\n\x04kind\x18\x02 \x01(\x0e\x32\x18.rankstream.v1.ModelKind\x12\x0f\n\x07weights\x18\x03 \x01(\t\x12\x11\n\ttokenizer\x18\x04 \x01(\t\x12\x12\n\nmax_length\x18\x05 \x01(\x05\x12\r\n\x05\x64type\x18\x06 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x07 \x01(\t\x12\x12\n\nactivation\x18\x08 \x01(\t\x12,\n\x07\x62\x61tcher\x18\t \x01(\x0b\x32\x1b.rankstream.v1.BatcherStats\x12\x0f\n\x07pooling\x18\n \x01(\t\x12\x12\n\nsimilarity\x18\x0b \x01(\t\"\xd5\x01\n\x0c\x42\x61tcherStats\x12\x0f\n\x07\x62\x61tches\x18\x01 \x01(\x03\x12\r\n\x05items\x18\x02 \x01(\x03\x12\x0f\n\x07\x64ropped\x18\x03 \x01(\x03\x12\x11\n\tin_flight\x18\x04 \x01(\x03\x12\x10\n\x08\x63\x61pacity\x18\x05 \x01(\x03\x12\x10\n\x08rejected\x18\x06 \x01(\x03\x12\x1e\n\x16max_requests_per_batch\x18\x07 \x01(\x03\x12\x16\n\x0emax_batch_size\x18\x08 \x01(\x03\x12\x0e\n\x06tokens\x18\t \x01(\x03\x12\x15\n\rpadded_tokens\x18\n \x01(\x03*\"\n\x05Order\x12\n\n\x06RANKED\x10\x00\x12\r\n\tAS_SCORED\x10\x01*D\n\x05Stage\x12\x15\n\x11STAGE_UNSPECIFIED\x10\x00\x12\x12\n\x0eSTAGE_RETRIEVE\x10\x01\x12\x10\n\x0cSTAGE_RERANK\x10\x02*P\n\tModelKind\x12\x1a\n\x16MODEL_KIND_UNSPECIFIED\x10\x00\x12\x14\n\x10MODEL_KIND_CROSS\x10\x01\x12\x11\n\rMODEL_KIND_BI\x10\x02\x32R\n\x08Reranker\x12\x46\n\x06Rerank\x12\x1c.rankstream.v1.RerankRequest\x1a\x1c.rankstream.v1.ScoredPassage0\x01\x32\xf3\x02\n\tRetriever\x12J\n\x08Retrieve\x12\x1e.rankstream.v1.RetrieveRequest\x1a\x1c.rankstream.v1.ScoredPassage0\x01\x12\\\n\x11RetrieveAndRerank\x12\'.rankstream.v1.RetrieveAndRerankRequest\x1a\x1c.rankstream.v1.ScoredPassage0\x01\x12]\n\x0eUpsertPassages\x12$.rankstream.v1.UpsertPassagesRequest\x1a%.rankstream.v1.UpsertPassagesResponse\x12]\n\x0e\x44\x65letePassages\x12$.rankstream.v1.DeletePassagesRequest\x1a%.rankstream.v1.DeletePassagesResponse2Y\n\x04Info\x12Q\n\nListModels\x12 .rankstream.v1.ListModelsRequest\x1a!.rankstream.v1.ListModelsResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -35,10 +35,16 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_PASSAGE_METADATAENTRY']._serialized_options = b'8\001'
   _globals['_SCOREDPASSAGE_METADATAENTRY']._loaded_options = None
   _globals['_SCOREDPASSAGE_METADATAENTRY']._serialized_options = b'8\001'
-  _globals['_ORDER']._serialized_start=1500
-  _globals['_ORDER']._serialized_end=1534
-  _globals['_MODELKIND']._serialized_start=1536
-  _globals['_MODELKIND']._serialized_end=1616
+  _globals['_RETRIEVEREQUEST_FILTERENTRY']._loaded_options = None
+  _globals['_RETRIEVEREQUEST_FILTERENTRY']._serialized_options = b'8\001'
+  _globals['_RETRIEVEANDRERANKREQUEST_FILTERENTRY']._loaded_options = None
+  _globals['_RETRIEVEANDRERANKREQUEST_FILTERENTRY']._serialized_options = b'8\001'
+  _globals['_ORDER']._serialized_start=2806
+  _globals['_ORDER']._serialized_end=2840
+  _globals['_STAGE']._serialized_start=2842
+  _globals['_STAGE']._serialized_end=2910
+  _globals['_MODELKIND']._serialized_start=2912
+  _globals['_MODELKIND']._serialized_end=2992
   _globals['_PASSAGE']._serialized_start=50
   _globals['_PASSAGE']._serialized_end=220
   _globals['_PASSAGE_METADATAENTRY']._serialized_start=163
@@ -46,21 +52,41 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_RERANKREQUEST']._serialized_start=223
   _globals['_RERANKREQUEST']._serialized_end=478
   _globals['_SCOREDPASSAGE']._serialized_start=481
-  _globals['_SCOREDPASSAGE']._serialized_end=707
+  _globals['_SCOREDPASSAGE']._serialized_end=769
   _globals['_SCOREDPASSAGE_METADATAENTRY']._serialized_start=163
   _globals['_SCOREDPASSAGE_METADATAENTRY']._serialized_end=210
-  _globals['_RERANKSTATS']._serialized_start=710
-  _globals['_RERANKSTATS']._serialized_end=953
-  _globals['_LISTMODELSREQUEST']._serialized_start=955
-  _globals['_LISTMODELSREQUEST']._serialized_end=974
-  _globals['_LISTMODELSRESPONSE']._serialized_start=976
-  _globals['_LISTMODELSRESPONSE']._serialized_end=1061
-  _globals['_MODELINFO']._serialized_start=1064
-  _globals['_MODELINFO']._serialized_end=1282
-  _globals['_BATCHERSTATS']._serialized_start=1285
-  _globals['_BATCHERSTATS']._serialized_end=1498
-  _globals['_RERANKER']._serialized_start=1618
-  _globals['_RERANKER']._serialized_end=1700
-  _globals['_INFO']._serialized_start=1702
-  _globals['_INFO']._serialized_end=1791
+  _globals['_RETRIEVEREQUEST']._serialized_start=772
+  _globals['_RETRIEVEREQUEST']._serialized_end=1037
+  _globals['_RETRIEVEREQUEST_FILTERENTRY']._serialized_start=972
+  _globals['_RETRIEVEREQUEST_FILTERENTRY']._serialized_end=1017
+  _globals['_RETRIEVEANDRERANKREQUEST']._serialized_start=1040
+  _globals['_RETRIEVEANDRERANKREQUEST']._serialized_end=1413
+  _globals['_RETRIEVEANDRERANKREQUEST_FILTERENTRY']._serialized_start=972
+  _globals['_RETRIEVEANDRERANKREQUEST_FILTERENTRY']._serialized_end=1017
+  _globals['_UPSERTPASSAGESREQUEST']._serialized_start=1415
+  _globals['_UPSERTPASSAGESREQUEST']._serialized_end=1495
+  _globals['_UPSERTPASSAGESRESPONSE']._serialized_start=1497
+  _globals['_UPSERTPASSAGESRESPONSE']._serialized_end=1571
+  _globals['_DELETEPASSAGESREQUEST']._serialized_start=1573
+  _globals['_DELETEPASSAGESREQUEST']._serialized_end=1624
+  _globals['_DELETEPASSAGESRESPONSE']._serialized_start=1626
+  _globals['_DELETEPASSAGESRESPONSE']._serialized_end=1718
+  _globals['_RERANKSTATS']._serialized_start=1721
+  _globals['_RERANKSTATS']._serialized_end=2005
+  _globals['_LISTMODELSREQUEST']._serialized_start=2007
+  _globals['_LISTMODELSREQUEST']._serialized_end=2026
+  _globals['_LISTMODELSRESPONSE']._serialized_start=2029
+  _globals['_LISTMODELSRESPONSE']._serialized_end=2180
+  _globals['_INDEXINFO']._serialized_start=2183
+  _globals['_INDEXINFO']._serialized_end=2330
+  _globals['_MODELINFO']._serialized_start=2333
+  _globals['_MODELINFO']._serialized_end=2588
+  _globals['_BATCHERSTATS']._serialized_start=2591
+  _globals['_BATCHERSTATS']._serialized_end=2804
+  _globals['_RERANKER']._serialized_start=2994
+  _globals['_RERANKER']._serialized_end=3076
+  _globals['_RETRIEVER']._serialized_start=3079
+  _globals['_RETRIEVER']._serialized_end=3450
+  _globals['_INFO']._serialized_start=3452
+  _globals['_INFO']._serialized_end=3541
 # @@protoc_insertion_point(module_scope)

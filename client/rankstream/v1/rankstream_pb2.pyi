@@ -12,6 +12,12 @@ class Order(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     RANKED: _ClassVar[Order]
     AS_SCORED: _ClassVar[Order]
 
+class Stage(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    STAGE_UNSPECIFIED: _ClassVar[Stage]
+    STAGE_RETRIEVE: _ClassVar[Stage]
+    STAGE_RERANK: _ClassVar[Stage]
+
 class ModelKind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
     MODEL_KIND_UNSPECIFIED: _ClassVar[ModelKind]
@@ -19,6 +25,9 @@ class ModelKind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     MODEL_KIND_BI: _ClassVar[ModelKind]
 RANKED: Order
 AS_SCORED: Order
+STAGE_UNSPECIFIED: Stage
+STAGE_RETRIEVE: Stage
+STAGE_RERANK: Stage
 MODEL_KIND_UNSPECIFIED: ModelKind
 MODEL_KIND_CROSS: ModelKind
 MODEL_KIND_BI: ModelKind
@@ -65,7 +74,7 @@ class RerankRequest(_message.Message):
     def __init__(self, query: _Optional[str] = ..., passages: _Optional[_Iterable[_Union[Passage, _Mapping]]] = ..., top_n: _Optional[int] = ..., model: _Optional[str] = ..., raw_scores: _Optional[bool] = ..., order: _Optional[_Union[Order, str]] = ..., return_text: _Optional[bool] = ..., score_threshold: _Optional[float] = ..., return_metadata: _Optional[bool] = ...) -> None: ...
 
 class ScoredPassage(_message.Message):
-    __slots__ = ("id", "index", "score", "rank", "text", "title", "metadata")
+    __slots__ = ("id", "index", "score", "rank", "text", "title", "metadata", "stage", "retrieval_score")
     class MetadataEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -80,6 +89,8 @@ class ScoredPassage(_message.Message):
     TEXT_FIELD_NUMBER: _ClassVar[int]
     TITLE_FIELD_NUMBER: _ClassVar[int]
     METADATA_FIELD_NUMBER: _ClassVar[int]
+    STAGE_FIELD_NUMBER: _ClassVar[int]
+    RETRIEVAL_SCORE_FIELD_NUMBER: _ClassVar[int]
     id: str
     index: int
     score: float
@@ -87,10 +98,108 @@ class ScoredPassage(_message.Message):
     text: str
     title: str
     metadata: _containers.ScalarMap[str, str]
-    def __init__(self, id: _Optional[str] = ..., index: _Optional[int] = ..., score: _Optional[float] = ..., rank: _Optional[int] = ..., text: _Optional[str] = ..., title: _Optional[str] = ..., metadata: _Optional[_Mapping[str, str]] = ...) -> None: ...
+    stage: Stage
+    retrieval_score: float
+    def __init__(self, id: _Optional[str] = ..., index: _Optional[int] = ..., score: _Optional[float] = ..., rank: _Optional[int] = ..., text: _Optional[str] = ..., title: _Optional[str] = ..., metadata: _Optional[_Mapping[str, str]] = ..., stage: _Optional[_Union[Stage, str]] = ..., retrieval_score: _Optional[float] = ...) -> None: ...
+
+class RetrieveRequest(_message.Message):
+    __slots__ = ("query", "top_k", "filter", "return_text", "return_metadata", "index", "score_threshold")
+    class FilterEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
+    QUERY_FIELD_NUMBER: _ClassVar[int]
+    TOP_K_FIELD_NUMBER: _ClassVar[int]
+    FILTER_FIELD_NUMBER: _ClassVar[int]
+    RETURN_TEXT_FIELD_NUMBER: _ClassVar[int]
+    RETURN_METADATA_FIELD_NUMBER: _ClassVar[int]
+    INDEX_FIELD_NUMBER: _ClassVar[int]
+    SCORE_THRESHOLD_FIELD_NUMBER: _ClassVar[int]
+    query: str
+    top_k: int
+    filter: _containers.ScalarMap[str, str]
+    return_text: bool
+    return_metadata: bool
+    index: str
+    score_threshold: float
+    def __init__(self, query: _Optional[str] = ..., top_k: _Optional[int] = ..., filter: _Optional[_Mapping[str, str]] = ..., return_text: _Optional[bool] = ..., return_metadata: _Optional[bool] = ..., index: _Optional[str] = ..., score_threshold: _Optional[float] = ...) -> None: ...
+
+class RetrieveAndRerankRequest(_message.Message):
+    __slots__ = ("query", "top_k", "top_n", "reranker", "filter", "return_text", "return_metadata", "index", "raw_scores", "order", "score_threshold")
+    class FilterEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
+    QUERY_FIELD_NUMBER: _ClassVar[int]
+    TOP_K_FIELD_NUMBER: _ClassVar[int]
+    TOP_N_FIELD_NUMBER: _ClassVar[int]
+    RERANKER_FIELD_NUMBER: _ClassVar[int]
+    FILTER_FIELD_NUMBER: _ClassVar[int]
+    RETURN_TEXT_FIELD_NUMBER: _ClassVar[int]
+    RETURN_METADATA_FIELD_NUMBER: _ClassVar[int]
+    INDEX_FIELD_NUMBER: _ClassVar[int]
+    RAW_SCORES_FIELD_NUMBER: _ClassVar[int]
+    ORDER_FIELD_NUMBER: _ClassVar[int]
+    SCORE_THRESHOLD_FIELD_NUMBER: _ClassVar[int]
+    query: str
+    top_k: int
+    top_n: int
+    reranker: str
+    filter: _containers.ScalarMap[str, str]
+    return_text: bool
+    return_metadata: bool
+    index: str
+    raw_scores: bool
+    order: Order
+    score_threshold: float
+    def __init__(self, query: _Optional[str] = ..., top_k: _Optional[int] = ..., top_n: _Optional[int] = ..., reranker: _Optional[str] = ..., filter: _Optional[_Mapping[str, str]] = ..., return_text: _Optional[bool] = ..., return_metadata: _Optional[bool] = ..., index: _Optional[str] = ..., raw_scores: _Optional[bool] = ..., order: _Optional[_Union[Order, str]] = ..., score_threshold: _Optional[float] = ...) -> None: ...
+
+class UpsertPassagesRequest(_message.Message):
+    __slots__ = ("index", "passages")
+    INDEX_FIELD_NUMBER: _ClassVar[int]
+    PASSAGES_FIELD_NUMBER: _ClassVar[int]
+    index: str
+    passages: _containers.RepeatedCompositeFieldContainer[Passage]
+    def __init__(self, index: _Optional[str] = ..., passages: _Optional[_Iterable[_Union[Passage, _Mapping]]] = ...) -> None: ...
+
+class UpsertPassagesResponse(_message.Message):
+    __slots__ = ("upserted", "count", "version")
+    UPSERTED_FIELD_NUMBER: _ClassVar[int]
+    COUNT_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    upserted: int
+    count: int
+    version: int
+    def __init__(self, upserted: _Optional[int] = ..., count: _Optional[int] = ..., version: _Optional[int] = ...) -> None: ...
+
+class DeletePassagesRequest(_message.Message):
+    __slots__ = ("index", "ids")
+    INDEX_FIELD_NUMBER: _ClassVar[int]
+    IDS_FIELD_NUMBER: _ClassVar[int]
+    index: str
+    ids: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, index: _Optional[str] = ..., ids: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class DeletePassagesResponse(_message.Message):
+    __slots__ = ("deleted", "not_found", "count", "version")
+    DELETED_FIELD_NUMBER: _ClassVar[int]
+    NOT_FOUND_FIELD_NUMBER: _ClassVar[int]
+    COUNT_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    deleted: int
+    not_found: int
+    count: int
+    version: int
+    def __init__(self, deleted: _Optional[int] = ..., not_found: _Optional[int] = ..., count: _Optional[int] = ..., version: _Optional[int] = ...) -> None: ...
 
 class RerankStats(_message.Message):
-    __slots__ = ("model", "passages", "scored", "returned", "truncated", "tokenize_ms", "queue_ms", "inference_ms", "total_ms", "batches", "max_batch_size", "shared_batches")
+    __slots__ = ("model", "passages", "scored", "returned", "truncated", "tokenize_ms", "queue_ms", "inference_ms", "total_ms", "batches", "max_batch_size", "shared_batches", "retrieve_ms", "candidates")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     PASSAGES_FIELD_NUMBER: _ClassVar[int]
     SCORED_FIELD_NUMBER: _ClassVar[int]
@@ -103,6 +212,8 @@ class RerankStats(_message.Message):
     BATCHES_FIELD_NUMBER: _ClassVar[int]
     MAX_BATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
     SHARED_BATCHES_FIELD_NUMBER: _ClassVar[int]
+    RETRIEVE_MS_FIELD_NUMBER: _ClassVar[int]
+    CANDIDATES_FIELD_NUMBER: _ClassVar[int]
     model: str
     passages: int
     scored: int
@@ -115,22 +226,48 @@ class RerankStats(_message.Message):
     batches: int
     max_batch_size: int
     shared_batches: int
-    def __init__(self, model: _Optional[str] = ..., passages: _Optional[int] = ..., scored: _Optional[int] = ..., returned: _Optional[int] = ..., truncated: _Optional[int] = ..., tokenize_ms: _Optional[float] = ..., queue_ms: _Optional[float] = ..., inference_ms: _Optional[float] = ..., total_ms: _Optional[float] = ..., batches: _Optional[int] = ..., max_batch_size: _Optional[int] = ..., shared_batches: _Optional[int] = ...) -> None: ...
+    retrieve_ms: float
+    candidates: int
+    def __init__(self, model: _Optional[str] = ..., passages: _Optional[int] = ..., scored: _Optional[int] = ..., returned: _Optional[int] = ..., truncated: _Optional[int] = ..., tokenize_ms: _Optional[float] = ..., queue_ms: _Optional[float] = ..., inference_ms: _Optional[float] = ..., total_ms: _Optional[float] = ..., batches: _Optional[int] = ..., max_batch_size: _Optional[int] = ..., shared_batches: _Optional[int] = ..., retrieve_ms: _Optional[float] = ..., candidates: _Optional[int] = ...) -> None: ...
 
 class ListModelsRequest(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
 
 class ListModelsResponse(_message.Message):
-    __slots__ = ("models", "default_model")
+    __slots__ = ("models", "default_model", "indexes", "default_index")
     MODELS_FIELD_NUMBER: _ClassVar[int]
     DEFAULT_MODEL_FIELD_NUMBER: _ClassVar[int]
+    INDEXES_FIELD_NUMBER: _ClassVar[int]
+    DEFAULT_INDEX_FIELD_NUMBER: _ClassVar[int]
     models: _containers.RepeatedCompositeFieldContainer[ModelInfo]
     default_model: str
-    def __init__(self, models: _Optional[_Iterable[_Union[ModelInfo, _Mapping]]] = ..., default_model: _Optional[str] = ...) -> None: ...
+    indexes: _containers.RepeatedCompositeFieldContainer[IndexInfo]
+    default_index: str
+    def __init__(self, models: _Optional[_Iterable[_Union[ModelInfo, _Mapping]]] = ..., default_model: _Optional[str] = ..., indexes: _Optional[_Iterable[_Union[IndexInfo, _Mapping]]] = ..., default_index: _Optional[str] = ...) -> None: ...
+
+class IndexInfo(_message.Message):
+    __slots__ = ("name", "model", "count", "dimension", "similarity", "index_type", "device", "version")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    COUNT_FIELD_NUMBER: _ClassVar[int]
+    DIMENSION_FIELD_NUMBER: _ClassVar[int]
+    SIMILARITY_FIELD_NUMBER: _ClassVar[int]
+    INDEX_TYPE_FIELD_NUMBER: _ClassVar[int]
+    DEVICE_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    model: str
+    count: int
+    dimension: int
+    similarity: str
+    index_type: str
+    device: str
+    version: int
+    def __init__(self, name: _Optional[str] = ..., model: _Optional[str] = ..., count: _Optional[int] = ..., dimension: _Optional[int] = ..., similarity: _Optional[str] = ..., index_type: _Optional[str] = ..., device: _Optional[str] = ..., version: _Optional[int] = ...) -> None: ...
 
 class ModelInfo(_message.Message):
-    __slots__ = ("name", "kind", "weights", "tokenizer", "max_length", "dtype", "device", "activation", "batcher")
+    __slots__ = ("name", "kind", "weights", "tokenizer", "max_length", "dtype", "device", "activation", "batcher", "pooling", "similarity")
     NAME_FIELD_NUMBER: _ClassVar[int]
     KIND_FIELD_NUMBER: _ClassVar[int]
     WEIGHTS_FIELD_NUMBER: _ClassVar[int]
@@ -140,6 +277,8 @@ class ModelInfo(_message.Message):
     DEVICE_FIELD_NUMBER: _ClassVar[int]
     ACTIVATION_FIELD_NUMBER: _ClassVar[int]
     BATCHER_FIELD_NUMBER: _ClassVar[int]
+    POOLING_FIELD_NUMBER: _ClassVar[int]
+    SIMILARITY_FIELD_NUMBER: _ClassVar[int]
     name: str
     kind: ModelKind
     weights: str
@@ -149,7 +288,9 @@ class ModelInfo(_message.Message):
     device: str
     activation: str
     batcher: BatcherStats
-    def __init__(self, name: _Optional[str] = ..., kind: _Optional[_Union[ModelKind, str]] = ..., weights: _Optional[str] = ..., tokenizer: _Optional[str] = ..., max_length: _Optional[int] = ..., dtype: _Optional[str] = ..., device: _Optional[str] = ..., activation: _Optional[str] = ..., batcher: _Optional[_Union[BatcherStats, _Mapping]] = ...) -> None: ...
+    pooling: str
+    similarity: str
+    def __init__(self, name: _Optional[str] = ..., kind: _Optional[_Union[ModelKind, str]] = ..., weights: _Optional[str] = ..., tokenizer: _Optional[str] = ..., max_length: _Optional[int] = ..., dtype: _Optional[str] = ..., device: _Optional[str] = ..., activation: _Optional[str] = ..., batcher: _Optional[_Union[BatcherStats, _Mapping]] = ..., pooling: _Optional[str] = ..., similarity: _Optional[str] = ...) -> None: ...
 
 class BatcherStats(_message.Message):
     __slots__ = ("batches", "items", "dropped", "in_flight", "capacity", "rejected", "max_requests_per_batch", "max_batch_size", "tokens", "padded_tokens")

@@ -116,6 +116,224 @@ class Reranker:
             _registered_method=True)
 
 
+class RetrieverStub:
+    """Retriever searches a persistent corpus indexed with a bi-encoder (FAISS over the
+    embeddings), optionally reranks the candidates with a cross-encoder in the same call,
+    and accepts online changes to the corpus.
+    """
+
+    def __init__(self, channel):
+        """Constructor.
+
+        Args:
+            channel: A grpc.Channel.
+        """
+        self.Retrieve = channel.unary_stream(
+                '/rankstream.v1.Retriever/Retrieve',
+                request_serializer=rankstream_dot_v1_dot_rankstream__pb2.RetrieveRequest.SerializeToString,
+                response_deserializer=rankstream_dot_v1_dot_rankstream__pb2.ScoredPassage.FromString,
+                _registered_method=True)
+        self.RetrieveAndRerank = channel.unary_stream(
+                '/rankstream.v1.Retriever/RetrieveAndRerank',
+                request_serializer=rankstream_dot_v1_dot_rankstream__pb2.RetrieveAndRerankRequest.SerializeToString,
+                response_deserializer=rankstream_dot_v1_dot_rankstream__pb2.ScoredPassage.FromString,
+                _registered_method=True)
+        self.UpsertPassages = channel.unary_unary(
+                '/rankstream.v1.Retriever/UpsertPassages',
+                request_serializer=rankstream_dot_v1_dot_rankstream__pb2.UpsertPassagesRequest.SerializeToString,
+                response_deserializer=rankstream_dot_v1_dot_rankstream__pb2.UpsertPassagesResponse.FromString,
+                _registered_method=True)
+        self.DeletePassages = channel.unary_unary(
+                '/rankstream.v1.Retriever/DeletePassages',
+                request_serializer=rankstream_dot_v1_dot_rankstream__pb2.DeletePassagesRequest.SerializeToString,
+                response_deserializer=rankstream_dot_v1_dot_rankstream__pb2.DeletePassagesResponse.FromString,
+                _registered_method=True)
+
+
+class RetrieverServicer:
+    """Retriever searches a persistent corpus indexed with a bi-encoder (FAISS over the
+    embeddings), optionally reranks the candidates with a cross-encoder in the same call,
+    and accepts online changes to the corpus.
+    """
+
+    def Retrieve(self, request, context):
+        """Retrieve streams the top_k passages nearest to the query, best first (stage RETRIEVE).
+        Trailing metadata "rankstream-stats-bin" carries a RerankStats as for Rerank.
+        Errors: INVALID_ARGUMENT, NOT_FOUND (unknown index), RESOURCE_EXHAUSTED, UNAVAILABLE.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RetrieveAndRerank(self, request, context):
+        """RetrieveAndRerank retrieves top_k candidates, reranks them with a cross-encoder and streams
+        the best top_n (stage RERANK) in one round trip. Order semantics as in Rerank.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def UpsertPassages(self, request, context):
+        """UpsertPassages adds passages, or replaces those whose id exists. Once it returns OK the
+        change is durable (committed to the document store) and visible to searches.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DeletePassages(self, request, context):
+        """DeletePassages removes passages by id; unknown ids are ignored (and counted as not found).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+
+def add_RetrieverServicer_to_server(servicer, server):
+    rpc_method_handlers = {
+            'Retrieve': grpc.unary_stream_rpc_method_handler(
+                    servicer.Retrieve,
+                    request_deserializer=rankstream_dot_v1_dot_rankstream__pb2.RetrieveRequest.FromString,
+                    response_serializer=rankstream_dot_v1_dot_rankstream__pb2.ScoredPassage.SerializeToString,
+            ),
+            'RetrieveAndRerank': grpc.unary_stream_rpc_method_handler(
+                    servicer.RetrieveAndRerank,
+                    request_deserializer=rankstream_dot_v1_dot_rankstream__pb2.RetrieveAndRerankRequest.FromString,
+                    response_serializer=rankstream_dot_v1_dot_rankstream__pb2.ScoredPassage.SerializeToString,
+            ),
+            'UpsertPassages': grpc.unary_unary_rpc_method_handler(
+                    servicer.UpsertPassages,
+                    request_deserializer=rankstream_dot_v1_dot_rankstream__pb2.UpsertPassagesRequest.FromString,
+                    response_serializer=rankstream_dot_v1_dot_rankstream__pb2.UpsertPassagesResponse.SerializeToString,
+            ),
+            'DeletePassages': grpc.unary_unary_rpc_method_handler(
+                    servicer.DeletePassages,
+                    request_deserializer=rankstream_dot_v1_dot_rankstream__pb2.DeletePassagesRequest.FromString,
+                    response_serializer=rankstream_dot_v1_dot_rankstream__pb2.DeletePassagesResponse.SerializeToString,
+            ),
+    }
+    generic_handler = grpc.method_handlers_generic_handler(
+            'rankstream.v1.Retriever', rpc_method_handlers)
+    server.add_generic_rpc_handlers((generic_handler,))
+    server.add_registered_method_handlers('rankstream.v1.Retriever', rpc_method_handlers)
+
+
+ # This class is part of an EXPERIMENTAL API.
+class Retriever:
+    """Retriever searches a persistent corpus indexed with a bi-encoder (FAISS over the
+    embeddings), optionally reranks the candidates with a cross-encoder in the same call,
+    and accepts online changes to the corpus.
+    """
+
+    @staticmethod
+    def Retrieve(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/rankstream.v1.Retriever/Retrieve',
+            rankstream_dot_v1_dot_rankstream__pb2.RetrieveRequest.SerializeToString,
+            rankstream_dot_v1_dot_rankstream__pb2.ScoredPassage.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RetrieveAndRerank(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/rankstream.v1.Retriever/RetrieveAndRerank',
+            rankstream_dot_v1_dot_rankstream__pb2.RetrieveAndRerankRequest.SerializeToString,
+            rankstream_dot_v1_dot_rankstream__pb2.ScoredPassage.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def UpsertPassages(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/rankstream.v1.Retriever/UpsertPassages',
+            rankstream_dot_v1_dot_rankstream__pb2.UpsertPassagesRequest.SerializeToString,
+            rankstream_dot_v1_dot_rankstream__pb2.UpsertPassagesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DeletePassages(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/rankstream.v1.Retriever/DeletePassages',
+            rankstream_dot_v1_dot_rankstream__pb2.DeletePassagesRequest.SerializeToString,
+            rankstream_dot_v1_dot_rankstream__pb2.DeletePassagesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+
 class InfoStub:
     """Info describes what this server has loaded.
     """

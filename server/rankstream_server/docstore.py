@@ -1,0 +1,193 @@
+"""The document store: SQLite, the source of truth for a corpus (texts, metadata, embeddings).
+
+Every vector gets an integer `key`, never reused: replacing a passage gives it a new key and
+records the old key as removed. Each write transaction bumps `version`, so a FAISS index
+saved at version V is brought up to date by replaying the keys added and removed after V.
+Writes commit with synchronous=FULL in WAL mode: once a write returns, it survives kill -9.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import threading
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS documents (
+    id TEXT PRIMARY KEY,
+    key INTEGER NOT NULL UNIQUE,
+    title TEXT,
+    text TEXT NOT NULL,
+    metadata TEXT NOT NULL,
+    embedding BLOB NOT NULL,
+    version INTEGER NOT NULL
+);
+CREATE INDEX IF NOT EXISTS documents_version ON documents(version);
+CREATE TABLE IF NOT EXISTS removed_keys (key INTEGER PRIMARY KEY, version INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS counters (name TEXT PRIMARY KEY, value INTEGER NOT NULL);
+INSERT OR IGNORE INTO counters VALUES ('version', 0), ('next_key', 0);
+"""
+
+
+@dataclass
+class Document:
+    id: str
+    text: str
+    title: str | None = None
+    metadata: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass
+class StoredDocument(Document):
+    key: int = -1
+
+
+class DocStore:
+    """Thread-safe access to one SQLite file (one connection, one lock: writes are serial anyway)."""
+
+    def __init__(self, path: str | Path, dimension: int):
+        self.path = Path(path)
+        self.dimension = dimension
+        self._lock = threading.Lock()
+        self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=FULL")
+        self._db.executescript(SCHEMA)
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+    def _counter(self, name: str) -> int:
+        return self._db.execute("SELECT value FROM counters WHERE name = ?", (name,)).fetchone()[0]
+
+    @property
+    def version(self) -> int:
+        with self._lock:
+            return self._counter("version")
+
+    def count(self) -> int:
+        with self._lock:
+            return self._db.execute("SELECT COUNT(*) FROM documents").fetchone()[0]
+
+    def upsert(self, documents: Sequence[Document], embeddings: np.ndarray) -> tuple[np.ndarray, np.ndarray, int]:
+        """Writes documents in one durable transaction.
+
+        Returns (new keys, keys they replaced, version after the write).
+        """
+        vectors = np.ascontiguousarray(embeddings, dtype=np.float32)
+        with self._lock:
+            db = self._db
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                version = self._counter("version") + 1
+                first_key = self._counter("next_key")
+                ids = [d.id for d in documents]
+                replaced = _keys_of(db, ids)
+                db.executemany(
+                    "INSERT OR IGNORE INTO removed_keys VALUES (?, ?)", [(int(k), version) for k in replaced]
+                )
+                keys = np.arange(first_key, first_key + len(documents), dtype=np.int64)
+                db.executemany(
+                    "INSERT OR REPLACE INTO documents VALUES (?, ?, ?, ?, ?, ?, ?)",
+                    [
+                        (d.id, int(k), d.title, d.text, json.dumps(d.metadata, sort_keys=True), vectors[i].tobytes(), version)
+                        for i, (d, k) in enumerate(zip(documents, keys))
+                    ],
+                )
+                db.execute("UPDATE counters SET value = ? WHERE name = 'version'", (version,))
+                db.execute("UPDATE counters SET value = ? WHERE name = 'next_key'", (first_key + len(documents),))
+                db.execute("COMMIT")
+            except BaseException:
+                db.execute("ROLLBACK")
+                raise
+        return keys, replaced, version
+
+    def delete(self, ids: Sequence[str]) -> tuple[np.ndarray, int]:
+        """Deletes by id in one durable transaction. Returns (removed keys, version after)."""
+        with self._lock:
+            db = self._db
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                removed = _keys_of(db, ids)
+                version = self._counter("version") + (1 if len(removed) else 0)
+                db.executemany("INSERT OR IGNORE INTO removed_keys VALUES (?, ?)", [(int(k), version) for k in removed])
+                db.executemany("DELETE FROM documents WHERE id = ?", [(i,) for i in ids])
+                db.execute("UPDATE counters SET value = ? WHERE name = 'version'", (version,))
+                db.execute("COMMIT")
+            except BaseException:
+                db.execute("ROLLBACK")
+                raise
+        return removed, version
+
+    def changes_since(self, version: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(keys added after `version`, their embeddings, keys removed after `version`)."""
+        with self._lock:
+            added = self._db.execute("SELECT key, embedding FROM documents WHERE version > ? ORDER BY key", (version,)).fetchall()
+            removed = self._db.execute("SELECT key FROM removed_keys WHERE version > ?", (version,)).fetchall()
+        keys = np.array([k for k, _ in added], dtype=np.int64)
+        vectors = _vectors([blob for _, blob in added], self.dimension)
+        return keys, vectors, np.array([k for (k,) in removed], dtype=np.int64)
+
+    def all_vectors(self) -> tuple[np.ndarray, np.ndarray]:
+        keys, vectors, _ = self.changes_since(-1)
+        return keys, vectors
+
+    def vectors_for(self, keys: np.ndarray) -> np.ndarray:
+        rows = dict(self._select("SELECT key, embedding FROM documents WHERE key IN ({})", keys.tolist()))
+        return _vectors([rows[int(k)] for k in keys], self.dimension)
+
+    def forget_removed_through(self, version: int) -> None:
+        """Removed keys already applied to a saved index are history: drop them."""
+        with self._lock:
+            self._db.execute("DELETE FROM removed_keys WHERE version <= ?", (version,))
+
+    def documents(self, keys: Sequence[int]) -> dict[int, StoredDocument]:
+        rows = self._select("SELECT key, id, title, text, metadata FROM documents WHERE key IN ({})", list(keys))
+        return {
+            key: StoredDocument(id=doc_id, title=title, text=text, metadata=json.loads(metadata), key=key)
+            for key, doc_id, title, text, metadata in rows
+        }
+
+    def keys_matching(self, metadata_filter: dict[str, str]) -> np.ndarray:
+        """Keys of documents whose metadata has every key with exactly the given value."""
+        clauses = " AND ".join("json_extract(metadata, ?) = ?" for _ in metadata_filter)
+        params: list[str] = []
+        for name, value in metadata_filter.items():
+            params += [f'$."{name}"', value]
+        with self._lock:
+            rows = self._db.execute(f"SELECT key FROM documents WHERE {clauses}", params).fetchall()
+        return np.array([k for (k,) in rows], dtype=np.int64)
+
+    def iter_documents(self) -> Iterator[StoredDocument]:
+        with self._lock:
+            rows = self._db.execute("SELECT key, id, title, text, metadata FROM documents ORDER BY key").fetchall()
+        for key, doc_id, title, text, metadata in rows:
+            yield StoredDocument(id=doc_id, title=title, text=text, metadata=json.loads(metadata), key=key)
+
+    def _select(self, sql: str, values: list) -> list[tuple]:
+        rows: list[tuple] = []
+        with self._lock:
+            for start in range(0, len(values), 500):  # stay under SQLite's variable limit
+                chunk = values[start : start + 500]
+                rows += self._db.execute(sql.format(",".join("?" * len(chunk))), chunk).fetchall()
+        return rows
+
+
+def _keys_of(db: sqlite3.Connection, ids: Sequence[str]) -> np.ndarray:
+    keys = []
+    for start in range(0, len(ids), 500):
+        chunk = list(ids[start : start + 500])
+        keys += db.execute(f"SELECT key FROM documents WHERE id IN ({','.join('?' * len(chunk))})", chunk).fetchall()
+    return np.array([k for (k,) in keys], dtype=np.int64)
+
+
+def _vectors(blobs: list[bytes], dimension: int) -> np.ndarray:
+    if not blobs:
+        return np.zeros((0, dimension), dtype=np.float32)
+    return np.frombuffer(b"".join(blobs), dtype=np.float32).reshape(len(blobs), dimension)

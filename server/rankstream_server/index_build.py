@@ -1,0 +1,133 @@
+"""`rankstream index build`: encode a corpus with a bi-encoder and write an index folder
+atomically (built in a staging folder, renamed into place only when complete)."""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from .backend import backend_for
+from .config import IndexConfig, Settings
+from .corpus import read_corpus
+from .corpus_index import DOCS, fsync_dir, save_vectors, write_manifest, _index_params
+from .docstore import DocStore, Document
+from .model_loading import LoadedModel, load_model
+from .tokenization import TextTokenizer, passage_text
+from .vector_index import VectorIndex
+
+log = logging.getLogger(__name__)
+
+STORE_CHUNK = 1000  # documents per store transaction
+
+
+def encode_texts(loaded: LoadedModel, texts: list[str], role: str, batch_tokens: int = 8192, progress: bool = False) -> np.ndarray:
+    """Embeds texts in length-sorted batches (offline: no batcher, no server)."""
+    tokenizer = TextTokenizer(loaded.tokenizer, loaded.max_length, loaded.config.query_prefix, loaded.config.passage_prefix)
+    backend = backend_for(loaded)
+    inputs = tokenizer.encode(texts, role)
+    order = sorted(range(len(inputs)), key=lambda i: -len(inputs[i].input_ids))
+    output: np.ndarray | None = None
+    bar = tqdm(total=len(inputs), unit="passage", desc=f"encoding with {loaded.config.name}", disable=not progress)
+    start = 0
+    while start < len(order):
+        width = len(inputs[order[start]].input_ids)
+        rows = max(1, batch_tokens // width)
+        chunk = order[start : start + rows]
+        vectors = backend.launch([inputs[i] for i in chunk]).result()
+        if output is None:
+            output = np.zeros((len(inputs), vectors.shape[1]), dtype=np.float32)
+        output[chunk] = vectors
+        bar.update(len(chunk))
+        start += rows
+    bar.close()
+    return output if output is not None else np.zeros((0, 0), dtype=np.float32)
+
+
+@dataclass
+class BuildReport:
+    folder: Path
+    count: int
+    dimension: int
+    index_type: str
+    encode_seconds: float
+    total_seconds: float
+
+    @property
+    def passages_per_second(self) -> float:
+        return self.count / self.encode_seconds if self.encode_seconds else 0.0
+
+
+def pick_model(settings: Settings, name: str | None) -> str:
+    bi = [m.name for m in settings.models if m.kind == "bi"]
+    if name:
+        if name not in bi:
+            raise ValueError(f"--model {name!r} is not a bi-encoder in the config (bi-encoders: {bi})")
+        return name
+    if not bi:
+        raise ValueError("the config has no bi-encoder (a model with kind: bi)")
+    return bi[0]
+
+
+def build_index(
+    settings: Settings,
+    corpus: str | Path,
+    out: str | Path,
+    model: str | None = None,
+    index: IndexConfig | None = None,
+    force: bool = False,
+    progress: bool = True,
+) -> BuildReport:
+    started = time.perf_counter()
+    out = Path(out).resolve()
+    if out.exists() and not force:
+        raise FileExistsError(f"{out} exists: pass --force to replace it")
+    model_name = index.model if index else pick_model(settings, model)
+    index = index or IndexConfig(name=out.name, path=str(out), model=model_name)
+    documents: dict[str, Document] = {}
+    for document in read_corpus(corpus):
+        documents[document.id] = document  # a repeated id: the last one wins
+    docs = list(documents.values())
+    loaded = load_model(settings.model(model_name))
+    encode_started = time.perf_counter()
+    embeddings = encode_texts(loaded, [passage_text(d.text, d.title) for d in docs], "passage", progress=progress)
+    encode_seconds = time.perf_counter() - encode_started
+    dimension = embeddings.shape[1] if len(docs) else _dimension_of(loaded)
+
+    for stale in out.parent.glob(f"{out.name}.partial-*"):  # left by a build that was killed
+        shutil.rmtree(stale, ignore_errors=True)
+    staging = out.with_name(f"{out.name}.partial-{os.getpid()}")
+    staging.mkdir(parents=True)
+    try:
+        store = DocStore(staging / DOCS, dimension)
+        version = 0
+        for start in range(0, len(docs), STORE_CHUNK):
+            _, _, version = store.upsert(docs[start : start + STORE_CHUNK], embeddings[start : start + STORE_CHUNK])
+        keys, vectors = store.all_vectors()
+        store.close()
+        built = VectorIndex.build(dimension, keys, vectors, index)
+        save_vectors(staging, built, version)
+        write_manifest(staging, loaded.identity(), dimension, len(docs), built.built_type, _index_params(index))
+        fsync_dir(staging)
+        if out.exists():
+            retired = out.with_name(f"{out.name}.old-{os.getpid()}")
+            os.rename(out, retired)
+            os.rename(staging, out)
+            shutil.rmtree(retired)
+        else:
+            os.rename(staging, out)
+        fsync_dir(out.parent)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return BuildReport(out, len(docs), dimension, built.built_type, encode_seconds, time.perf_counter() - started)
+
+
+def _dimension_of(loaded: LoadedModel) -> int:
+    return int(encode_texts(loaded, ["dimension probe"], "passage").shape[1])

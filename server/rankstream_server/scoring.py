@@ -1,0 +1,84 @@
+"""One RPC's use of the models: tokenize on the pool, queue on a batcher, collect results,
+and account for timings. Knows nothing of gRPC."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+
+from .batcher import Job
+from .registry import ServedModel
+from .tokenization import TokenizedInput
+
+
+class ModelCall:
+    """Runs one request's work through models; `close()` cancels whatever is still queued."""
+
+    def __init__(self, pool: ThreadPoolExecutor, time_remaining: float | None):
+        self._pool = pool
+        self._deadline = None if time_remaining is None else time.monotonic() + time_remaining
+        self._jobs: list[tuple[ServedModel, Job]] = []
+        self.tokenize_s = 0.0
+        self.truncated = 0
+        self.passages = 0
+
+    async def _tokenize(self, function, *args) -> list[TokenizedInput]:
+        started = time.perf_counter()
+        inputs = await asyncio.get_running_loop().run_in_executor(self._pool, function, *args)
+        self.tokenize_s += time.perf_counter() - started
+        self.truncated += sum(item.truncated for item in inputs)
+        return inputs
+
+    def _submit(self, model: ServedModel, inputs: Sequence[TokenizedInput]) -> Job:
+        job = Job(size=len(inputs), deadline=self._deadline)
+        model.batcher.submit(job, inputs)
+        self._jobs.append((model, job))
+        return job
+
+    async def embed(self, model: ServedModel, texts: list[str], role: str) -> np.ndarray:
+        """Bi-encoder embeddings of texts ("query" or "passage" role), one row per text."""
+        inputs = await self._tokenize(model.tokenizer.encode, texts, role)
+        job = self._submit(model, inputs)
+        output = np.zeros((len(texts), model.loaded.dimension), dtype=np.float32)
+        async for indices, rows in job.results():
+            output[indices] = rows
+        return output
+
+    async def score(self, model: ServedModel, query: str, texts: list[str]) -> AsyncIterator[tuple[np.ndarray, np.ndarray]]:
+        """Raw scores of (query, text) pairs as they come: (indices, scores) per micro-batch.
+        Cross-encoders give logits; bi-encoders give the similarity of the two embeddings."""
+        self.passages += len(texts)
+        if model.kind == "cross":
+            inputs = await self._tokenize(model.tokenizer.encode, query, texts)
+            async for chunk in self._submit(model, inputs).results():
+                yield chunk
+            return
+        query_vector, passage_vectors = await asyncio.gather(
+            self.embed(model, [query], "query"), self.embed(model, texts, "passage")
+        )
+        yield np.arange(len(texts)), passage_vectors @ query_vector[0]
+
+    def close(self) -> None:
+        for model, job in self._jobs:
+            if not job.done:
+                model.batcher.cancel(job)
+
+    def stats(self) -> dict[str, float | int]:
+        """Timings and counts over every job of this call."""
+        jobs = [job for _, job in self._jobs]
+        firsts = [(j.stats.first_batch_at - j.stats.enqueued_at) for j in jobs if j.stats.first_batch_at is not None]
+        return {
+            "passages": self.passages,
+            "scored": sum(j.stats.scored for j in jobs),
+            "truncated": self.truncated,
+            "tokenize_ms": round(self.tokenize_s * 1000, 3),
+            "queue_ms": round(max(firsts, default=0.0) * 1000, 3),
+            "inference_ms": round(sum(j.stats.inference_s for j in jobs) * 1000, 3),
+            "batches": sum(j.stats.batches for j in jobs),
+            "max_batch_size": max((j.stats.max_batch_size for j in jobs), default=0),
+            "shared_batches": sum(j.stats.shared_batches for j in jobs),
+        }
