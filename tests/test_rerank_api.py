@@ -114,10 +114,13 @@ LONG_QUERY_WORDS = " ".join(["word"] * 150)  # 150 tokens, under the character l
         ({"query": "q", "passages": passages(["x"]), "top_n": -1}, grpc.StatusCode.INVALID_ARGUMENT, ["top_n", ">= 0"]),
         ({"query": "q", "passages": passages(["x"]), "score_threshold": float("nan")}, grpc.StatusCode.INVALID_ARGUMENT, ["score_threshold", "finite"]),
         ({"query": "q", "passages": passages(["x"]), "model": "nope"}, grpc.StatusCode.NOT_FOUND, ["model", "nope", "tiny-bert"]),
+        ({"query": "\u200b\x00", "passages": passages(["x"])}, grpc.StatusCode.INVALID_ARGUMENT, ["query", "control characters"]),
+        ({"query": "q", "passages": passages(["x"]), "order": 7}, grpc.StatusCode.INVALID_ARGUMENT, ["order", "unknown value 7"]),
         ({"query": LONG_QUERY_WORDS, "passages": passages(["x"]), "model": "tiny-bert"}, grpc.StatusCode.INVALID_ARGUMENT, ["query is 150 tokens", "at most 124", "tiny-bert"]),
     ],
     ids=["empty-query", "blank-query", "no-passages", "too-many-passages", "long-query", "long-passage",
-         "empty-passage", "negative-top-n", "nan-threshold", "unknown-model", "query-over-token-budget"],
+         "empty-passage", "negative-top-n", "nan-threshold", "unknown-model", "invisible-query", "unknown-order",
+         "query-over-token-budget"],
 )
 async def test_bad_input_gets_a_clear_status(served, fields, code, needles):
     with pytest.raises(grpc.aio.AioRpcError) as caught:
@@ -143,3 +146,24 @@ def test_query_too_long_for_the_model_is_a_token_check_not_truncation(models):
     assert pairs[0].input_ids[: len(query_ids)] == query_ids, "the query survives truncation whole"
     assert pairs[0].input_ids[-1] == query_ids[-1], "the pair still ends with [SEP]"
     assert not pairs[1].truncated and np.count_nonzero(pairs[1].token_type_ids) == 2
+
+
+def test_concurrent_tokenization_never_exceeds_max_length(models):
+    """Tokenizer calls switch truncation on the shared Rust tokenizer: threads must not race."""
+    import sys
+    from concurrent.futures import ThreadPoolExecutor
+
+    from transformers import AutoTokenizer
+
+    from rankstream_server.tokenization import PairTokenizer
+
+    tokenizer = PairTokenizer(AutoTokenizer.from_pretrained(models.bert), 64, "tiny-bert", True)
+    long_passages = ["many words in a long passage " * 40] * 4
+    previous = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)
+    try:
+        with ThreadPoolExecutor(3) as pool:
+            results = list(pool.map(lambda _: tokenizer.encode("a query", long_passages), range(300)))
+    finally:
+        sys.setswitchinterval(previous)
+    assert max(len(p.input_ids) for pairs in results for p in pairs) == 64

@@ -66,13 +66,14 @@ class TorchBackend:
 
     @torch.inference_mode()
     def launch(self, inputs: Sequence[TokenizedInput]) -> PendingResult:
-        output = self._forward(self._collate(inputs)).float()
         if not self.asynchronous:
-            return PendingResult(output, None)
-        host = torch.empty(output.shape, dtype=torch.float32, pin_memory=True)
-        host.copy_(output, non_blocking=True)
-        ready = torch.cuda.Event()
-        ready.record()
+            return PendingResult(self._forward(self._collate(inputs)).float(), None)
+        with torch.cuda.device(self._device):  # streams and events of the model's own GPU
+            output = self._forward(self._collate(inputs)).float()
+            host = torch.empty(output.shape, dtype=torch.float32, pin_memory=True)
+            host.copy_(output, non_blocking=True)
+            ready = torch.cuda.Event()
+            ready.record()
         return PendingResult(host, ready)
 
 

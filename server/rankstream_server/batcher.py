@@ -80,7 +80,10 @@ class Job:
 
     def _deliver(self, chunk: tuple[np.ndarray, np.ndarray] | BaseException) -> None:
         """Called from the batcher thread."""
-        self._loop.call_soon_threadsafe(self._chunks.put_nowait, chunk)
+        try:
+            self._loop.call_soon_threadsafe(self._chunks.put_nowait, chunk)
+        except RuntimeError:  # the event loop is gone (shutdown): nobody is waiting
+            pass
 
     async def results(self) -> AsyncIterator[tuple[np.ndarray, np.ndarray]]:
         """Yields (request indices, logits) per micro-batch until every pair is scored."""
@@ -237,6 +240,14 @@ class DynamicBatcher:
         return kept
 
     def _run(self) -> None:
+        while True:
+            try:
+                self._serve()
+                return
+            except Exception:  # noqa: BLE001 - the thread must outlive any one bad batch
+                log.exception("batcher %s: unexpected error; continuing", self.name)
+
+    def _serve(self) -> None:
         running: tuple[list[_Item], PendingResult | None, float] | None = None
         ready: collections.deque[list[_Item]] = collections.deque()
         while True:

@@ -31,6 +31,56 @@ def _serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def _index_config(settings, args: argparse.Namespace):
+    """The config's index entry for --index NAME, or one whose path is --out."""
+    from pathlib import Path
+
+    name = getattr(args, "index", None)
+    out = getattr(args, "out", None)
+    for index in settings.indexes:
+        if index.name == name or (out and Path(index.path).resolve() == Path(out).resolve()):
+            return index
+    if name:
+        raise SystemExit(f"rankstream: --index {name!r} is not in the config (indexes: {[i.name for i in settings.indexes]})")
+    return None
+
+
+def _index_build(args: argparse.Namespace) -> int:
+    from .config import IndexConfig
+    from .index_build import build_index, pick_model
+
+    settings = load_settings(args.config)
+    index = _index_config(settings, args)
+    if index is None:
+        index = IndexConfig(name="built", path=args.out, model=pick_model(settings, args.model), type=args.type or "flat")
+    elif args.type:
+        index = index.model_copy(update={"type": args.type})
+    report = build_index(settings, args.corpus, args.out, index=index, force=args.force)
+    print(
+        f"built {report.folder}: {report.count} passages, dimension {report.dimension}, {report.index_type} index, "
+        f"encoded at {report.passages_per_second:.1f} passages/s, {report.total_seconds:.1f} s in all"
+    )
+    return 0
+
+
+def _eval(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from .evaluate import evaluate, to_json
+
+    settings = load_settings(args.config)
+    report = evaluate(
+        settings, args.data, args.pipeline, index=_index_config(settings, args), model=args.model,
+        reranker=args.reranker, top_k=args.top_k, rerank_k=args.rerank_k, split=args.split,
+    )
+    print(report.table())
+    if args.json:
+        Path(args.json).write_text(to_json(report))
+    else:
+        print(to_json(report))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="rankstream", description="Retrieve-and-rerank over gRPC.")
     parser.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING, ...")
@@ -40,6 +90,29 @@ def main(argv: list[str] | None = None) -> int:
     serve.add_argument("--port", type=int, help="Port to bind; 0 picks a free one (printed on start).")
     serve.add_argument("--host", help="Address to bind.")
     serve.set_defaults(run=_serve)
+
+    index = commands.add_parser("index", help="Manage index folders.").add_subparsers(dest="index_command", required=True)
+    build = index.add_parser("build", help="Encode a corpus and write an index folder atomically.")
+    build.add_argument("--config", required=True)
+    build.add_argument("--corpus", required=True, help="BEIR folder or corpus.jsonl, or plain JSONL (id, text, title, metadata).")
+    build.add_argument("--out", required=True, help="Index folder to write.")
+    build.add_argument("--model", help="Bi-encoder name from the config (default: the index's, else the first bi-encoder).")
+    build.add_argument("--type", choices=["flat", "hnsw", "ivf"], help="Index type (default: the config's for this folder, else flat).")
+    build.add_argument("--force", action="store_true", help="Replace an existing folder.")
+    build.set_defaults(run=_index_build)
+
+    evaluation = commands.add_parser("eval", help="nDCG@10, RR@10, R@100 on a BEIR-layout folder.")
+    evaluation.add_argument("--config", required=True)
+    evaluation.add_argument("--data", required=True, help="BEIR folder: corpus.jsonl, queries.jsonl, qrels/<split>.tsv")
+    evaluation.add_argument("--pipeline", choices=["retrieve", "retrieve+rerank"], default="retrieve")
+    evaluation.add_argument("--index", help="Evaluate this configured index (default: build a temporary one from --data).")
+    evaluation.add_argument("--model", help="Bi-encoder for a temporary index (default: the first).")
+    evaluation.add_argument("--reranker", help="Cross-encoder for retrieve+rerank (default: default_model).")
+    evaluation.add_argument("--top-k", type=int, default=100)
+    evaluation.add_argument("--rerank-k", type=int, default=100, help="Candidates per query to rerank.")
+    evaluation.add_argument("--split", default="test")
+    evaluation.add_argument("--json", help="Write the report as JSON here (default: print it).")
+    evaluation.set_defaults(run=_eval)
     args = parser.parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     return args.run(args)

@@ -21,15 +21,18 @@ def _metadata_value(value: object) -> str:
     return value if isinstance(value, str) else json.dumps(value, sort_keys=True)
 
 
-def parse_document(record: dict, where: str) -> Document:
+def parse_document(record: dict, where: str) -> Document | None:
     """One JSON object: BEIR (`_id`, `title`, `text`) or plain (`id`, `text`, optional `title`,
-    `metadata`); any other field becomes metadata (non-strings as JSON)."""
+    `metadata`); any other field becomes metadata (non-strings as JSON). None for a document
+    with neither text nor title (real collections have a few)."""
     doc_id = next((record[f] for f in _ID_FIELDS if f in record), None)
     if doc_id is None or str(doc_id) == "":
         raise ValueError(f"{where}: no `_id` or `id`")
-    text = record.get("text")
-    if not isinstance(text, str) or not text.strip():
-        raise ValueError(f"{where}: `text` must be a non-empty string")
+    text = record.get("text", "")
+    if not isinstance(text, str):
+        raise ValueError(f"{where}: `text` must be a string")
+    if not text.strip() and not (record.get("title") or "").strip():
+        return None
     metadata = {k: _metadata_value(v) for k, v in (record.get("metadata") or {}).items()}
     metadata.update({k: _metadata_value(v) for k, v in record.items() if k not in _KNOWN_FIELDS})
     title = record.get("title") or None
@@ -41,6 +44,7 @@ def read_corpus(path: str | Path) -> Iterator[Document]:
     path = Path(path)
     if path.is_dir():
         path = path / "corpus.jsonl"
+    empty = 0
     with path.open(encoding="utf-8") as lines:
         for number, line in enumerate(lines, start=1):
             if not line.strip():
@@ -50,7 +54,13 @@ def read_corpus(path: str | Path) -> Iterator[Document]:
                 record = json.loads(line)
             except json.JSONDecodeError as exc:
                 raise ValueError(f"{where}: not JSON ({exc.msg})") from exc
-            yield parse_document(record, where)
+            document = parse_document(record, where)
+            if document is None:
+                empty += 1
+            else:
+                yield document
+    if empty:
+        log.warning("%s: skipped %d documents with neither text nor title", path, empty)
 
 
 def read_queries(folder: str | Path) -> dict[str, str]:

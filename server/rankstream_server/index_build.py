@@ -10,44 +10,18 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
-from tqdm import tqdm
-
-from .backend import backend_for
 from .config import IndexConfig, Settings
 from .corpus import read_corpus
 from .corpus_index import DOCS, fsync_dir, save_vectors, write_manifest, _index_params
 from .docstore import DocStore, Document
-from .model_loading import LoadedModel, load_model
-from .tokenization import TextTokenizer, passage_text
+from .model_loading import load_model
+from .offline import dimension_of, encode_texts
+from .tokenization import passage_text
 from .vector_index import VectorIndex
 
 log = logging.getLogger(__name__)
 
 STORE_CHUNK = 1000  # documents per store transaction
-
-
-def encode_texts(loaded: LoadedModel, texts: list[str], role: str, batch_tokens: int = 8192, progress: bool = False) -> np.ndarray:
-    """Embeds texts in length-sorted batches (offline: no batcher, no server)."""
-    tokenizer = TextTokenizer(loaded.tokenizer, loaded.max_length, loaded.config.query_prefix, loaded.config.passage_prefix)
-    backend = backend_for(loaded)
-    inputs = tokenizer.encode(texts, role)
-    order = sorted(range(len(inputs)), key=lambda i: -len(inputs[i].input_ids))
-    output: np.ndarray | None = None
-    bar = tqdm(total=len(inputs), unit="passage", desc=f"encoding with {loaded.config.name}", disable=not progress)
-    start = 0
-    while start < len(order):
-        width = len(inputs[order[start]].input_ids)
-        rows = max(1, batch_tokens // width)
-        chunk = order[start : start + rows]
-        vectors = backend.launch([inputs[i] for i in chunk]).result()
-        if output is None:
-            output = np.zeros((len(inputs), vectors.shape[1]), dtype=np.float32)
-        output[chunk] = vectors
-        bar.update(len(chunk))
-        start += rows
-    bar.close()
-    return output if output is not None else np.zeros((0, 0), dtype=np.float32)
 
 
 @dataclass
@@ -98,7 +72,7 @@ def build_index(
     encode_started = time.perf_counter()
     embeddings = encode_texts(loaded, [passage_text(d.text, d.title) for d in docs], "passage", progress=progress)
     encode_seconds = time.perf_counter() - encode_started
-    dimension = embeddings.shape[1] if len(docs) else _dimension_of(loaded)
+    dimension = embeddings.shape[1] if len(docs) else dimension_of(loaded)
 
     for stale in out.parent.glob(f"{out.name}.partial-*"):  # left by a build that was killed
         shutil.rmtree(stale, ignore_errors=True)
@@ -127,7 +101,3 @@ def build_index(
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return BuildReport(out, len(docs), dimension, built.built_type, encode_seconds, time.perf_counter() - started)
-
-
-def _dimension_of(loaded: LoadedModel) -> int:
-    return int(encode_texts(loaded, ["dimension probe"], "passage").shape[1])

@@ -105,7 +105,8 @@ def _checkpoint_activation(hf_config: Any) -> str:
     """What sentence-transformers' CrossEncoder would apply: its saved activation, else sigmoid."""
     saved = getattr(hf_config, "sentence_transformers", None) or {}
     path = saved.get("activation_fn") or getattr(hf_config, "sbert_ce_default_activation_function", None)
-    if path is None or path.endswith("Sigmoid"):
+    # Like CrossEncoder without trust_remote_code: a path outside torch falls back to sigmoid.
+    if path is None or not path.startswith("torch.") or path.endswith("Sigmoid"):
         return "sigmoid"
     if path.endswith("Identity"):
         return "none"

@@ -56,7 +56,15 @@ class ModelRegistry:
         self.default_index = settings.default_index or ""
 
     def load_all(self) -> None:
-        """Blocking: load and warm every model, then open every index (call from a worker thread)."""
+        """Blocking: load and warm every model, then open every index (call from a worker thread).
+        On failure, what was started is stopped again."""
+        try:
+            self._load_all()
+        except BaseException:
+            self.close()
+            raise
+
+    def _load_all(self) -> None:
         for cfg in self._settings.models:
             loaded = load_model(cfg)
             backend = backend_for(loaded)

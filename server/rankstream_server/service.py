@@ -4,6 +4,7 @@ unexpected errors become a plain INTERNAL (the traceback stays in the server log
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import logging
 import time
@@ -46,8 +47,11 @@ def streaming_errors(method: Callable) -> Callable:
     @functools.wraps(method)
     async def wrapper(self, request, context):
         try:
-            async for message in method(self, request, context):
-                yield message
+            # aclosing: the handler's cleanup (cancelling queued work, trailers) runs here, at
+            # once, even when the client goes away mid-stream.
+            async with contextlib.aclosing(method(self, request, context)) as messages:
+                async for message in messages:
+                    yield message
         except (asyncio.CancelledError, grpc.aio.AbortError):
             raise
         except Exception as exc:  # noqa: BLE001 - every error gets a status

@@ -6,6 +6,8 @@ Runs on a thread pool (fast tokenizers release the GIL), never on the event loop
 
 from __future__ import annotations
 
+import copy
+import threading
 from dataclasses import dataclass
 
 from transformers import PreTrainedTokenizerBase
@@ -28,11 +30,32 @@ def passage_text(text: str, title: str | None) -> str:
     return f"{title} {text}".strip() if title else text
 
 
-class PairTokenizer:
+class _PerThread:
+    """A tokenizer copy per thread: a Hugging Face tokenizer call switches truncation and
+    padding on the shared Rust object, so threads sharing one would race."""
+
+    def __init__(self, tokenizer: PreTrainedTokenizerBase):
+        self._original = tokenizer
+        self._local = threading.local()
+
+    @property
+    def _tokenizer(self) -> PreTrainedTokenizerBase:
+        tokenizer = getattr(self._local, "tokenizer", None)
+        if tokenizer is None:
+            tokenizer = self._local.tokenizer = copy.deepcopy(self._original)
+        return tokenizer
+
+    def _checked(self, ids: list[int], max_length: int) -> list[int]:
+        if len(ids) > max_length:  # would break the model (or a CUDA device): never let it through
+            raise RuntimeError(f"tokenizer produced {len(ids)} tokens, over max_length {max_length}")
+        return ids
+
+
+class PairTokenizer(_PerThread):
     """Tokenizes a query against many passages for one cross-encoder."""
 
     def __init__(self, tokenizer: PreTrainedTokenizerBase, max_length: int, model_name: str, uses_token_type_ids: bool):
-        self._tokenizer = tokenizer
+        super().__init__(tokenizer)
         self._max_length = max_length
         self._model_name = model_name
         self._uses_token_type_ids = uses_token_type_ids
@@ -40,6 +63,8 @@ class PairTokenizer:
 
     def _check_query(self, query: str) -> None:
         query_tokens = len(self._tokenizer(query, add_special_tokens=False)["input_ids"])
+        if query_tokens == 0:
+            raise InvalidArgument("query: has no tokens for this model (only spaces or control characters?)")
         room = self._max_length - self._pair_specials - 1
         if query_tokens > room:
             raise InvalidArgument(
@@ -68,7 +93,7 @@ class PairTokenizer:
             pairs.append(
                 TokenizedInput(
                     index=i,
-                    input_ids=ids,
+                    input_ids=self._checked(ids, self._max_length),
                     token_type_ids=batch["token_type_ids"][i] if self._uses_token_type_ids else None,
                     truncated=truncated,
                 )
@@ -76,11 +101,11 @@ class PairTokenizer:
         return pairs
 
 
-class TextTokenizer:
+class TextTokenizer(_PerThread):
     """Tokenizes single texts for one bi-encoder, with its query or passage prefix."""
 
     def __init__(self, tokenizer: PreTrainedTokenizerBase, max_length: int, query_prefix: str, passage_prefix: str):
-        self._tokenizer = tokenizer
+        super().__init__(tokenizer)
         self._max_length = max_length
         self._prefixes = {"query": query_prefix, "passage": passage_prefix}
 
@@ -99,7 +124,7 @@ class TextTokenizer:
         return [
             TokenizedInput(
                 index=i,
-                input_ids=ids,
+                input_ids=self._checked(ids, self._max_length),
                 token_type_ids=None,
                 truncated=bool(encodings[i].overflowing) if encodings else len(ids) >= self._max_length,
             )

@@ -7,10 +7,17 @@ import math
 from .config import LimitsConfig
 from .errors import InvalidArgument
 
+KNOWN_ORDERS = (0, 1)  # rankstream.v1.Order: RANKED, AS_SCORED
+
+
+def _has_content(text: str) -> bool:
+    """Something a model can read: not only spaces, control or zero-width characters."""
+    return any(ch.isprintable() and not ch.isspace() for ch in text)
+
 
 def check_query(query: str, limits: LimitsConfig) -> None:
-    if not query.strip():
-        raise InvalidArgument("query: must not be empty")
+    if not _has_content(query):
+        raise InvalidArgument("query: must not be empty (or only spaces and control characters)")
     if len(query) > limits.max_query_chars:
         raise InvalidArgument(f"query: {len(query)} characters, limit is max_query_chars={limits.max_query_chars}")
 
@@ -22,8 +29,8 @@ def _check_passages(passages, limits: LimitsConfig) -> None:
     if count > limits.max_passages:
         raise InvalidArgument(f"passages: {count} passages, limit is max_passages={limits.max_passages}")
     for i, passage in enumerate(passages):
-        if not passage.text.strip():
-            raise InvalidArgument(f"passages[{i}].text: must not be empty")
+        if not _has_content(passage.text):
+            raise InvalidArgument(f"passages[{i}].text: must not be empty (or only spaces and control characters)")
         length = len(passage.text) + len(passage.title)
         if length > limits.max_passage_chars:
             raise InvalidArgument(
@@ -52,12 +59,18 @@ def _check_filter(request) -> None:
             raise InvalidArgument("filter: keys must not be empty")
 
 
+def _check_order(request) -> None:
+    if request.order not in KNOWN_ORDERS:
+        raise InvalidArgument(f"order: unknown value {request.order}; use RANKED (0) or AS_SCORED (1)")
+
+
 def check_rerank(request, limits: LimitsConfig) -> None:
     """Validates a rankstream.v1.RerankRequest."""
     check_query(request.query, limits)
     _check_passages(request.passages, limits)
     _check_top_n(request)
     _check_threshold(request)
+    _check_order(request)
 
 
 def check_retrieve(request, limits: LimitsConfig) -> None:
@@ -70,6 +83,7 @@ def check_retrieve(request, limits: LimitsConfig) -> None:
 def check_retrieve_and_rerank(request, limits: LimitsConfig) -> None:
     check_retrieve(request, limits)
     _check_top_n(request)
+    _check_order(request)
 
 
 def check_upsert(request, limits: LimitsConfig) -> None:
