@@ -76,3 +76,24 @@ def with_tokenizer(weights: Path, tokenizer: Path, out: Path) -> Path:
 
 def minilm_cross(out: Path) -> Path:
     return build_minilm_cross_encoder(out, seed=0)
+
+
+def tiny_distilbert_cls_bi_encoder(out: Path) -> Path:
+    """A TAS-B-shaped bi-encoder (DistilBERT, CLS pooling, dot product) in sentence-transformers layout."""
+    import json
+
+    torch.manual_seed(4)
+    config = DistilBertConfig(vocab_size=VOCAB, dim=32, n_layers=2, n_heads=2, hidden_dim=64, max_position_embeddings=128)
+    from transformers import DistilBertModel
+
+    _save(DistilBertModel(config).eval(), out, DistilBertTokenizerFast.from_pretrained(embedded_model_path()))
+    (out / "1_Pooling").mkdir()
+    (out / "1_Pooling" / "config.json").write_text(json.dumps(
+        {"word_embedding_dimension": 32, "pooling_mode_cls_token": True, "pooling_mode_mean_tokens": False}
+    ))
+    (out / "sentence_bert_config.json").write_text(json.dumps({"max_seq_length": 128, "do_lower_case": False}))
+    (out / "modules.json").write_text(json.dumps([
+        {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
+        {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"},
+    ]))
+    return out
