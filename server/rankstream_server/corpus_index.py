@@ -117,6 +117,8 @@ class CorpusIndex:
         store = DocStore(folder / DOCS, dimension)
         vectors, saved_version = _load_or_rebuild(folder, config, store, dimension)
         index = cls(folder, config, manifest, store, vectors, saved_version)
+        if saved_version < 0:  # rebuilt: save now, so the next start only catches up
+            index.save()
         log.info("index %s: %d passages, %s on %s", config.name, vectors.count, vectors.built_type, vectors.device)
         return index
 
@@ -190,7 +192,7 @@ class CorpusIndex:
         """Writes the FAISS index if the store has moved on since the last save."""
         with self._write_lock, self._lock:
             version = self.store.version
-            if version == self._saved_version:
+            if version == self._saved_version and (self.folder / VECTORS).exists():
                 return False
             temporary = self.folder / (VECTORS + ".tmp")
             tombstones = self._vectors.save(str(temporary))
@@ -286,6 +288,7 @@ def _load_or_rebuild(folder: Path, config: IndexConfig, store: DocStore, dimensi
             if len(added) or len(removed):
                 log.info("index %s: caught up %d added and %d removed passages", config.name, len(added), len(removed))
             return vectors, int(state["version"])
-    log.info("index %s: building vectors from the store (%s)", config.name, reason)
+    level = logging.INFO if reason == "no saved vectors" else logging.WARNING
+    log.log(level, "index %s: building vectors from the store (%s)", config.name, reason)
     keys, embeddings = store.all_vectors()
     return VectorIndex.build(dimension, keys, embeddings, config), -1

@@ -1,5 +1,6 @@
-"""`make demo`: start a real server on the embedded default model, call it over gRPC, print
-what streams back, stop the server. Works with no network."""
+"""`make demo`: index a small corpus shipped with the package, start a real server on the
+embedded default models, call Retrieve, Rerank and RetrieveAndRerank over gRPC, print what
+streams back, stop the server. Works with no network."""
 
 from __future__ import annotations
 
@@ -20,22 +21,25 @@ from rankstream.v1 import rankstream_pb2_grpc as pb_grpc
 from .embedded import SCHEME, UNTRAINED_CROSS_ENCODER
 from .service import STATS_TRAILER
 
+DEMO_CORPUS = Path(__file__).with_name("data") / "demo_corpus.jsonl"  # written for this demo
 QUERY = "How do I keep a retrieval-augmented chatbot from citing irrelevant passages?"
-PASSAGES = [
-    ("faq-12", "Rerank the retrieved candidates with a cross-encoder and keep only the top few."),
-    ("faq-03", "Our office is closed on public holidays; support answers on the next working day."),
-    ("blog-7", "A bi-encoder retrieves quickly, but a cross-encoder reads query and passage together."),
-    ("doc-44", "Set a relevance score threshold so weak passages never reach the prompt."),
-    ("doc-02", "The billing page lists invoices for the last twelve months."),
-    ("blog-9", "Chunk long documents so that each passage fits the model's maximum length."),
-]
+BI, CROSS = "all-MiniLM-L6-v2", UNTRAINED_CROSS_ENCODER
 
 CONFIG = f"""
 server: {{host: 127.0.0.1, port: 0}}
 batching: {{max_batch_size: 2}}   # small batches, so AS_SCORED visibly streams in pieces
+default_model: {CROSS}
 models:
-  - name: {UNTRAINED_CROSS_ENCODER}
-    weights: {SCHEME}{UNTRAINED_CROSS_ENCODER}
+  - name: {BI}
+    kind: bi
+    weights: {SCHEME}{BI}
+  - name: {CROSS}
+    kind: cross
+    weights: {SCHEME}{CROSS}
+indexes:
+  - name: demo
+    path: INDEX_PATH
+    model: {BI}
 """
 
 
@@ -52,35 +56,71 @@ def _wait_until_serving(channel: grpc.Channel, timeout: float = 300) -> None:
 
 def _show_stats(call: grpc.Call) -> None:
     stats = pb.RerankStats.FromString(dict(call.trailing_metadata())[STATS_TRAILER])
+    retrieval = f"{stats.candidates} candidates in {stats.retrieve_ms:.1f} ms, " if stats.retrieve_ms else ""
     print(
-        f"  stats: {stats.scored}/{stats.passages} scored in {stats.batches} batches, "
+        f"  stats: {retrieval}{stats.scored}/{stats.passages} scored in {stats.batches} batches, "
         f"tokenize {stats.tokenize_ms:.1f} ms, queue {stats.queue_ms:.1f} ms, "
         f"inference {stats.inference_ms:.1f} ms, total {stats.total_ms:.1f} ms"
     )
 
 
-def run_requests(channel: grpc.Channel) -> None:
-    models = pb_grpc.InfoStub(channel).ListModels(pb.ListModelsRequest())
-    for model in models.models:
-        print(f"model {model.name}: {pb.ModelKind.Name(model.kind)}, max_length {model.max_length}, "
-              f"{model.dtype} on {model.device}, activation {model.activation}")
-    print("NOTE: this embedded cross-encoder is all-MiniLM-L6-v2's body with an UNTRAINED head:")
-    print("      real size and speed, meaningless relevance. deploy/config/production.yaml has real rerankers.\n")
+def _print(results, show_text: bool = True) -> None:
+    for r in results:
+        rank = f"#{r.rank}" if r.rank else f"[{r.index}]"
+        stage = pb.Stage.Name(r.stage).removeprefix("STAGE_").lower() if r.stage else "rerank"
+        line = f"  {rank:>4s} {r.score:8.4f} ({stage}) {r.id:10s}"
+        print(line + (f" {r.title}: {r.text[:70]}" if show_text and r.text else ""))
 
+
+def run_requests(channel: grpc.Channel) -> None:
+    info = pb_grpc.InfoStub(channel).ListModels(pb.ListModelsRequest())
+    for model in info.models:
+        print(f"model {model.name}: {pb.ModelKind.Name(model.kind)}, max_length {model.max_length}, "
+              f"{model.dtype} on {model.device}" + (f", {model.pooling} pooling, {model.similarity}" if model.pooling else ""))
+    for index in info.indexes:
+        print(f"index {index.name}: {index.count} passages, {index.dimension}-d {index.similarity}, "
+              f"{index.index_type} on {index.device}")
+    print(f"NOTE: {CROSS} is all-MiniLM-L6-v2's body with an UNTRAINED head: real size and speed,")
+    print("      meaningless relevance. The bi-encoder is the genuine all-MiniLM-L6-v2.\n")
+
+    retriever = pb_grpc.RetrieverStub(channel)
     reranker = pb_grpc.RerankerStub(channel)
-    passages = [pb.Passage(id=pid, text=text) for pid, text in PASSAGES]
-    print(f"Rerank (RANKED, top_n=4)  query: {QUERY!r}")
-    call = reranker.Rerank(pb.RerankRequest(query=QUERY, passages=passages, top_n=4, return_text=True), timeout=60)
-    for result in call:
-        print(f"  #{result.rank}  {result.score:.4f}  {result.id:7s} {result.text}")
+    print(f"Retrieve top 4 for: {QUERY!r}")
+    call = retriever.Retrieve(pb.RetrieveRequest(query=QUERY, top_k=4, return_text=True), timeout=60)
+    retrieved = list(call)
+    _print(retrieved)
     _show_stats(call)
 
-    print("\nRerank (AS_SCORED): each micro-batch streams as soon as it is scored")
+    print("\nRetrieve with a metadata filter {topic: food}: 'what should I do with leftover bones'")
+    _print(retriever.Retrieve(pb.RetrieveRequest(
+        query="what should I do with leftover bones", top_k=2, filter={"topic": "food"}, return_text=True), timeout=60))
+
+    passages = [pb.Passage(id=r.id, text=r.text, title=r.title) for r in retrieved]
+    print(f"\nRerank those 4 with the bi-encoder ({BI}), best first:")
+    _print(reranker.Rerank(pb.RerankRequest(query=QUERY, passages=passages, model=BI), timeout=60), show_text=False)
+
+    print(f"\nRerank with the cross-encoder ({CROSS}), AS_SCORED: batches stream as they finish")
     started = time.perf_counter()
     call = reranker.Rerank(pb.RerankRequest(query=QUERY, passages=passages, order=pb.AS_SCORED), timeout=60)
     for result in call:
-        print(f"  +{(time.perf_counter() - started) * 1000:6.1f} ms  passage[{result.index}] {result.id:7s} {result.score:.4f}")
+        print(f"  +{(time.perf_counter() - started) * 1000:6.1f} ms  passage[{result.index}] {result.id:8s} {result.score:.4f}")
     _show_stats(call)
+
+    print(f"\nRetrieveAndRerank in one call: top 8 by {BI}, reranked by {CROSS}, best 3:")
+    call = retriever.RetrieveAndRerank(pb.RetrieveAndRerankRequest(query=QUERY, top_k=8, top_n=3), timeout=60)
+    for r in call:
+        print(f"  #{r.rank} rerank {r.score:.4f}  retrieve {r.retrieval_score:.4f}  {r.id}")
+    _show_stats(call)
+
+    print("\nUpsertPassages, then Retrieve finds the new passage at once:")
+    written = retriever.UpsertPassages(pb.UpsertPassagesRequest(passages=[pb.Passage(
+        id="new-01", title="Citations", text="Show the source of every passage the chatbot quotes so readers can check it.",
+        metadata={"topic": "rag"})]), timeout=60)
+    print(f"  upserted {written.upserted}; the index now holds {written.count} passages (version {written.version})")
+    _print(retriever.Retrieve(pb.RetrieveRequest(query="how can readers verify what the bot quotes", top_k=2,
+                                                 return_text=True), timeout=60))
+    removed = retriever.DeletePassages(pb.DeletePassagesRequest(ids=["new-01"]), timeout=60)
+    print(f"  DeletePassages: removed {removed.deleted}, {removed.count} passages left")
 
     print("\nA bad request gets a clear status:")
     try:
@@ -92,7 +132,14 @@ def run_requests(channel: grpc.Channel) -> None:
 def main() -> int:
     with tempfile.TemporaryDirectory() as scratch:
         config = Path(scratch) / "demo.yaml"
-        config.write_text(CONFIG)
+        config.write_text(CONFIG.replace("INDEX_PATH", str(Path(scratch) / "demo-index")))
+        print(f"building an index of {DEMO_CORPUS.name} with {BI} ...")
+        built = subprocess.run(
+            [sys.executable, "-m", "rankstream_server.cli", "--log-level", "WARNING", "index", "build",
+             "--config", str(config), "--corpus", str(DEMO_CORPUS), "--out", str(Path(scratch) / "demo-index")],
+            env={**os.environ, "HF_HUB_OFFLINE": "1"}, stdout=subprocess.PIPE, text=True, check=True,
+        )
+        print(built.stdout.strip())
         server = subprocess.Popen(
             [sys.executable, "-m", "rankstream_server.cli", "--log-level", "WARNING", "serve", "--config", str(config)],
             stdout=subprocess.PIPE, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"},
@@ -103,7 +150,7 @@ def main() -> int:
                 print(f"server did not start: {line!r}", file=sys.stderr)
                 return 1
             address = line.rsplit(" ", 1)[1]
-            print(f"started: {line} (loading the embedded model...)")
+            print(f"started: {line} (loading the embedded models...)")
             with grpc.insecure_channel(address) as channel:
                 _wait_until_serving(channel)
                 run_requests(channel)

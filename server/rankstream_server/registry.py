@@ -65,14 +65,17 @@ class ModelRegistry:
             raise
 
     def _load_all(self) -> None:
+        copies = self._settings.server.tokenizer_threads  # one tokenizer copy per tokenizing thread
         for cfg in self._settings.models:
             loaded = load_model(cfg)
             backend = backend_for(loaded)
             if loaded.kind == "cross":
-                tokenizer = PairTokenizer(loaded.tokenizer, loaded.max_length, cfg.name, loaded.uses_token_type_ids)
+                tokenizer = PairTokenizer(
+                    loaded.tokenizer, loaded.max_length, cfg.name, loaded.uses_token_type_ids, copies
+                )
                 warmup = tokenizer.encode(_WARMUP_QUERY, _WARMUP_PASSAGES)
             else:
-                tokenizer = TextTokenizer(loaded.tokenizer, loaded.max_length, cfg.query_prefix, cfg.passage_prefix)
+                tokenizer = TextTokenizer(loaded.tokenizer, loaded.max_length, cfg.query_prefix, cfg.passage_prefix, copies)
                 warmup = tokenizer.encode(_WARMUP_PASSAGES, "passage")
             if self._settings.server.warmup or loaded.kind == "bi":
                 output = backend.launch(warmup).result()

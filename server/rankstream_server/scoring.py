@@ -25,6 +25,7 @@ class ModelCall:
         self.tokenize_s = 0.0
         self.truncated = 0
         self.passages = 0
+        self.scored = 0
 
     async def _tokenize(self, function, *args) -> list[TokenizedInput]:
         started = time.perf_counter()
@@ -55,11 +56,13 @@ class ModelCall:
         if model.kind == "cross":
             inputs = await self._tokenize(model.tokenizer.encode, query, texts)
             async for chunk in self._submit(model, inputs).results():
+                self.scored += len(chunk[0])
                 yield chunk
             return
         query_vector, passage_vectors = await asyncio.gather(
             self.embed(model, [query], "query"), self.embed(model, texts, "passage")
         )
+        self.scored += len(texts)
         yield np.arange(len(texts)), passage_vectors @ query_vector[0]
 
     def close(self) -> None:
@@ -73,7 +76,7 @@ class ModelCall:
         firsts = [(j.stats.first_batch_at - j.stats.enqueued_at) for j in jobs if j.stats.first_batch_at is not None]
         return {
             "passages": self.passages,
-            "scored": sum(j.stats.scored for j in jobs),
+            "scored": self.scored,
             "truncated": self.truncated,
             "tokenize_ms": round(self.tokenize_s * 1000, 3),
             "queue_ms": round(max(firsts, default=0.0) * 1000, 3),

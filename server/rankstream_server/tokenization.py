@@ -6,8 +6,10 @@ Runs on a thread pool (fast tokenizers release the GIL), never on the event loop
 
 from __future__ import annotations
 
+import contextlib
 import copy
-import threading
+import queue
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 from transformers import PreTrainedTokenizerBase
@@ -30,20 +32,27 @@ def passage_text(text: str, title: str | None) -> str:
     return f"{title} {text}".strip() if title else text
 
 
-class _PerThread:
-    """A tokenizer copy per thread: a Hugging Face tokenizer call switches truncation and
-    padding on the shared Rust object, so threads sharing one would race."""
+class _TokenizerCopies:
+    """Hands each call its own tokenizer copy: a Hugging Face tokenizer call switches truncation
+    and padding on the shared Rust object, so concurrent calls on one copy would race. Copies
+    are made up front (deep copies take tens of milliseconds) and reused."""
 
-    def __init__(self, tokenizer: PreTrainedTokenizerBase):
+    def __init__(self, tokenizer: PreTrainedTokenizerBase, copies: int = 2):
         self._original = tokenizer
-        self._local = threading.local()
+        self._idle: queue.SimpleQueue[PreTrainedTokenizerBase] = queue.SimpleQueue()
+        for _ in range(copies):
+            self._idle.put(copy.deepcopy(tokenizer))
 
-    @property
-    def _tokenizer(self) -> PreTrainedTokenizerBase:
-        tokenizer = getattr(self._local, "tokenizer", None)
-        if tokenizer is None:
-            tokenizer = self._local.tokenizer = copy.deepcopy(self._original)
-        return tokenizer
+    @contextlib.contextmanager
+    def _tokenizer(self) -> Iterator[PreTrainedTokenizerBase]:
+        try:
+            tokenizer = self._idle.get_nowait()
+        except queue.Empty:
+            tokenizer = copy.deepcopy(self._original)
+        try:
+            yield tokenizer
+        finally:
+            self._idle.put(tokenizer)
 
     def _checked(self, ids: list[int], max_length: int) -> list[int]:
         if len(ids) > max_length:  # would break the model (or a CUDA device): never let it through
@@ -51,18 +60,21 @@ class _PerThread:
         return ids
 
 
-class PairTokenizer(_PerThread):
+class PairTokenizer(_TokenizerCopies):
     """Tokenizes a query against many passages for one cross-encoder."""
 
-    def __init__(self, tokenizer: PreTrainedTokenizerBase, max_length: int, model_name: str, uses_token_type_ids: bool):
-        super().__init__(tokenizer)
+    def __init__(
+        self, tokenizer: PreTrainedTokenizerBase, max_length: int, model_name: str, uses_token_type_ids: bool, copies: int = 2
+    ):
+        super().__init__(tokenizer, copies)
         self._max_length = max_length
         self._model_name = model_name
         self._uses_token_type_ids = uses_token_type_ids
         self._pair_specials = tokenizer.num_special_tokens_to_add(pair=True)
 
     def _check_query(self, query: str) -> None:
-        query_tokens = len(self._tokenizer(query, add_special_tokens=False)["input_ids"])
+        with self._tokenizer() as tokenizer:
+            query_tokens = len(tokenizer(query, add_special_tokens=False)["input_ids"])
         if query_tokens == 0:
             raise InvalidArgument("query: has no tokens for this model (only spaces or control characters?)")
         room = self._max_length - self._pair_specials - 1
@@ -74,15 +86,16 @@ class PairTokenizer(_PerThread):
 
     def encode(self, query: str, passages: list[str]) -> list[TokenizedInput]:
         self._check_query(query)
-        batch = self._tokenizer(
-            [query] * len(passages),
-            passages,
-            truncation="only_second",
-            max_length=self._max_length,
-            padding=False,
-            return_token_type_ids=self._uses_token_type_ids,
-            return_attention_mask=False,
-        )
+        with self._tokenizer() as tokenizer:
+            batch = tokenizer(
+                [query] * len(passages),
+                passages,
+                truncation="only_second",
+                max_length=self._max_length,
+                padding=False,
+                return_token_type_ids=self._uses_token_type_ids,
+                return_attention_mask=False,
+            )
         encodings = getattr(batch, "encodings", None)
         pairs = []
         for i, ids in enumerate(batch["input_ids"]):
@@ -101,25 +114,28 @@ class PairTokenizer(_PerThread):
         return pairs
 
 
-class TextTokenizer(_PerThread):
+class TextTokenizer(_TokenizerCopies):
     """Tokenizes single texts for one bi-encoder, with its query or passage prefix."""
 
-    def __init__(self, tokenizer: PreTrainedTokenizerBase, max_length: int, query_prefix: str, passage_prefix: str):
-        super().__init__(tokenizer)
+    def __init__(
+        self, tokenizer: PreTrainedTokenizerBase, max_length: int, query_prefix: str, passage_prefix: str, copies: int = 2
+    ):
+        super().__init__(tokenizer, copies)
         self._max_length = max_length
         self._prefixes = {"query": query_prefix, "passage": passage_prefix}
 
     def encode(self, texts: list[str], role: str) -> list[TokenizedInput]:
         """role: "query" or "passage"."""
         prefix = self._prefixes[role]
-        batch = self._tokenizer(
-            [prefix + text for text in texts],
-            truncation=True,
-            max_length=self._max_length,
-            padding=False,
-            return_token_type_ids=False,
-            return_attention_mask=False,
-        )
+        with self._tokenizer() as tokenizer:
+            batch = tokenizer(
+                [prefix + text for text in texts],
+                truncation=True,
+                max_length=self._max_length,
+                padding=False,
+                return_token_type_ids=False,
+                return_attention_mask=False,
+            )
         encodings = getattr(batch, "encodings", None)
         return [
             TokenizedInput(
