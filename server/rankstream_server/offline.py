@@ -9,20 +9,20 @@ import numpy as np
 from tqdm import tqdm
 
 from .backend import backend_for
+from .batcher import CPU_BATCH_TOKENS, GPU_BATCH_TOKENS
 from .model_loading import LoadedModel
 from .tokenization import PairTokenizer, TextTokenizer, TokenizedInput
-
-BATCH_TOKENS = 8192
 
 
 def _run(loaded: LoadedModel, inputs: Sequence[TokenizedInput], label: str, progress: bool) -> np.ndarray | None:
     backend = backend_for(loaded)
+    batch_tokens = GPU_BATCH_TOKENS if backend.asynchronous else CPU_BATCH_TOKENS
     order = sorted(range(len(inputs)), key=lambda i: -len(inputs[i].input_ids))
     output: np.ndarray | None = None
     with tqdm(total=len(inputs), unit="text", desc=label, disable=not progress) as bar:
         start = 0
         while start < len(order):
-            rows = max(1, BATCH_TOKENS // len(inputs[order[start]].input_ids))
+            rows = max(1, batch_tokens // len(inputs[order[start]].input_ids))
             chunk = order[start : start + rows]
             result = backend.launch([inputs[i] for i in chunk]).result()
             if output is None:

@@ -91,6 +91,15 @@ class VectorIndex:
         self._gpu = (resources, gpu_index)  # the resources must outlive the index
         self.device = f"cuda:{device}"
 
+    def parameters(self) -> str:
+        """The structure as built, in words (an IVF's list count depends on the corpus size)."""
+        inner = faiss.downcast_index(self._cpu.index)
+        if self.built_type == "ivf":
+            return f"nlist={inner.nlist}, nprobe={self.config.ivf.nprobe}"
+        if self.built_type == "hnsw":
+            return f"M={self.config.hnsw.m}, efConstruction={self.config.hnsw.ef_construction}, efSearch={self.config.hnsw.ef_search}"
+        return "exact"
+
     # -- changes ---------------------------------------------------------------------
 
     @property
