@@ -1,0 +1,61 @@
+"""Building requests from Python values (shared by both clients)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+
+from rankstream.v1 import rankstream_pb2 as pb
+
+from .types import PassageLike, to_passage
+
+STATS_TRAILER = "rankstream-stats-bin"
+_ORDERS = {"ranked": pb.RANKED, "as_scored": pb.AS_SCORED}
+
+
+def order_of(order: str) -> int:
+    try:
+        return _ORDERS[order]
+    except KeyError:
+        raise ValueError(f"order must be one of {sorted(_ORDERS)}, got {order!r}") from None
+
+
+def rerank(query: str, passages: Iterable[PassageLike], *, top_n: int, model: str, raw_scores: bool,
+           score_threshold: float | None, return_text: bool, return_metadata: bool, order: str) -> pb.RerankRequest:
+    return pb.RerankRequest(
+        query=query, passages=[to_passage(p, i) for i, p in enumerate(passages)], top_n=top_n, model=model,
+        raw_scores=raw_scores, score_threshold=score_threshold, return_text=return_text,
+        return_metadata=return_metadata, order=order_of(order),
+    )
+
+
+def retrieve(query: str, *, top_k: int, filter: Mapping[str, str] | None, index: str, score_threshold: float | None,
+             return_text: bool, return_metadata: bool) -> pb.RetrieveRequest:
+    return pb.RetrieveRequest(
+        query=query, top_k=top_k, filter=dict(filter or {}), index=index, score_threshold=score_threshold,
+        return_text=return_text, return_metadata=return_metadata,
+    )
+
+
+def retrieve_and_rerank(query: str, *, top_k: int, top_n: int, reranker: str, filter: Mapping[str, str] | None,
+                        index: str, raw_scores: bool, score_threshold: float | None, return_text: bool,
+                        return_metadata: bool, order: str) -> pb.RetrieveAndRerankRequest:
+    return pb.RetrieveAndRerankRequest(
+        query=query, top_k=top_k, top_n=top_n, reranker=reranker, filter=dict(filter or {}), index=index,
+        raw_scores=raw_scores, score_threshold=score_threshold, return_text=return_text,
+        return_metadata=return_metadata, order=order_of(order),
+    )
+
+
+def upsert(passages: Iterable[PassageLike], index: str) -> pb.UpsertPassagesRequest:
+    return pb.UpsertPassagesRequest(index=index, passages=[to_passage(p, i) for i, p in enumerate(passages)])
+
+
+def delete(ids: Iterable[str], index: str) -> pb.DeletePassagesRequest:
+    return pb.DeletePassagesRequest(index=index, ids=list(ids))
+
+
+def stats_from(trailing) -> pb.RerankStats | None:
+    for key, value in trailing or ():
+        if key == STATS_TRAILER:
+            return pb.RerankStats.FromString(value)
+    return None

@@ -1,0 +1,181 @@
+"""The asyncio client (grpc.aio): the same calls as RankstreamClient, awaited; the streaming
+forms are async iterators."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Iterable, Mapping
+
+import grpc
+
+from rankstream.v1 import rankstream_pb2 as pb
+from rankstream.v1 import rankstream_pb2_grpc as pb_grpc
+
+from . import _requests
+from ._channel import ChannelSettings
+from .errors import from_rpc_error
+from .types import PassageLike, Ranking, ScoredPassage, ServerInfo, Stats, WriteResult, from_info, from_scored, from_stats
+
+
+class AsyncScoredStream:
+    """Scored passages as the server streams them. Iterate once with `async for`; then `.stats` is set."""
+
+    def __init__(self, call):
+        self._call = call
+        self.stats: Stats | None = None
+
+    async def __aiter__(self) -> AsyncIterator[ScoredPassage]:
+        try:
+            async for message in self._call:
+                yield from_scored(message)
+            self.stats = from_stats(_requests.stats_from(await self._call.trailing_metadata()))
+        except grpc.RpcError as error:
+            raise from_rpc_error(error) from None
+
+    def cancel(self) -> None:
+        self._call.cancel()
+
+
+class AsyncRankstreamClient:
+    """asyncio client for a rankstream server; create it inside the event loop that uses it.
+
+    `target` is "host:port", or "dns:///name:port" to balance over every address of a headless
+    Kubernetes Service. Use as a context manager, or call close().
+    """
+
+    def __init__(
+        self,
+        target: str = "localhost:50051",
+        *,
+        timeout: float | None = 30.0,
+        tls: bool = False,
+        root_certificates: bytes | None = None,
+        certificate_chain: bytes | None = None,
+        private_key: bytes | None = None,
+        token: str | None = None,
+        max_attempts: int = 5,
+        initial_backoff: float = 0.2,
+        max_backoff: float = 5.0,
+    ):
+        self.settings = ChannelSettings(
+            target, timeout, tls, root_certificates, certificate_chain, private_key, token, max_attempts,
+            initial_backoff, max_backoff,
+        )
+        credentials = self.settings.credentials()
+        options = self.settings.options()
+        self._channel = (
+            grpc.aio.secure_channel(target, credentials, options)
+            if credentials
+            else grpc.aio.insecure_channel(target, options)
+        )
+        self._reranker = pb_grpc.RerankerStub(self._channel)
+        self._retriever = pb_grpc.RetrieverStub(self._channel)
+        self._info = pb_grpc.InfoStub(self._channel)
+
+    def _kwargs(self, timeout: float | None) -> dict:
+        return {"timeout": self.settings.deadline(timeout), "metadata": self.settings.metadata()}
+
+    async def _unary(self, method, request, timeout: float | None):
+        try:
+            return await method(request, **self._kwargs(timeout))
+        except grpc.RpcError as error:
+            raise from_rpc_error(error) from None
+
+    async def _collect(self, stream: AsyncScoredStream) -> Ranking:
+        passages = [passage async for passage in stream]
+        return Ranking(passages, stream.stats or Stats())
+
+    # -- Rerank -----------------------------------------------------------------------
+
+    def rerank_stream(
+        self, query: str, passages: Iterable[PassageLike], *, top_n: int = 0, model: str = "",
+        raw_scores: bool = False, score_threshold: float | None = None, return_text: bool = False,
+        return_metadata: bool = False, order: str = "as_scored", timeout: float | None = None,
+    ) -> AsyncScoredStream:
+        """Scores passages, yielding them as they are scored ("as_scored") or best first ("ranked")."""
+        request = _requests.rerank(
+            query, passages, top_n=top_n, model=model, raw_scores=raw_scores, score_threshold=score_threshold,
+            return_text=return_text, return_metadata=return_metadata, order=order,
+        )
+        return AsyncScoredStream(self._reranker.Rerank(request, **self._kwargs(timeout)))
+
+    async def rerank(
+        self, query: str, passages: Iterable[PassageLike], *, top_n: int = 0, model: str = "",
+        raw_scores: bool = False, score_threshold: float | None = None, return_text: bool = False,
+        return_metadata: bool = False, timeout: float | None = None,
+    ) -> Ranking:
+        """The best `top_n` passages (0 = all), best first."""
+        return await self._collect(self.rerank_stream(
+            query, passages, top_n=top_n, model=model, raw_scores=raw_scores, score_threshold=score_threshold,
+            return_text=return_text, return_metadata=return_metadata, order="ranked", timeout=timeout,
+        ))
+
+    # -- Retrieve ---------------------------------------------------------------------
+
+    def retrieve_stream(
+        self, query: str, *, top_k: int = 10, filter: Mapping[str, str] | None = None, index: str = "",
+        score_threshold: float | None = None, return_text: bool = True, return_metadata: bool = True,
+        timeout: float | None = None,
+    ) -> AsyncScoredStream:
+        request = _requests.retrieve(
+            query, top_k=top_k, filter=filter, index=index, score_threshold=score_threshold,
+            return_text=return_text, return_metadata=return_metadata,
+        )
+        return AsyncScoredStream(self._retriever.Retrieve(request, **self._kwargs(timeout)))
+
+    async def retrieve(
+        self, query: str, *, top_k: int = 10, filter: Mapping[str, str] | None = None, index: str = "",
+        score_threshold: float | None = None, return_text: bool = True, return_metadata: bool = True,
+        timeout: float | None = None,
+    ) -> Ranking:
+        """The `top_k` nearest passages of an index, best first."""
+        return await self._collect(self.retrieve_stream(
+            query, top_k=top_k, filter=filter, index=index, score_threshold=score_threshold,
+            return_text=return_text, return_metadata=return_metadata, timeout=timeout,
+        ))
+
+    def retrieve_and_rerank_stream(
+        self, query: str, *, top_k: int = 50, top_n: int = 5, reranker: str = "", filter: Mapping[str, str] | None = None,
+        index: str = "", raw_scores: bool = False, score_threshold: float | None = None, return_text: bool = True,
+        return_metadata: bool = True, order: str = "as_scored", timeout: float | None = None,
+    ) -> AsyncScoredStream:
+        request = _requests.retrieve_and_rerank(
+            query, top_k=top_k, top_n=top_n, reranker=reranker, filter=filter, index=index, raw_scores=raw_scores,
+            score_threshold=score_threshold, return_text=return_text, return_metadata=return_metadata, order=order,
+        )
+        return AsyncScoredStream(self._retriever.RetrieveAndRerank(request, **self._kwargs(timeout)))
+
+    async def retrieve_and_rerank(
+        self, query: str, *, top_k: int = 50, top_n: int = 5, reranker: str = "", filter: Mapping[str, str] | None = None,
+        index: str = "", raw_scores: bool = False, score_threshold: float | None = None, return_text: bool = True,
+        return_metadata: bool = True, timeout: float | None = None,
+    ) -> Ranking:
+        """Retrieve `top_k` candidates, rerank them, return the best `top_n`: one round trip."""
+        return await self._collect(self.retrieve_and_rerank_stream(
+            query, top_k=top_k, top_n=top_n, reranker=reranker, filter=filter, index=index, raw_scores=raw_scores,
+            score_threshold=score_threshold, return_text=return_text, return_metadata=return_metadata,
+            order="ranked", timeout=timeout,
+        ))
+
+    # -- corpus changes and info ----------------------------------------------------------
+
+    async def upsert(self, passages: Iterable[PassageLike], *, index: str = "", timeout: float | None = None) -> WriteResult:
+        """Adds passages or replaces those with the same id; durable once this returns."""
+        response = await self._unary(self._retriever.UpsertPassages, _requests.upsert(passages, index), timeout)
+        return WriteResult(response.upserted, response.count, response.version)
+
+    async def delete(self, ids: Iterable[str], *, index: str = "", timeout: float | None = None) -> WriteResult:
+        response = await self._unary(self._retriever.DeletePassages, _requests.delete(ids, index), timeout)
+        return WriteResult(response.deleted, response.count, response.version, response.not_found)
+
+    async def models(self, *, timeout: float | None = None) -> ServerInfo:
+        """The server's models and indexes."""
+        return from_info(await self._unary(self._info.ListModels, pb.ListModelsRequest(), timeout))
+
+    async def close(self) -> None:
+        await self._channel.close()
+
+    async def __aenter__(self) -> AsyncRankstreamClient:
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        await self.close()

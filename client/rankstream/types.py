@@ -1,0 +1,164 @@
+"""Typed values the client takes and returns (plain dataclasses, no protobuf in user code)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Union
+
+from rankstream.v1 import rankstream_pb2 as pb
+
+
+@dataclass(frozen=True)
+class Passage:
+    text: str
+    id: str = ""
+    title: str | None = None
+    metadata: Mapping[str, str] = field(default_factory=dict)
+
+
+PassageLike = Union[str, Passage, Mapping]
+
+
+@dataclass(frozen=True)
+class ScoredPassage:
+    id: str
+    index: int  # position in the request (Rerank) or in the candidate list (Retriever)
+    score: float
+    rank: int  # 1-based in RANKED order; 0 when streamed AS_SCORED
+    stage: str  # "rerank" or "retrieve"
+    retrieval_score: float = 0.0
+    text: str = ""
+    title: str | None = None
+    metadata: Mapping[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Stats:
+    """Timings and counts the server reports for one call."""
+
+    model: str = ""
+    passages: int = 0
+    scored: int = 0
+    returned: int = 0
+    truncated: int = 0
+    tokenize_ms: float = 0.0
+    queue_ms: float = 0.0
+    inference_ms: float = 0.0
+    retrieve_ms: float = 0.0
+    total_ms: float = 0.0
+    batches: int = 0
+    candidates: int = 0
+
+
+@dataclass(frozen=True)
+class Ranking:
+    """Scored passages, best first, and the call's stats."""
+
+    passages: list[ScoredPassage]
+    stats: Stats
+
+    def __iter__(self):
+        return iter(self.passages)
+
+    def __len__(self) -> int:
+        return len(self.passages)
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    name: str
+    kind: str  # "cross" | "bi"
+    weights: str
+    max_length: int
+    dtype: str
+    device: str
+    activation: str
+    pooling: str
+    similarity: str
+
+
+@dataclass(frozen=True)
+class IndexInfo:
+    name: str
+    model: str
+    count: int
+    dimension: int
+    similarity: str
+    index_type: str
+    device: str
+    version: int
+
+
+@dataclass(frozen=True)
+class ServerInfo:
+    models: list[ModelInfo]
+    indexes: list[IndexInfo]
+    default_model: str
+    default_index: str
+
+
+@dataclass(frozen=True)
+class WriteResult:
+    """What an upsert or delete changed."""
+
+    changed: int  # passages written, or removed
+    count: int  # passages in the index afterwards
+    version: int  # the store's change counter afterwards
+    not_found: int = 0  # deletes only
+
+
+_STAGES = {pb.STAGE_RETRIEVE: "retrieve", pb.STAGE_RERANK: "rerank", pb.STAGE_UNSPECIFIED: "rerank"}
+
+
+def to_passage(value: PassageLike, position: int) -> pb.Passage:
+    if isinstance(value, str):
+        return pb.Passage(id=str(position), text=value)
+    if isinstance(value, Passage):
+        return pb.Passage(id=value.id or str(position), text=value.text, title=value.title, metadata=dict(value.metadata))
+    if isinstance(value, Mapping):
+        metadata = {str(k): str(v) for k, v in (value.get("metadata") or {}).items()}
+        return pb.Passage(id=str(value.get("id", position)), text=value["text"], title=value.get("title"), metadata=metadata)
+    raise TypeError(f"passages[{position}]: expected str, Passage or mapping, got {type(value).__name__}")
+
+
+def from_scored(message: pb.ScoredPassage) -> ScoredPassage:
+    return ScoredPassage(
+        id=message.id,
+        index=message.index,
+        score=message.score,
+        rank=message.rank,
+        stage=_STAGES[message.stage],
+        retrieval_score=message.retrieval_score,
+        text=message.text,
+        title=message.title if message.HasField("title") else None,
+        metadata=dict(message.metadata),
+    )
+
+
+def from_stats(stats: pb.RerankStats | None) -> Stats:
+    if stats is None:
+        return Stats()
+    return Stats(
+        model=stats.model, passages=stats.passages, scored=stats.scored, returned=stats.returned,
+        truncated=stats.truncated, tokenize_ms=stats.tokenize_ms, queue_ms=stats.queue_ms,
+        inference_ms=stats.inference_ms, retrieve_ms=stats.retrieve_ms, total_ms=stats.total_ms,
+        batches=stats.batches, candidates=stats.candidates,
+    )
+
+
+def from_info(response: pb.ListModelsResponse) -> ServerInfo:
+    kinds = {pb.MODEL_KIND_CROSS: "cross", pb.MODEL_KIND_BI: "bi"}
+    return ServerInfo(
+        models=[
+            ModelInfo(m.name, kinds.get(m.kind, "unknown"), m.weights, m.max_length, m.dtype, m.device,
+                      m.activation, m.pooling, m.similarity)
+            for m in response.models
+        ],
+        indexes=[
+            IndexInfo(i.name, i.model, i.count, i.dimension, i.similarity, i.index_type, i.device, i.version)
+            for i in response.indexes
+        ],
+        default_model=response.default_model,
+        default_index=response.default_index,
+    )

@@ -1,0 +1,253 @@
+"""The Python client, sync and asyncio, and the LangChain classes, against a real server on
+127.0.0.1 (run on its own thread and event loop, so blocking calls can be made from tests)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+import rankstream
+from conftest import make_settings
+from rankstream import AsyncRankstreamClient, Passage, RankstreamClient
+from rankstream_server.app import RankstreamServer
+from rankstream_server.demo import DEMO_CORPUS
+from rankstream_server.index_build import build_index
+
+ROOT = Path(__file__).resolve().parents[1]
+QUERY = "How do I keep a retrieval-augmented chatbot from citing irrelevant passages?"
+PASSAGES = [
+    "Drop retrieved passages whose relevance score falls below a threshold before building the prompt.",
+    "Simmer roasted bones with onion, carrot and celery for several hours.",
+    "Planets shift against the background stars because they orbit the Sun.",
+]
+
+
+class ThreadedServer:
+    """A RankstreamServer on a background thread with its own event loop."""
+
+    def __init__(self, settings, load: bool = True):
+        self._settings = settings
+        self._load = load
+        self._loop = asyncio.new_event_loop()
+        self._started = threading.Event()
+        self.server: RankstreamServer | None = None
+        self.port = 0
+        self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
+
+    def start(self) -> ThreadedServer:
+        self._thread.start()
+
+        async def create_and_start() -> int:  # grpc.aio objects belong to the loop they are made in
+            self.server = RankstreamServer(self._settings)
+            return await self.server.start()
+
+        self.port = asyncio.run_coroutine_threadsafe(create_and_start(), self._loop).result(60)
+        if self._load:
+            self.load()
+        return self
+
+    def load(self) -> None:
+        asyncio.run_coroutine_threadsafe(self.server.load_models(), self._loop).result(300)
+
+    def stop(self) -> None:
+        asyncio.run_coroutine_threadsafe(self.server.stop(), self._loop).result(60)
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(10)
+
+    @property
+    def target(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+
+def full_settings(models, index_path: Path, **extra):
+    return make_settings(
+        [
+            {"name": "minilm", "kind": "bi", "weights": "embedded:all-MiniLM-L6-v2"},
+            {"name": "minilm-cross", "weights": str(models.minilm)},
+            {"name": "tiny-bert", "weights": str(models.bert)},
+        ],
+        indexes=[{"name": "demo", "path": str(index_path), "model": "minilm"}],
+        default_model="tiny-bert",
+        **extra,
+    )
+
+
+@pytest.fixture(scope="module")
+def server(models, tmp_path_factory):
+    index_path = tmp_path_factory.mktemp("client") / "demo-index"
+    settings = full_settings(models, index_path)
+    build_index(settings, DEMO_CORPUS, index_path, model="minilm", progress=False)
+    running = ThreadedServer(settings).start()
+    yield running
+    running.stop()
+
+
+@pytest.fixture
+def client(server):
+    with RankstreamClient(server.target) as connected:
+        yield connected
+
+
+# -- sync ---------------------------------------------------------------------------
+
+
+def test_rerank_returns_a_typed_ranking(client):
+    ranking = client.rerank(QUERY, PASSAGES, top_n=2, model="minilm", return_text=True)
+    assert [p.rank for p in ranking] == [1, 2] and len(ranking) == 2
+    assert ranking.passages[0].text == PASSAGES[0] and ranking.passages[0].id == "0"
+    assert ranking.passages[0].stage == "rerank" and ranking.stats.scored == 3 and ranking.stats.model == "minilm"
+
+
+def test_rerank_accepts_strings_passages_and_mappings(client):
+    ranking = client.rerank(
+        QUERY,
+        [PASSAGES[1], Passage(PASSAGES[0], id="keep", metadata={"k": "v"}), {"id": "m", "text": PASSAGES[2]}],
+        model="minilm", return_metadata=True,
+    )
+    assert ranking.passages[0].id == "keep" and dict(ranking.passages[0].metadata) == {"k": "v"}
+    assert {p.id for p in ranking} == {"0", "keep", "m"}
+
+
+def test_rerank_stream_yields_as_scored_then_reports_stats(client):
+    stream = client.rerank_stream(QUERY, PASSAGES * 4, model="tiny-bert")
+    received = list(stream)
+    assert sorted(p.index for p in received) == list(range(12)) and all(p.rank == 0 for p in received)
+    assert stream.stats is not None and stream.stats.returned == 12
+
+
+def test_retrieve_and_retrieve_stream(client):
+    ranking = client.retrieve(QUERY, top_k=3)
+    assert ranking.passages[0].id == "rag-04" and ranking.passages[0].stage == "retrieve"
+    assert ranking.passages[0].title == "Keeping weak context out" and ranking.passages[0].metadata["topic"] == "rag"
+    assert [p.id for p in client.retrieve_stream(QUERY, top_k=3)] == [p.id for p in ranking]
+    filtered = client.retrieve("leftover bones", top_k=2, filter={"topic": "food"})
+    assert filtered.passages[0].id == "food-02" and all(p.metadata["topic"] == "food" for p in filtered)
+
+
+def test_retrieve_and_rerank_both_forms(client):
+    ranking = client.retrieve_and_rerank(QUERY, top_k=6, top_n=2, reranker="minilm")
+    assert [p.rank for p in ranking] == [1, 2] and all(p.stage == "rerank" for p in ranking)
+    assert ranking.stats.candidates == 6
+    streamed = list(client.retrieve_and_rerank_stream(QUERY, top_k=6, reranker="tiny-bert"))
+    assert len(streamed) == 6
+
+
+def test_upsert_delete_and_models(client):
+    written = client.upsert([Passage("Kites fly best in a steady breeze.", id="kite-1", metadata={"topic": "outdoors"})])
+    assert (written.changed, written.count) == (1, 31)
+    assert client.retrieve("flying a kite", top_k=1).passages[0].id == "kite-1"
+    removed = client.delete(["kite-1", "ghost"])
+    assert (removed.changed, removed.not_found, removed.count) == (1, 1, written.count - 1)
+    info = client.models()
+    assert {m.name: m.kind for m in info.models} == {"minilm": "bi", "minilm-cross": "cross", "tiny-bert": "cross"}
+    assert info.indexes[0].name == "demo" and info.indexes[0].count == 30 and info.default_model == "tiny-bert"
+
+
+def test_errors_keep_the_status_and_message(client):
+    with pytest.raises(rankstream.InvalidArgument) as caught:
+        client.rerank(QUERY, PASSAGES, top_n=-1)
+    assert caught.value.code.name == "INVALID_ARGUMENT" and "top_n" in caught.value.details
+    with pytest.raises(rankstream.NotFound, match="nope"):
+        client.retrieve(QUERY, index="nope")
+    with pytest.raises(rankstream.InvalidArgument):
+        list(client.rerank_stream("", PASSAGES))
+    assert issubclass(rankstream.NotFound, rankstream.RankstreamError)
+
+
+def test_deadline_per_call_and_default(server):
+    long_passages = [" ".join(["words that keep the model busy"] * 60)] * 64
+    with RankstreamClient(server.target) as client, pytest.raises(rankstream.DeadlineExceeded):
+        client.rerank(QUERY, long_passages, model="minilm-cross", timeout=0.2)
+    with RankstreamClient(server.target, timeout=0.2) as client, pytest.raises(rankstream.DeadlineExceeded):
+        client.rerank(QUERY, long_passages, model="minilm-cross")
+
+
+def test_dns_target_with_round_robin(server):
+    with RankstreamClient(f"dns:///localhost:{server.port}") as client:
+        assert len(client.rerank(QUERY, PASSAGES)) == 3
+
+
+def test_retries_unavailable_until_the_server_is_ready(models, tmp_path):
+    settings = make_settings([{"name": "tiny-bert", "weights": str(models.bert)}])
+    loading = ThreadedServer(settings, load=False).start()
+    try:
+        with RankstreamClient(loading.target, max_attempts=1) as impatient, pytest.raises(rankstream.Unavailable):
+            impatient.rerank(QUERY, PASSAGES)
+        threading.Timer(0.2, loading.load).start()
+        started = time.monotonic()
+        with RankstreamClient(loading.target, max_attempts=5, initial_backoff=1.0) as patient:
+            assert len(patient.rerank(QUERY, PASSAGES)) == 3
+        assert time.monotonic() - started >= 0.2, "it waited for the server, retrying"
+    finally:
+        loading.stop()
+
+
+def test_bearer_token_is_sent(server):
+    from rankstream._channel import ChannelSettings
+
+    assert ChannelSettings(token="s3cret").metadata() == (("authorization", "Bearer s3cret"),)
+    with RankstreamClient(server.target, token="s3cret") as client:  # accepted by a server that ignores it
+        assert len(client.rerank(QUERY, PASSAGES)) == 3
+
+
+# -- asyncio ------------------------------------------------------------------------------
+
+
+async def test_async_client_covers_every_call(server):
+    async with AsyncRankstreamClient(server.target) as client:
+        ranking = await client.rerank(QUERY, PASSAGES, top_n=1, model="minilm")
+        assert ranking.passages[0].index == 0 and ranking.stats.returned == 1
+        stream = client.rerank_stream(QUERY, PASSAGES, model="tiny-bert")
+        assert sorted([p.index async for p in stream]) == [0, 1, 2] and stream.stats.scored == 3
+        retrieved = await client.retrieve(QUERY, top_k=2)
+        assert retrieved.passages[0].id == "rag-04"
+        assert [p.id async for p in client.retrieve_stream(QUERY, top_k=2)] == [p.id for p in retrieved]
+        both = await client.retrieve_and_rerank(QUERY, top_k=5, top_n=3, reranker="minilm")
+        assert len(both) == 3 and both.passages[0].id == "rag-04"
+        assert len([p async for p in client.retrieve_and_rerank_stream(QUERY, top_k=5, reranker="tiny-bert")]) == 5
+        written = await client.upsert(["An async passage about lighthouses."], index="demo")
+        assert written.changed == 1
+        assert (await client.retrieve("lighthouses", top_k=1)).passages[0].id == "0"
+        assert (await client.delete(["0"])).changed == 1
+        assert (await client.models()).indexes[0].count == 30
+        with pytest.raises(rankstream.InvalidArgument, match="top_k"):
+            await client.retrieve(QUERY, top_k=0)
+
+
+async def test_async_deadline(server):
+    async with AsyncRankstreamClient(server.target, timeout=0.2) as client:
+        with pytest.raises(rankstream.DeadlineExceeded):
+            await client.rerank(QUERY, [" ".join(["busy words"] * 200)] * 64, model="minilm-cross")
+
+
+# -- packaging -------------------------------------------------------------------------------
+
+
+def test_client_imports_without_torch_transformers_or_faiss():
+    """The base install is the client: importing and using it must not touch the server stack."""
+    script = """
+import sys
+class Block:
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in {"torch", "transformers", "faiss", "numpy", "langchain_core", "rankstream_server"}:
+            raise ImportError(f"blocked: {name}")
+sys.meta_path.insert(0, Block())
+import rankstream
+client = rankstream.RankstreamClient("127.0.0.1:1", timeout=0.1, max_attempts=1)
+try:
+    client.rerank("q", ["p"])
+except rankstream.Unavailable:
+    print("ok")
+"""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    assert done.stdout.strip() == "ok", done.stderr
+    pyproject = (ROOT / "pyproject.toml").read_text()
+    base = pyproject.split("dependencies = [", 1)[1].split("]", 1)[0]
+    assert "torch" not in base and "faiss" not in base and "transformers" not in base
