@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import threading
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,6 +18,8 @@ from rankstream.v1 import rankstream_pb2 as pb
 from rankstream.v1 import rankstream_pb2_grpc as pb_grpc
 from rankstream_server.app import RankstreamServer
 from rankstream_server.config import Settings
+from rankstream_server.demo import DEMO_CORPUS
+from rankstream_server.index_build import build_index
 from rankstream_server.service import STATS_TRAILER
 
 
@@ -105,6 +109,68 @@ async def served(models: ModelDirs) -> AsyncIterator[Harness]:
     )
     async with running(settings) as harness:
         yield harness
+
+
+class ThreadedServer:
+    """A RankstreamServer on a background thread with its own event loop."""
+
+    def __init__(self, settings, load: bool = True):
+        self._settings = settings
+        self._load = load
+        self._loop = asyncio.new_event_loop()
+        self._started = threading.Event()
+        self.server: RankstreamServer | None = None
+        self.port = 0
+        self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
+
+    def start(self) -> ThreadedServer:
+        self._thread.start()
+
+        async def create_and_start() -> int:  # grpc.aio objects belong to the loop they are made in
+            self.server = RankstreamServer(self._settings)
+            return await self.server.start()
+
+        self.port = asyncio.run_coroutine_threadsafe(create_and_start(), self._loop).result(60)
+        if self._load:
+            self.load()
+        return self
+
+    def load(self) -> None:
+        asyncio.run_coroutine_threadsafe(self.server.load_models(), self._loop).result(300)
+
+    def stop(self) -> None:
+        asyncio.run_coroutine_threadsafe(self.server.stop(), self._loop).result(60)
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(10)
+
+    @property
+    def target(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+
+def demo_settings(models, index_path: Path, **extra) -> Settings:
+    return make_settings(
+        [
+            {"name": "minilm", "kind": "bi", "weights": "embedded:all-MiniLM-L6-v2"},
+            {"name": "minilm-cross", "weights": str(models.minilm)},
+            {"name": "tiny-bert", "weights": str(models.bert)},
+        ],
+        indexes=[{"name": "demo", "path": str(index_path), "model": "minilm"}],
+        default_model="tiny-bert",
+        **extra,
+    )
+
+
+@pytest.fixture(scope="session")
+def demo_server(models, tmp_path_factory):
+    """Bi- and cross-encoders and an index of the shipped demo corpus, served from a thread:
+    for blocking clients (sync client, LangChain, Node) that must not block the test loop."""
+    index_path = tmp_path_factory.mktemp("demo") / "demo-index"
+    settings = demo_settings(models, index_path)
+    build_index(settings, DEMO_CORPUS, index_path, model="minilm", progress=False)
+    running = ThreadedServer(settings).start()
+    yield running
+    running.stop()
 
 
 def passages(texts: list[str], **extra) -> list[pb.Passage]:

@@ -3,8 +3,6 @@
 
 from __future__ import annotations
 
-import asyncio
-import json
 import subprocess
 import sys
 import threading
@@ -14,11 +12,8 @@ from pathlib import Path
 import pytest
 
 import rankstream
-from conftest import make_settings
+from conftest import ThreadedServer, make_settings
 from rankstream import AsyncRankstreamClient, Passage, RankstreamClient
-from rankstream_server.app import RankstreamServer
-from rankstream_server.demo import DEMO_CORPUS
-from rankstream_server.index_build import build_index
 
 ROOT = Path(__file__).resolve().parents[1]
 QUERY = "How do I keep a retrieval-augmented chatbot from citing irrelevant passages?"
@@ -29,64 +24,9 @@ PASSAGES = [
 ]
 
 
-class ThreadedServer:
-    """A RankstreamServer on a background thread with its own event loop."""
-
-    def __init__(self, settings, load: bool = True):
-        self._settings = settings
-        self._load = load
-        self._loop = asyncio.new_event_loop()
-        self._started = threading.Event()
-        self.server: RankstreamServer | None = None
-        self.port = 0
-        self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
-
-    def start(self) -> ThreadedServer:
-        self._thread.start()
-
-        async def create_and_start() -> int:  # grpc.aio objects belong to the loop they are made in
-            self.server = RankstreamServer(self._settings)
-            return await self.server.start()
-
-        self.port = asyncio.run_coroutine_threadsafe(create_and_start(), self._loop).result(60)
-        if self._load:
-            self.load()
-        return self
-
-    def load(self) -> None:
-        asyncio.run_coroutine_threadsafe(self.server.load_models(), self._loop).result(300)
-
-    def stop(self) -> None:
-        asyncio.run_coroutine_threadsafe(self.server.stop(), self._loop).result(60)
-        self._loop.call_soon_threadsafe(self._loop.stop)
-        self._thread.join(10)
-
-    @property
-    def target(self) -> str:
-        return f"127.0.0.1:{self.port}"
-
-
-def full_settings(models, index_path: Path, **extra):
-    return make_settings(
-        [
-            {"name": "minilm", "kind": "bi", "weights": "embedded:all-MiniLM-L6-v2"},
-            {"name": "minilm-cross", "weights": str(models.minilm)},
-            {"name": "tiny-bert", "weights": str(models.bert)},
-        ],
-        indexes=[{"name": "demo", "path": str(index_path), "model": "minilm"}],
-        default_model="tiny-bert",
-        **extra,
-    )
-
-
 @pytest.fixture(scope="module")
-def server(models, tmp_path_factory):
-    index_path = tmp_path_factory.mktemp("client") / "demo-index"
-    settings = full_settings(models, index_path)
-    build_index(settings, DEMO_CORPUS, index_path, model="minilm", progress=False)
-    running = ThreadedServer(settings).start()
-    yield running
-    running.stop()
+def server(demo_server):
+    return demo_server
 
 
 @pytest.fixture
