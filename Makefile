@@ -24,7 +24,14 @@ proto: $(STAMP)  ## regenerate the Python stubs from protos/ (never edit them by
 demo: $(STAMP)
 	$(PY) -m rankstream_server.demo
 
+NODE_STAMP := tests/node/node_modules/.installed-stamp
+
+# The Node.js client test needs its packages; machines without node/npm skip that one test.
+$(NODE_STAMP): tests/node/package-lock.json
+	if command -v npm >/dev/null 2>&1; then cd tests/node && npm ci --no-audit --no-fund --loglevel=error && touch node_modules/.installed-stamp; fi
+
 test: $(STAMP)
+	-$(MAKE) --no-print-directory $(NODE_STAMP)
 	$(PY) -m pytest -q
 
 clean:
