@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 import sys
 import threading
@@ -191,3 +192,38 @@ except rankstream.Unavailable:
     pyproject = (ROOT / "pyproject.toml").read_text()
     base = pyproject.split("dependencies = [", 1)[1].split("]", 1)[0]
     assert "torch" not in base and "faiss" not in base and "transformers" not in base
+
+
+def _certificates(folder: Path) -> dict[str, Path]:
+    """A CA, a server certificate for 127.0.0.1 and a client certificate, made with openssl."""
+    def run(*args: str) -> None:
+        subprocess.run(["openssl", *args], cwd=folder, check=True, capture_output=True)
+
+    run("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=test-ca", "-keyout", "ca.key", "-out", "ca.pem")
+    (folder / "san.cnf").write_text("subjectAltName=IP:127.0.0.1,DNS:localhost\n")
+    for name in ("server", "client"):
+        run("req", "-newkey", "rsa:2048", "-nodes", "-subj", f"/CN={name}", "-keyout", f"{name}.key", "-out", f"{name}.csr")
+        run("x509", "-req", "-in", f"{name}.csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial", "-days", "1",
+            "-extfile", "san.cnf", "-out", f"{name}.pem")
+    return {name: folder / name for name in ("ca.pem", "server.pem", "server.key", "client.pem", "client.key")}
+
+
+@pytest.mark.skipif(shutil.which("openssl") is None, reason="openssl is needed to make test certificates")
+def test_tls_and_mutual_tls(models, tmp_path):
+    files = _certificates(tmp_path)
+    tls = {"cert_file": str(files["server.pem"]), "key_file": str(files["server.key"]), "client_ca_file": str(files["ca.pem"])}
+    settings = make_settings([{"name": "tiny-bert", "weights": str(models.bert)}], server={"tls": tls})
+    secured = ThreadedServer(settings).start()
+    try:
+        ca = files["ca.pem"].read_bytes()
+        mutual = {"tls": True, "root_certificates": ca, "certificate_chain": files["client.pem"].read_bytes(),
+                  "private_key": files["client.key"].read_bytes()}
+        with RankstreamClient(secured.target, **mutual) as client:
+            assert len(client.rerank(QUERY, PASSAGES)) == 3
+        with RankstreamClient(secured.target, tls=True, root_certificates=ca, max_attempts=1, timeout=5) as anonymous:
+            with pytest.raises(rankstream.RankstreamError):
+                anonymous.rerank(QUERY, PASSAGES)  # no client certificate: refused
+        with RankstreamClient(secured.target, max_attempts=1, timeout=5) as plaintext, pytest.raises(rankstream.Unavailable):
+            plaintext.rerank(QUERY, PASSAGES)
+    finally:
+        secured.stop()

@@ -8,6 +8,7 @@ import logging
 import signal
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import grpc
 import torch
@@ -17,7 +18,7 @@ from grpc_reflection.v1alpha import reflection
 from rankstream.v1 import rankstream_pb2 as pb
 from rankstream.v1 import rankstream_pb2_grpc as pb_grpc
 
-from .config import Settings
+from .config import Settings, TlsConfig
 from .registry import ModelRegistry
 from .service import InfoService, Readiness, RerankerService, RetrieverService
 
@@ -61,7 +62,11 @@ class RankstreamServer:
         server = self.settings.server
         if server.torch_threads:
             torch.set_num_threads(server.torch_threads)
-        self.port = self._server.add_insecure_port(f"{server.host}:{server.port}")
+        address = f"{server.host}:{server.port}"
+        if server.tls is None:
+            self.port = self._server.add_insecure_port(address)
+        else:
+            self.port = self._server.add_secure_port(address, _server_credentials(server.tls))
         if self.port == 0:
             raise OSError(f"cannot bind {server.host}:{server.port}")
         await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
@@ -101,6 +106,16 @@ class RankstreamServer:
 
     async def wait(self) -> None:
         await self._server.wait_for_termination()
+
+
+def _server_credentials(tls: TlsConfig) -> grpc.ServerCredentials:
+    def read(path: str) -> bytes:
+        return Path(path).read_bytes()
+
+    client_ca = read(tls.client_ca_file) if tls.client_ca_file else None
+    return grpc.ssl_server_credentials(
+        [(read(tls.key_file), read(tls.cert_file))], root_certificates=client_ca, require_client_auth=client_ca is not None
+    )
 
 
 async def serve(settings: Settings, on_bound: Callable[[int], None] | None = None) -> None:

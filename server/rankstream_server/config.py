@@ -97,6 +97,14 @@ class LimitsConfig(_Strict):
     max_passage_chars: int = Field(20000, gt=0)
 
 
+class TlsConfig(_Strict):
+    """TLS for the server port; with client_ca_file, clients must present a certificate it signed (mTLS)."""
+
+    cert_file: str
+    key_file: str
+    client_ca_file: str | None = None
+
+
 class ServerConfig(_Strict):
     host: str = "0.0.0.0"
     port: int = Field(50051, ge=0, le=65535)
@@ -104,6 +112,7 @@ class ServerConfig(_Strict):
     tokenizer_threads: int = Field(2, gt=0)
     warmup: bool = True
     grace_seconds: float = Field(10.0, ge=0, description="Drain time on shutdown.")
+    tls: TlsConfig | None = None
 
 
 class Settings(BaseSettings):
