@@ -48,7 +48,8 @@ async def test_empty_input_makes_no_call():
 def test_threshold_and_all_documents(demo_server):
     everything = RankstreamRerank(target=demo_server.target, model="minilm", top_n=None).compress_documents(DOCUMENTS, QUERY)
     assert len(everything) == 3
-    cut = everything[1].metadata["relevance_score"]
+    # Between the 2nd and 3rd score: dynamic batching may move a score by ~1e-7 between calls.
+    cut = (everything[1].metadata["relevance_score"] + everything[2].metadata["relevance_score"]) / 2
     kept = RankstreamRerank(target=demo_server.target, model="minilm", top_n=None, score_threshold=cut).compress_documents(DOCUMENTS, QUERY)
     assert [d.id for d in kept] == [d.id for d in everything[:2]]
 

@@ -9,6 +9,8 @@ from dataclasses import dataclass
 
 import grpc
 
+from rankstream.v1 import rankstream_pb2_grpc as pb_grpc
+
 SERVICES = ("rankstream.v1.Reranker", "rankstream.v1.Retriever", "rankstream.v1.Info")
 
 
@@ -57,3 +59,40 @@ class ChannelSettings:
 
     def deadline(self, timeout: float | None) -> float | None:
         return self.timeout if timeout is None else timeout
+
+
+class ClientBase:
+    """What the sync and asyncio clients share: settings, the channel, the stubs.
+
+    `target` is "host:port", or "dns:///name:port" to balance over every address of a headless
+    Kubernetes Service.
+    """
+
+    def __init__(
+        self,
+        target: str = "localhost:50051",
+        *,
+        timeout: float | None = 30.0,
+        tls: bool = False,
+        root_certificates: bytes | None = None,
+        certificate_chain: bytes | None = None,
+        private_key: bytes | None = None,
+        token: str | None = None,
+        max_attempts: int = 5,
+        initial_backoff: float = 0.2,
+        max_backoff: float = 5.0,
+    ):
+        self.settings = ChannelSettings(
+            target, timeout, tls, root_certificates, certificate_chain, private_key, token, max_attempts,
+            initial_backoff, max_backoff,
+        )
+        self._channel = self._open_channel(target, self.settings.credentials(), self.settings.options())
+        self._reranker = pb_grpc.RerankerStub(self._channel)
+        self._retriever = pb_grpc.RetrieverStub(self._channel)
+        self._info = pb_grpc.InfoStub(self._channel)
+
+    def _open_channel(self, target: str, credentials: grpc.ChannelCredentials | None, options: list):
+        raise NotImplementedError
+
+    def _kwargs(self, timeout: float | None) -> dict:
+        return {"timeout": self.settings.deadline(timeout), "metadata": self.settings.metadata()}

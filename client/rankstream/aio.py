@@ -8,10 +8,9 @@ from collections.abc import AsyncIterator, Iterable, Mapping
 import grpc
 
 from rankstream.v1 import rankstream_pb2 as pb
-from rankstream.v1 import rankstream_pb2_grpc as pb_grpc
 
 from . import _requests
-from ._channel import ChannelSettings
+from ._channel import ClientBase
 from .errors import from_rpc_error
 from .types import PassageLike, Ranking, ScoredPassage, ServerInfo, Stats, WriteResult, from_info, from_scored, from_stats
 
@@ -35,44 +34,14 @@ class AsyncScoredStream:
         self._call.cancel()
 
 
-class AsyncRankstreamClient:
-    """asyncio client for a rankstream server; create it inside the event loop that uses it.
+class AsyncRankstreamClient(ClientBase):
+    """asyncio client for a rankstream server (options: see ClientBase); create it inside the
+    event loop that uses it. Use as an async context manager, or await close()."""
 
-    `target` is "host:port", or "dns:///name:port" to balance over every address of a headless
-    Kubernetes Service. Use as a context manager, or call close().
-    """
-
-    def __init__(
-        self,
-        target: str = "localhost:50051",
-        *,
-        timeout: float | None = 30.0,
-        tls: bool = False,
-        root_certificates: bytes | None = None,
-        certificate_chain: bytes | None = None,
-        private_key: bytes | None = None,
-        token: str | None = None,
-        max_attempts: int = 5,
-        initial_backoff: float = 0.2,
-        max_backoff: float = 5.0,
-    ):
-        self.settings = ChannelSettings(
-            target, timeout, tls, root_certificates, certificate_chain, private_key, token, max_attempts,
-            initial_backoff, max_backoff,
-        )
-        credentials = self.settings.credentials()
-        options = self.settings.options()
-        self._channel = (
-            grpc.aio.secure_channel(target, credentials, options)
-            if credentials
-            else grpc.aio.insecure_channel(target, options)
-        )
-        self._reranker = pb_grpc.RerankerStub(self._channel)
-        self._retriever = pb_grpc.RetrieverStub(self._channel)
-        self._info = pb_grpc.InfoStub(self._channel)
-
-    def _kwargs(self, timeout: float | None) -> dict:
-        return {"timeout": self.settings.deadline(timeout), "metadata": self.settings.metadata()}
+    def _open_channel(self, target: str, credentials: grpc.ChannelCredentials | None, options: list) -> grpc.aio.Channel:
+        if credentials is None:
+            return grpc.aio.insecure_channel(target, options)
+        return grpc.aio.secure_channel(target, credentials, options)
 
     async def _unary(self, method, request, timeout: float | None):
         try:

@@ -86,9 +86,15 @@ def evaluate(
                 started = time.perf_counter()
                 scores = score_pairs(cross, pairs, progress=progress)
                 timings["rerank pairs/s"] = len(pairs) / (time.perf_counter() - started)
-                run = {qid: {} for qid in hits}
+                reranked: dict[str, dict[str, float]] = {qid: {} for qid in hits}
                 for (qid, doc_id), score in zip(owners, scores):
-                    run[qid][doc_id] = float(score)
+                    reranked[qid][doc_id] = float(score)
+                # Candidates past rerank_k keep their retrieval order, below every reranked one.
+                for qid, found in hits.items():
+                    floor = min(reranked[qid].values(), default=0.0)
+                    for position, hit in enumerate(found[rerank_k:], start=1):
+                        reranked[qid][hit.document.id] = floor - position
+                run = reranked
             documents = corpus.count
         finally:
             corpus.close()
