@@ -12,11 +12,7 @@ from .errors import ModelLoadError
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from transformers.utils import logging as hf_logging
-
     from .app import serve  # imports torch: only for the commands that need it
-
-    hf_logging.disable_progress_bar()
 
     settings = load_settings(args.config, **{"server.port": args.port, "server.host": args.host})
 
@@ -115,6 +111,9 @@ def main(argv: list[str] | None = None) -> int:
     evaluation.set_defaults(run=_eval)
     args = parser.parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # our own progress bars say what is going on
     return args.run(args)
 
 
