@@ -20,7 +20,7 @@ from rankstream_server.app import RankstreamServer
 from rankstream_server.config import Settings
 from rankstream_server.demo import DEMO_CORPUS
 from rankstream_server.index_build import build_index
-from rankstream_server.service import STATS_TRAILER
+from rankstream import STATS_TRAILER
 
 
 @dataclass(frozen=True)

@@ -4,6 +4,7 @@ Imports only grpcio and protobuf (no torch, transformers or faiss). The LangChai
 lives in `rankstream.langchain` (needs langchain-core).
 """
 
+from ._requests import STATS_TRAILER
 from .aio import AsyncRankstreamClient, AsyncScoredStream
 from .client import RankstreamClient, ScoredStream
 from .errors import (
@@ -18,7 +19,7 @@ from .errors import (
 from .types import IndexInfo, ModelInfo, Passage, Ranking, ScoredPassage, ServerInfo, Stats, WriteResult
 
 __all__ = [
-    "AsyncRankstreamClient", "AsyncScoredStream", "DeadlineExceeded", "IndexInfo", "InvalidArgument", "ModelInfo",
+    "STATS_TRAILER", "AsyncRankstreamClient", "AsyncScoredStream", "DeadlineExceeded", "IndexInfo", "InvalidArgument", "ModelInfo",
     "NotFound", "Passage", "Ranking", "RankstreamClient", "RankstreamError", "ResourceExhausted", "ScoredPassage",
     "ScoredStream", "ServerInfo", "Stats", "Unauthenticated", "Unavailable", "WriteResult",
 ]

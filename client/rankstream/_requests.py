@@ -8,7 +8,7 @@ from rankstream.v1 import rankstream_pb2 as pb
 
 from .types import PassageLike, to_passage
 
-STATS_TRAILER = "rankstream-stats-bin"
+STATS_TRAILER = "rankstream-stats-bin"  # trailing metadata: a serialized rankstream.v1.RerankStats
 _ORDERS = {"ranked": pb.RANKED, "as_scored": pb.AS_SCORED}
 
 

@@ -54,7 +54,6 @@ class JobStats:
     batches: int = 0
     max_batch_size: int = 0
     shared_batches: int = 0
-    scored: int = 0
 
 
 @dataclass(eq=False)
@@ -302,7 +301,6 @@ class DynamicBatcher:
             if logits is None:
                 job._deliver(InferenceFailed(f"model {self.name!r} failed on a batch; see the server log"))
                 continue
-            stats.scored += len(rows)
             indices = np.fromiter((batch[r].pair.index for r in rows), dtype=np.int64, count=len(rows))
             job._deliver((indices, logits[rows]))
         with self._cond:

@@ -15,6 +15,7 @@ from concurrent.futures import ThreadPoolExecutor
 import grpc
 import numpy as np
 
+from rankstream import STATS_TRAILER
 from rankstream.v1 import rankstream_pb2 as pb
 from rankstream.v1 import rankstream_pb2_grpc as pb_grpc
 
@@ -30,7 +31,6 @@ from .validation import check_delete, check_rerank, check_retrieve, check_retrie
 
 log = logging.getLogger(__name__)
 
-STATS_TRAILER = "rankstream-stats-bin"
 
 
 async def _abort_for(exc: BaseException, context: grpc.aio.ServicerContext) -> None:
