@@ -34,5 +34,8 @@ test: $(STAMP)
 	-$(MAKE) --no-print-directory $(NODE_STAMP)
 	$(PY) -m pytest -q
 
+lint: $(STAMP)
+	$(VENV)/bin/ruff check server client/rankstream/*.py tests benchmarks
+
 clean:
 	rm -rf $(VENV) .cache

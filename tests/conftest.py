@@ -13,14 +13,15 @@ import grpc
 import pytest
 import pytest_asyncio
 
-import model_factory
+from rankstream import STATS_TRAILER
 from rankstream.v1 import rankstream_pb2 as pb
 from rankstream.v1 import rankstream_pb2_grpc as pb_grpc
 from rankstream_server.app import RankstreamServer
 from rankstream_server.config import Settings
 from rankstream_server.demo import DEMO_CORPUS
 from rankstream_server.index_build import build_index
-from rankstream import STATS_TRAILER
+
+import model_factory
 
 
 @dataclass(frozen=True)

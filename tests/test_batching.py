@@ -9,8 +9,9 @@ import grpc
 import pytest
 import pytest_asyncio
 
-from conftest import QUERY, TEXTS, make_settings, passages, running, stats_of
 from rankstream.v1 import rankstream_pb2 as pb
+
+from conftest import QUERY, TEXTS, make_settings, passages, running, stats_of
 
 LONG = " ".join(["Reranking long passages keeps the model busy for a while."] * 40)  # ~400 tokens
 

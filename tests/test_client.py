@@ -13,8 +13,9 @@ from pathlib import Path
 import pytest
 
 import rankstream
-from conftest import ThreadedServer, make_settings
 from rankstream import AsyncRankstreamClient, Passage, RankstreamClient
+
+from conftest import ThreadedServer, make_settings
 
 ROOT = Path(__file__).resolve().parents[1]
 QUERY = "How do I keep a retrieval-augmented chatbot from citing irrelevant passages?"

@@ -14,8 +14,6 @@ import grpc
 import numpy as np
 import pytest
 
-import corpus_factory
-import model_factory
 from rankstream.v1 import rankstream_pb2 as pb
 from rankstream.v1 import rankstream_pb2_grpc as pb_grpc
 from rankstream_server.config import IndexConfig, ModelConfig
@@ -25,6 +23,9 @@ from rankstream_server.model_loading import load_model
 from rankstream_server.offline import encode_texts
 from rankstream_server.tokenization import passage_text
 from rankstream_server.vector_index import VectorIndex, exact_search
+
+import corpus_factory
+import model_factory
 
 
 @pytest.fixture(scope="module")

@@ -5,8 +5,8 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
-import time
 import sys
+import time
 from pathlib import Path
 
 import grpc
@@ -14,9 +14,10 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
-from conftest import QUERY, make_settings, passages, running
 from rankstream.v1 import rankstream_pb2 as pb
 from rankstream.v1 import rankstream_pb2_grpc as pb_grpc
+
+from conftest import QUERY, make_settings, passages, running
 
 SERVICES = ["", "rankstream.v1.Reranker", "rankstream.v1.Info"]
 

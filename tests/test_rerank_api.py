@@ -8,8 +8,9 @@ import grpc
 import numpy as np
 import pytest
 
-from conftest import QUERY, TEXTS, passages
 from rankstream.v1 import rankstream_pb2 as pb
+
+from conftest import QUERY, TEXTS, passages
 
 
 async def test_ranked_is_best_first_with_ranks_and_stats(served):

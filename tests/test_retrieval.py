@@ -14,9 +14,6 @@ import pytest
 import pytest_asyncio
 from sentence_transformers import SentenceTransformer
 
-import corpus_factory
-import model_factory
-from conftest import make_settings, running
 from rankstream.v1 import rankstream_pb2 as pb
 from rankstream.v1 import rankstream_pb2_grpc as pb_grpc
 from rankstream_server.config import IndexConfig, ModelConfig, load_settings
@@ -27,6 +24,10 @@ from rankstream_server.index_build import build_index
 from rankstream_server.model_loading import load_model
 from rankstream_server.offline import encode_texts
 from rankstream_server.tokenization import passage_text
+
+import corpus_factory
+import model_factory
+from conftest import make_settings, running
 
 DOCS = corpus_factory.make_documents(150)
 TOLERANCE = 1e-5

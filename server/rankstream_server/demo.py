@@ -15,11 +15,11 @@ from pathlib import Path
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from rankstream import STATS_TRAILER
 from rankstream.v1 import rankstream_pb2 as pb
 from rankstream.v1 import rankstream_pb2_grpc as pb_grpc
 
 from .embedded import SCHEME, UNTRAINED_CROSS_ENCODER
-from rankstream import STATS_TRAILER
 
 DEMO_CORPUS = Path(__file__).with_name("data") / "demo_corpus.jsonl"  # written for this demo
 QUERY = "How do I keep a retrieval-augmented chatbot from citing irrelevant passages?"

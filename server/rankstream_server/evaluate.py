@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import ir_measures
-from ir_measures import R, RR, nDCG
+from ir_measures import RR, R, nDCG
 
 from .config import IndexConfig, Settings
 from .corpus import read_qrels, read_queries

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from .config import IndexConfig, Settings
 from .corpus import read_corpus
-from .corpus_index import DOCS, fsync_dir, save_vectors, write_manifest, _index_params
+from .corpus_index import DOCS, _index_params, fsync_dir, save_vectors, write_manifest
 from .docstore import DocStore, Document
 from .model_loading import load_model
 from .offline import dimension_of, encode_texts
