@@ -48,6 +48,13 @@ class _RankstreamConnection(BaseModel):
     token: str | None = Field(None, description="Bearer token.")
     root_certificates: bytes | None = None
 
+    _clients: _Connected | None = PrivateAttr(None)
+
+    def _connected(self) -> _Connected:
+        if self._clients is None:
+            self._clients = _Connected(self._connection_options())
+        return self._clients
+
     def _connection_options(self) -> dict[str, Any]:
         return {
             "target": self.target, "timeout": self.timeout, "tls": self.tls, "token": self.token,
@@ -67,13 +74,6 @@ class RankstreamRerank(_RankstreamConnection, BaseDocumentCompressor):
     model: str = Field("", description="Cross-encoder name; empty = the server's default.")
     top_n: int | None = Field(3, description="How many documents to keep; None = all.")
     score_threshold: float | None = None
-    _clients: _Connected | None = PrivateAttr(None)
-
-    def _connected(self) -> _Connected:
-        if self._clients is None:
-            self._clients = _Connected(self._connection_options())
-        return self._clients
-
     def _request(self, documents: Sequence[Document], query: str) -> dict[str, Any]:
         return {
             "query": query,
@@ -119,13 +119,6 @@ class RankstreamRetriever(_RankstreamConnection, BaseRetriever):
     filter: dict[str, str] = Field(default_factory=dict, description="Exact-match metadata filter.")
     reranker: str | None = Field(None, description="Cross-encoder to rerank with, in the same call.")
     top_n: int = Field(5, description="Passages to return after reranking.")
-    _clients: _Connected | None = PrivateAttr(None)
-
-    def _connected(self) -> _Connected:
-        if self._clients is None:
-            self._clients = _Connected(self._connection_options())
-        return self._clients
-
     def _call_arguments(self) -> dict[str, Any]:
         arguments: dict[str, Any] = {"top_k": self.top_k, "filter": self.filter, "index": self.index}
         if self.reranker is not None:

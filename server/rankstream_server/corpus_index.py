@@ -194,17 +194,7 @@ class CorpusIndex:
             version = self.store.version
             if version == self._saved_version and (self.folder / VECTORS).exists():
                 return False
-            temporary = self.folder / (VECTORS + ".tmp")
-            tombstones = self._vectors.save(str(temporary))
-            state = {
-                "version": version,
-                "type": self._vectors.built_type,
-                "params": _index_params(self.config),
-                "sha256": sha256_of(temporary),
-                "tombstones": tombstones,
-            }
-            os.replace(temporary, self.folder / VECTORS)
-            _write_json(self.folder / VECTORS_STATE, state)
+            save_vectors(self.folder, self._vectors, version)
             self._saved_version = version
         self.store.forget_removed_through(version)
         return True
@@ -242,12 +232,16 @@ def write_manifest(folder: Path, identity: dict, dimension: int, count: int, ind
 
 
 def save_vectors(folder: Path, vectors: VectorIndex, version: int) -> None:
-    """The first save of a freshly built index (the same files CorpusIndex.save writes)."""
-    tombstones = vectors.save(str(folder / VECTORS))
+    """Writes vectors.faiss (atomically) and vectors.json: the store version it reflects, its
+    type and parameters, checksum and tombstones. Used by builds and by CorpusIndex.save."""
+    temporary = folder / (VECTORS + ".tmp")
+    tombstones = vectors.save(str(temporary))
+    checksum = sha256_of(temporary)
+    os.replace(temporary, folder / VECTORS)
     _write_json(
         folder / VECTORS_STATE,
         {"version": version, "type": vectors.built_type, "params": _index_params(vectors.config),
-         "sha256": sha256_of(folder / VECTORS), "tombstones": tombstones},
+         "sha256": checksum, "tombstones": tombstones},
     )
 
 
