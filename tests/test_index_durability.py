@@ -159,3 +159,79 @@ def test_approximate_indexes_keep_recall_at_default_parameters(kind):
     recall = float(np.mean(recalls))
     print(f"{kind} recall@10 vs exact over {len(queries)} queries, {len(documents)} passages: {recall:.3f}")
     assert recall >= 0.95
+
+
+def _assert_hits_are_their_documents(retriever, loaded, texts: dict[str, str], probes: list[str]) -> None:
+    """Each probe is a live passage's own text: it must come back first, as itself, and every
+    hit's score must be the query's similarity to the document the hit names."""
+    query_vectors = encode_texts(loaded, [texts[i] for i in probes], "query")
+    for probe, query_vector in zip(probes, query_vectors):
+        results = list(retriever.Retrieve(pb.RetrieveRequest(query=texts[probe], top_k=5, return_text=True), timeout=30))
+        hit_ids = [r.id for r in results]
+        assert hit_ids[0] == probe, (probe, hit_ids)
+        assert set(hit_ids) <= set(texts)
+        assert [r.text for r in results] == [texts[i] for i in hit_ids]
+        doc_vectors = encode_texts(loaded, [texts[i] for i in hit_ids], "passage")
+        np.testing.assert_allclose([r.score for r in results], doc_vectors @ query_vector, atol=1e-4)
+
+
+def test_ivf_deletes_and_replacements_through_a_real_server(tmp_path):
+    """Issue 8, defect 1, as a client saw it. An IVF index trained at start-up, then deletes
+    and a replacement: every later vector answered with its neighbour's document, and once
+    the index had been saved and reopened, one DeletePassages aborted the server (SIGABRT)."""
+    config = tmp_path / "server.yaml"
+    config.write_text(json.dumps({
+        "server": {"host": "127.0.0.1", "port": 0},
+        "models": [{"name": "minilm", "kind": "bi", "weights": "embedded:all-MiniLM-L6-v2"}],
+        "indexes": [{"name": "live", "path": str(tmp_path / "live"), "model": "minilm", "create": True, "type": "ivf"}],
+    }))
+    log = tmp_path / "server.log"
+    documents = corpus_factory.make_documents(400, seed=21)
+    texts = {d["_id"]: d["text"] for d in documents}
+    loaded = load_model(ModelConfig(name="minilm", kind="bi", weights="embedded:all-MiniLM-L6-v2"))
+    probes = [f"d{i}" for i in range(1, 400, 23)]
+
+    def restart_and_check(changes) -> None:
+        process, channel = start_server(config, log)
+        try:
+            retriever = pb_grpc.RetrieverStub(channel)
+            info = pb_grpc.InfoStub(channel).ListModels(pb.ListModelsRequest(), timeout=10)
+            assert info.indexes[0].index_type == "ivf"
+            changes(retriever)
+            assert process.poll() is None, log.read_text()[-3000:]
+            _assert_hits_are_their_documents(retriever, loaded, texts, probes)
+            process.terminate()
+            assert process.wait(timeout=60) == 0, log.read_text()[-3000:]
+        finally:
+            channel.close()
+            process.kill()
+
+    process, channel = start_server(config, log)  # created empty: too few vectors to train IVF yet
+    try:
+        retriever = pb_grpc.RetrieverStub(channel)
+        for start in range(0, 400, 100):
+            batch = [pb.Passage(id=d["_id"], text=d["text"]) for d in documents[start:start + 100]]
+            retriever.UpsertPassages(pb.UpsertPassagesRequest(passages=batch), timeout=120)
+        process.terminate()
+        assert process.wait(timeout=60) == 0
+    finally:
+        channel.close()
+        process.kill()
+
+    def delete_and_replace(retriever) -> None:
+        deleted = retriever.DeletePassages(pb.DeletePassagesRequest(ids=["d0", "d150"]), timeout=30)
+        assert (deleted.deleted, deleted.count) == (2, 398)
+        replaced = "a replaced note on the keel, the mainsail and a tide table"
+        retriever.UpsertPassages(pb.UpsertPassagesRequest(passages=[pb.Passage(id="d24", text=replaced)]), timeout=30)
+        del texts["d0"], texts["d150"]
+        texts["d24"] = replaced
+        probes.append("d24")
+
+    def delete_more(retriever) -> None:
+        deleted = retriever.DeletePassages(pb.DeletePassagesRequest(ids=["d2", "d3", "d399"]), timeout=30)
+        assert (deleted.deleted, deleted.count) == (3, 395)
+        for gone in ("d2", "d3", "d399"):
+            del texts[gone]
+
+    restart_and_check(delete_and_replace)  # the IVF is trained from the store at this start
+    restart_and_check(delete_more)  # and loaded from vectors.faiss at this one

@@ -275,13 +275,17 @@ def _load_or_rebuild(folder: Path, config: IndexConfig, store: DocStore, dimensi
         elif state.get("sha256") != sha256_of(vectors_path):
             reason = "checksum mismatch"
         else:
-            vectors = VectorIndex.load(str(vectors_path), config, built_type, state.get("tombstones", []))
-            added, added_vectors, removed = store.changes_since(int(state["version"]))
-            vectors.remove(removed)
-            vectors.add(added, added_vectors)
-            if len(added) or len(removed):
-                log.info("index %s: caught up %d added and %d removed passages", config.name, len(added), len(removed))
-            return vectors, int(state["version"])
+            try:
+                vectors = VectorIndex.load(str(vectors_path), config, built_type, state.get("tombstones", []))
+            except (ValueError, RuntimeError) as error:  # faiss raises RuntimeError for unreadable files
+                reason = f"unusable vectors file: {error}"
+            else:
+                added, added_vectors, removed = store.changes_since(int(state["version"]))
+                vectors.remove(removed)
+                vectors.add(added, added_vectors)
+                if len(added) or len(removed):
+                    log.info("index %s: caught up %d added and %d removed passages", config.name, len(added), len(removed))
+                return vectors, int(state["version"])
     level = logging.INFO if reason == "no saved vectors" else logging.WARNING
     log.log(level, "index %s: building vectors from the store (%s)", config.name, reason)
     keys, embeddings = store.all_vectors()

@@ -3,6 +3,12 @@ on the CPU, or on a GPU when faiss has GPU support and a device.
 
 Keys removed from an index type that cannot remove vectors (HNSW; any GPU index) become
 tombstones: excluded by an ID selector on the CPU, filtered after an over-fetch on the GPU.
+
+How keys are held depends on the type. Flat and HNSW store vectors by position, so an
+IndexIDMap2 maps positions to keys. IVF stores each vector's id in its inverted list and
+must hold the keys itself: inside an IndexIDMap, `remove_ids` shifts the map's table but not
+the ids IVF stored, so every later vector answers with its neighbour's key, and a reopened
+index can abort the process in faiss (`j == index->ntotal`).
 """
 
 from __future__ import annotations
@@ -66,13 +72,18 @@ class VectorIndex:
                 log.info("index %s: %d vectors are too few to train IVF; built flat until the next rebuild", config.name, len(vectors))
             kind = "flat"
             inner = faiss.IndexFlatIP(dimension)
-        index = cls(faiss.IndexIDMap2(inner), config, kind)
+        holder = inner if kind == "ivf" else faiss.IndexIDMap2(inner)  # IVF keeps its own ids
+        index = cls(holder, config, kind)
         index.add(keys, vectors)
         return index
 
     @classmethod
     def load(cls, path: str, config: IndexConfig, built_type: str, tombstones: list[int]) -> VectorIndex:
-        index = cls(faiss.read_index(path), config, built_type)
+        stored = faiss.read_index(path)
+        if built_type == "ivf" and isinstance(stored, (faiss.IndexIDMap, faiss.IndexIDMap2)):
+            # Written before the IVF id fix: its ids may already be wrong, so never trust it.
+            raise ValueError("IVF saved in the old id-map layout (ids may be shifted)")
+        index = cls(stored, config, built_type)
         index._tombstones = set(tombstones)
         return index
 
@@ -93,8 +104,8 @@ class VectorIndex:
 
     def parameters(self) -> str:
         """The structure as built, in words (an IVF's list count depends on the corpus size)."""
-        inner = faiss.downcast_index(self._cpu.index)
         if self.built_type == "ivf":
+            inner = faiss.downcast_index(self._cpu)
             return f"nlist={inner.nlist}, nprobe={self.config.ivf.nprobe}"
         if self.built_type == "hnsw":
             return f"M={self.config.hnsw.m}, efConstruction={self.config.hnsw.ef_construction}, efSearch={self.config.hnsw.ef_search}"
