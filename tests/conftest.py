@@ -74,8 +74,8 @@ class Harness:
 
     async def rerank(self, timeout: float | None = 60, **fields) -> tuple[list[pb.ScoredPassage], pb.RerankStats]:
         call = self.reranker.Rerank(pb.RerankRequest(**fields), timeout=timeout)
-        messages = [message async for message in call]
-        return messages, stats_of(await call.trailing_metadata())
+        passages = [passage async for message in call for passage in message.passages]
+        return passages, stats_of(await call.trailing_metadata())
 
     async def model_info(self, name: str) -> pb.ModelInfo:
         response = await self.info.ListModels(pb.ListModelsRequest())

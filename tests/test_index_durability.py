@@ -53,8 +53,8 @@ def start_server(config: Path, log: Path) -> tuple[subprocess.Popen, grpc.Channe
 
 
 def all_ids(retriever: pb_grpc.RetrieverStub) -> dict[str, str]:
-    results = retriever.Retrieve(pb.RetrieveRequest(query="anything", top_k=1000, return_text=True), timeout=30)
-    return {r.id: r.text for r in results}
+    messages = retriever.Retrieve(pb.RetrieveRequest(query="anything", top_k=1000, return_text=True), timeout=30)
+    return {r.id: r.text for message in messages for r in message.passages}
 
 
 def test_acknowledged_writes_survive_kill_9(tmp_path, tasb):
@@ -166,7 +166,8 @@ def _assert_hits_are_their_documents(retriever, loaded, texts: dict[str, str], p
     hit's score must be the query's similarity to the document the hit names."""
     query_vectors = encode_texts(loaded, [texts[i] for i in probes], "query")
     for probe, query_vector in zip(probes, query_vectors):
-        results = list(retriever.Retrieve(pb.RetrieveRequest(query=texts[probe], top_k=5, return_text=True), timeout=30))
+        messages = retriever.Retrieve(pb.RetrieveRequest(query=texts[probe], top_k=5, return_text=True), timeout=30)
+        results = [r for message in messages for r in message.passages]
         hit_ids = [r.id for r in results]
         assert hit_ids[0] == probe, (probe, hit_ids)
         assert set(hit_ids) <= set(texts)

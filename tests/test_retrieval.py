@@ -70,8 +70,8 @@ async def retrieval(built, bi_models):
 async def stream(call) -> tuple[list[pb.ScoredPassage], pb.RerankStats]:
     from conftest import stats_of
 
-    messages = [m async for m in call]
-    return messages, stats_of(await call.trailing_metadata())
+    passages = [p async for message in call for p in message.passages]
+    return passages, stats_of(await call.trailing_metadata())
 
 
 def query_vector(weights: str, text: str) -> np.ndarray:

@@ -112,6 +112,11 @@ class ServerConfig(_Strict):
     tokenizer_threads: int = Field(2, gt=0)
     warmup: bool = True
     grace_seconds: float = Field(10.0, ge=0, description="Drain time on shutdown.")
+    max_message_bytes: int = Field(
+        4 * 1024 * 1024 - 64 * 1024, gt=1024,
+        description="Largest ScoredPassages message sent; bigger results are split over several. "
+        "Default: under gRPC clients' 4 MiB receive limit.",
+    )
     tls: TlsConfig | None = None
 
 

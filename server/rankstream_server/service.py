@@ -23,8 +23,8 @@ from .config import Settings
 from .corpus_index import Hit
 from .docstore import Document
 from .errors import RankstreamError, Unavailable
-from .ranking import activate, passing, rank
-from .registry import ModelRegistry, ServedModel
+from .pipeline import ScoredChunk, retrieved_chunk, scored_chunks
+from .registry import ModelRegistry
 from .scoring import ModelCall
 from .tokenization import passage_text
 from .validation import check_delete, check_rerank, check_retrieve, check_retrieve_and_rerank, check_upsert
@@ -93,41 +93,66 @@ def _optional(message, name: str):
     return getattr(message, name) if message.HasField(name) else None
 
 
-def _fill(out: pb.ScoredPassage, text: str, title: str | None, metadata, want_text: bool, want_metadata: bool) -> pb.ScoredPassage:
-    if want_text:
-        out.text = text
-        if title is not None:
-            out.title = title
-    if want_metadata:
-        out.metadata.update(metadata)
-    return out
+def _hit_source(hits: list[Hit]) -> Callable[[int], tuple]:
+    def source(index: int) -> tuple:
+        doc = hits[index].document
+        return doc.id, doc.text, doc.title, doc.metadata
+
+    return source
 
 
-async def _scored_stream(
-    call: ModelCall,
-    model: ServedModel,
-    query: str,
-    texts: list[str],
-    order: int,
-    top_n: int,
-    threshold: float | None,
-    raw: bool,
-    make: Callable[[int, float, int], pb.ScoredPassage],
-) -> AsyncIterator[pb.ScoredPassage]:
-    """Scores texts against the query and streams them in the requested order (Rerank semantics)."""
-    activation = "none" if raw else model.loaded.activation
-    if order == pb.AS_SCORED:
-        async for indices, raw_scores in call.score(model, query, texts):
-            scores = activate(raw_scores, activation)
-            keep = passing(scores, threshold)
-            for index, score in zip(indices[keep], scores[keep]):
-                yield make(int(index), float(score), 0)
-        return
-    scores = np.empty(len(texts), dtype=np.float32)
-    async for indices, raw_scores in call.score(model, query, texts):
-        scores[indices] = activate(raw_scores, activation)
-    for position, index in enumerate(rank(scores, top_n, threshold), start=1):
-        yield make(int(index), float(scores[index]), position)
+class Messages:
+    """Turns scored chunks into ScoredPassages messages: one per chunk, split only where one
+    would pass `max_bytes` (clients refuse messages over their receive limit, 4 MiB by default).
+
+    `source(i)` gives request position i's (id, text, title, metadata); text and metadata go
+    out only when asked for."""
+
+    def __init__(self, source: Callable[[int], tuple], want_text: bool, want_metadata: bool, max_bytes: int,
+                 stage: int = pb.STAGE_UNSPECIFIED, retrieval_scores: np.ndarray | None = None):
+        self._source = source
+        self._want_text = want_text
+        self._want_metadata = want_metadata
+        self._max_bytes = max_bytes
+        self._stage = stage
+        self._retrieval = retrieval_scores
+        self.sent_passages = 0
+        self.sent_messages = 0
+
+    def _size(self, text: str, title: str | None, metadata) -> int:
+        size = 48
+        if self._want_text:
+            size += len(text) * 3 // 2 + (len(title) if title else 0)  # UTF-8 bytes, roughly, with room
+        if self._want_metadata:
+            size += sum(len(k) + len(v) + 8 for k, v in metadata.items())
+        return size
+
+    def build(self, chunk: ScoredChunk) -> list[pb.ScoredPassages]:
+        messages = [pb.ScoredPassages()]
+        size = 0
+        want_text, want_metadata, stage = self._want_text, self._want_metadata, self._stage
+        retrieval = self._retrieval
+        for index, score, rank_ in zip(chunk.indices.tolist(), chunk.scores.tolist(), chunk.ranks.tolist()):
+            doc_id, text, title, metadata = self._source(index)
+            if want_text or want_metadata:
+                item = self._size(text, title, metadata)
+                if size and size + item > self._max_bytes:
+                    messages.append(pb.ScoredPassages())
+                    size = 0
+                size += item
+            out = messages[-1].passages.add(
+                id=doc_id, index=index, score=score, rank=rank_, stage=stage,
+                retrieval_score=retrieval[index] if retrieval is not None else 0.0,
+            )
+            if want_text:
+                out.text = text
+                if title is not None:
+                    out.title = title
+            if want_metadata:
+                out.metadata.update(metadata)
+        self.sent_passages += len(chunk)
+        self.sent_messages += len(messages)
+        return messages
 
 
 class _Trailer:
@@ -135,7 +160,7 @@ class _Trailer:
 
     def __init__(self, context: grpc.aio.ServicerContext, call: ModelCall, model_name: str):
         self.arrived = time.perf_counter()
-        self.returned = 0
+        self.messages: Messages | None = None
         self.retrieve_s = 0.0
         self.candidates = 0
         self._context = context
@@ -145,7 +170,8 @@ class _Trailer:
     def send(self) -> None:
         stats = pb.RerankStats(
             model=self._model_name,
-            returned=self.returned,
+            returned=self.messages.sent_passages if self.messages else 0,
+            messages=self.messages.sent_messages if self.messages else 0,
             total_ms=_ms(time.perf_counter() - self.arrived),
             retrieve_ms=_ms(self.retrieve_s),
             candidates=self.candidates,
@@ -161,27 +187,29 @@ class RerankerService(pb_grpc.RerankerServicer):
         self._tokenize_pool = tokenize_pool
 
     @streaming_errors
-    async def Rerank(self, request: pb.RerankRequest, context: grpc.aio.ServicerContext) -> AsyncIterator[pb.ScoredPassage]:
+    async def Rerank(self, request: pb.RerankRequest, context: grpc.aio.ServicerContext) -> AsyncIterator[pb.ScoredPassages]:
         registry = self._readiness.require()
         model = registry.get(request.model)
         check_rerank(request, self._settings.limits)
         passages = request.passages
-        texts = [passage_text(p.text, _optional(p, "title")) for p in passages]
+        texts = [passage_text(p.text, p.title if p.HasField("title") else None) for p in passages]
 
-        def make(index: int, score: float, rank_: int) -> pb.ScoredPassage:
+        def source(index: int) -> tuple:
             passage = passages[index]
-            out = pb.ScoredPassage(id=passage.id, index=index, score=score, rank=rank_)
-            return _fill(out, passage.text, _optional(passage, "title"), passage.metadata, request.return_text, request.return_metadata)
+            return passage.id, passage.text, _optional(passage, "title"), passage.metadata
 
         call = ModelCall(self._tokenize_pool, context.time_remaining())
         trailer = _Trailer(context, call, model.name)
+        trailer.messages = messages = Messages(
+            source, request.return_text, request.return_metadata, self._settings.server.max_message_bytes
+        )
         try:
-            async for message in _scored_stream(
-                call, model, request.query, texts, request.order, request.top_n,
-                _optional(request, "score_threshold"), request.raw_scores, make,
+            async for chunk in scored_chunks(
+                call, model, request.query, texts, request.order == pb.AS_SCORED, request.top_n,
+                _optional(request, "score_threshold"), request.raw_scores,
             ):
-                trailer.returned += 1
-                yield message
+                for message in messages.build(chunk):
+                    yield message
         finally:
             call.close()
             trailer.send()
@@ -203,25 +231,23 @@ class RetrieverService(pb_grpc.RetrieverServicer):
         return hits
 
     @streaming_errors
-    async def Retrieve(self, request: pb.RetrieveRequest, context: grpc.aio.ServicerContext) -> AsyncIterator[pb.ScoredPassage]:
+    async def Retrieve(self, request: pb.RetrieveRequest, context: grpc.aio.ServicerContext) -> AsyncIterator[pb.ScoredPassages]:
         registry = self._readiness.require()
         _, encoder = registry.index(request.index)
         check_retrieve(request, self._settings.limits)
-        threshold = _optional(request, "score_threshold")
         call = ModelCall(self._tokenize_pool, context.time_remaining())
         trailer = _Trailer(context, call, encoder.name)
         try:
             hits = await self._retrieve(call, trailer, request.index, request.query, request.top_k, request.filter)
-            for position, hit in enumerate(hits):
-                if threshold is not None and hit.score < threshold:
-                    break  # best first: the rest are lower
-                doc = hit.document
-                out = pb.ScoredPassage(
-                    id=doc.id, index=position, score=hit.score, rank=position + 1,
-                    stage=pb.STAGE_RETRIEVE, retrieval_score=hit.score,
-                )
-                trailer.returned += 1
-                yield _fill(out, doc.text, doc.title, doc.metadata, request.return_text, request.return_metadata)
+            scores = np.array([hit.score for hit in hits], dtype=np.float32)
+            trailer.messages = messages = Messages(
+                _hit_source(hits), request.return_text, request.return_metadata, self._settings.server.max_message_bytes,
+                stage=pb.STAGE_RETRIEVE, retrieval_scores=scores,
+            )
+            chunk = retrieved_chunk(scores, _optional(request, "score_threshold"))
+            if len(chunk):
+                for message in messages.build(chunk):
+                    yield message
         finally:
             call.close()
             trailer.send()
@@ -229,7 +255,7 @@ class RetrieverService(pb_grpc.RetrieverServicer):
     @streaming_errors
     async def RetrieveAndRerank(
         self, request: pb.RetrieveAndRerankRequest, context: grpc.aio.ServicerContext
-    ) -> AsyncIterator[pb.ScoredPassage]:
+    ) -> AsyncIterator[pb.ScoredPassages]:
         registry = self._readiness.require()
         registry.index(request.index)
         reranker = registry.get(request.reranker)
@@ -238,23 +264,18 @@ class RetrieverService(pb_grpc.RetrieverServicer):
         trailer = _Trailer(context, call, reranker.name)
         try:
             hits = await self._retrieve(call, trailer, request.index, request.query, request.top_k, request.filter)
-            documents = [hit.document for hit in hits]
-
-            def make(index: int, score: float, rank_: int) -> pb.ScoredPassage:
-                doc = documents[index]
-                out = pb.ScoredPassage(
-                    id=doc.id, index=index, score=score, rank=rank_,
-                    stage=pb.STAGE_RERANK, retrieval_score=hits[index].score,
-                )
-                return _fill(out, doc.text, doc.title, doc.metadata, request.return_text, request.return_metadata)
-
-            if documents:
-                async for message in _scored_stream(
-                    call, reranker, request.query, [passage_text(d.text, d.title) for d in documents],
-                    request.order, request.top_n, _optional(request, "score_threshold"), request.raw_scores, make,
+            trailer.messages = messages = Messages(
+                _hit_source(hits), request.return_text, request.return_metadata, self._settings.server.max_message_bytes,
+                stage=pb.STAGE_RERANK, retrieval_scores=np.array([hit.score for hit in hits], dtype=np.float32),
+            )
+            if hits:
+                texts = [passage_text(hit.document.text, hit.document.title) for hit in hits]
+                async for chunk in scored_chunks(
+                    call, reranker, request.query, texts, request.order == pb.AS_SCORED, request.top_n,
+                    _optional(request, "score_threshold"), request.raw_scores,
                 ):
-                    trailer.returned += 1
-                    yield message
+                    for message in messages.build(chunk):
+                        yield message
         finally:
             call.close()
             trailer.send()

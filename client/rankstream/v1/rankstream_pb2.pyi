@@ -102,6 +102,12 @@ class ScoredPassage(_message.Message):
     retrieval_score: float
     def __init__(self, id: _Optional[str] = ..., index: _Optional[int] = ..., score: _Optional[float] = ..., rank: _Optional[int] = ..., text: _Optional[str] = ..., title: _Optional[str] = ..., metadata: _Optional[_Mapping[str, str]] = ..., stage: _Optional[_Union[Stage, str]] = ..., retrieval_score: _Optional[float] = ...) -> None: ...
 
+class ScoredPassages(_message.Message):
+    __slots__ = ("passages",)
+    PASSAGES_FIELD_NUMBER: _ClassVar[int]
+    passages: _containers.RepeatedCompositeFieldContainer[ScoredPassage]
+    def __init__(self, passages: _Optional[_Iterable[_Union[ScoredPassage, _Mapping]]] = ...) -> None: ...
+
 class RetrieveRequest(_message.Message):
     __slots__ = ("query", "top_k", "filter", "return_text", "return_metadata", "index", "score_threshold")
     class FilterEntry(_message.Message):
@@ -199,7 +205,7 @@ class DeletePassagesResponse(_message.Message):
     def __init__(self, deleted: _Optional[int] = ..., not_found: _Optional[int] = ..., count: _Optional[int] = ..., version: _Optional[int] = ...) -> None: ...
 
 class RerankStats(_message.Message):
-    __slots__ = ("model", "passages", "scored", "returned", "truncated", "tokenize_ms", "queue_ms", "inference_ms", "total_ms", "batches", "max_batch_size", "shared_batches", "retrieve_ms", "candidates")
+    __slots__ = ("model", "passages", "scored", "returned", "truncated", "tokenize_ms", "queue_ms", "inference_ms", "total_ms", "batches", "max_batch_size", "shared_batches", "retrieve_ms", "candidates", "messages", "tokens")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     PASSAGES_FIELD_NUMBER: _ClassVar[int]
     SCORED_FIELD_NUMBER: _ClassVar[int]
@@ -214,6 +220,8 @@ class RerankStats(_message.Message):
     SHARED_BATCHES_FIELD_NUMBER: _ClassVar[int]
     RETRIEVE_MS_FIELD_NUMBER: _ClassVar[int]
     CANDIDATES_FIELD_NUMBER: _ClassVar[int]
+    MESSAGES_FIELD_NUMBER: _ClassVar[int]
+    TOKENS_FIELD_NUMBER: _ClassVar[int]
     model: str
     passages: int
     scored: int
@@ -228,7 +236,9 @@ class RerankStats(_message.Message):
     shared_batches: int
     retrieve_ms: float
     candidates: int
-    def __init__(self, model: _Optional[str] = ..., passages: _Optional[int] = ..., scored: _Optional[int] = ..., returned: _Optional[int] = ..., truncated: _Optional[int] = ..., tokenize_ms: _Optional[float] = ..., queue_ms: _Optional[float] = ..., inference_ms: _Optional[float] = ..., total_ms: _Optional[float] = ..., batches: _Optional[int] = ..., max_batch_size: _Optional[int] = ..., shared_batches: _Optional[int] = ..., retrieve_ms: _Optional[float] = ..., candidates: _Optional[int] = ...) -> None: ...
+    messages: int
+    tokens: int
+    def __init__(self, model: _Optional[str] = ..., passages: _Optional[int] = ..., scored: _Optional[int] = ..., returned: _Optional[int] = ..., truncated: _Optional[int] = ..., tokenize_ms: _Optional[float] = ..., queue_ms: _Optional[float] = ..., inference_ms: _Optional[float] = ..., total_ms: _Optional[float] = ..., batches: _Optional[int] = ..., max_batch_size: _Optional[int] = ..., shared_batches: _Optional[int] = ..., retrieve_ms: _Optional[float] = ..., candidates: _Optional[int] = ..., messages: _Optional[int] = ..., tokens: _Optional[int] = ...) -> None: ...
 
 class ListModelsRequest(_message.Message):
     __slots__ = ()

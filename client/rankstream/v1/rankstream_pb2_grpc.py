@@ -39,7 +39,7 @@ class RerankerStub:
         self.Rerank = channel.unary_stream(
                 '/rankstream.v1.Reranker/Rerank',
                 request_serializer=rankstream_dot_v1_dot_rankstream__pb2.RerankRequest.SerializeToString,
-                response_deserializer=rankstream_dot_v1_dot_rankstream__pb2.ScoredPassage.FromString,
+                response_deserializer=rankstream_dot_v1_dot_rankstream__pb2.ScoredPassages.FromString,
                 _registered_method=True)
 
 
@@ -51,11 +51,15 @@ class RerankerServicer:
     def Rerank(self, request, context):
         """Rerank scores every passage of the request against the query.
 
-        Stream semantics depend on RerankRequest.order:
+        Each stream message is a batch of passages (ScoredPassages), never one
+        message per passage. Stream semantics depend on RerankRequest.order:
         RANKED    (default): once all passages are scored, the best `top_n`
-        passages are sent best first, each with its 1-based rank.
-        AS_SCORED: each micro-batch's passages are sent as soon as that batch is
-        scored, in scoring order, with rank = 0 (not ranked yet).
+        passages are sent best first, each with its 1-based rank, in
+        one message (split into consecutive messages only when one
+        would pass the server's message size limit).
+        AS_SCORED: one message per scored micro-batch, sent as soon as that
+        batch is scored, with rank = 0 (not ranked yet); each passage
+        carries its request index.
         Timings and counts come in the trailing metadata key
         "rankstream-stats-bin": a serialized RerankStats message.
 
@@ -73,7 +77,7 @@ def add_RerankerServicer_to_server(servicer, server):
             'Rerank': grpc.unary_stream_rpc_method_handler(
                     servicer.Rerank,
                     request_deserializer=rankstream_dot_v1_dot_rankstream__pb2.RerankRequest.FromString,
-                    response_serializer=rankstream_dot_v1_dot_rankstream__pb2.ScoredPassage.SerializeToString,
+                    response_serializer=rankstream_dot_v1_dot_rankstream__pb2.ScoredPassages.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -104,7 +108,7 @@ class Reranker:
             target,
             '/rankstream.v1.Reranker/Rerank',
             rankstream_dot_v1_dot_rankstream__pb2.RerankRequest.SerializeToString,
-            rankstream_dot_v1_dot_rankstream__pb2.ScoredPassage.FromString,
+            rankstream_dot_v1_dot_rankstream__pb2.ScoredPassages.FromString,
             options,
             channel_credentials,
             insecure,
@@ -131,12 +135,12 @@ class RetrieverStub:
         self.Retrieve = channel.unary_stream(
                 '/rankstream.v1.Retriever/Retrieve',
                 request_serializer=rankstream_dot_v1_dot_rankstream__pb2.RetrieveRequest.SerializeToString,
-                response_deserializer=rankstream_dot_v1_dot_rankstream__pb2.ScoredPassage.FromString,
+                response_deserializer=rankstream_dot_v1_dot_rankstream__pb2.ScoredPassages.FromString,
                 _registered_method=True)
         self.RetrieveAndRerank = channel.unary_stream(
                 '/rankstream.v1.Retriever/RetrieveAndRerank',
                 request_serializer=rankstream_dot_v1_dot_rankstream__pb2.RetrieveAndRerankRequest.SerializeToString,
-                response_deserializer=rankstream_dot_v1_dot_rankstream__pb2.ScoredPassage.FromString,
+                response_deserializer=rankstream_dot_v1_dot_rankstream__pb2.ScoredPassages.FromString,
                 _registered_method=True)
         self.UpsertPassages = channel.unary_unary(
                 '/rankstream.v1.Retriever/UpsertPassages',
@@ -157,7 +161,8 @@ class RetrieverServicer:
     """
 
     def Retrieve(self, request, context):
-        """Retrieve streams the top_k passages nearest to the query, best first (stage RETRIEVE).
+        """Retrieve streams the top_k passages nearest to the query, best first (stage RETRIEVE),
+        in one ScoredPassages message (split only past the message size limit).
         Trailing metadata "rankstream-stats-bin" carries a RerankStats as for Rerank.
         Errors: INVALID_ARGUMENT, NOT_FOUND (unknown index), RESOURCE_EXHAUSTED, UNAVAILABLE.
         """
@@ -194,12 +199,12 @@ def add_RetrieverServicer_to_server(servicer, server):
             'Retrieve': grpc.unary_stream_rpc_method_handler(
                     servicer.Retrieve,
                     request_deserializer=rankstream_dot_v1_dot_rankstream__pb2.RetrieveRequest.FromString,
-                    response_serializer=rankstream_dot_v1_dot_rankstream__pb2.ScoredPassage.SerializeToString,
+                    response_serializer=rankstream_dot_v1_dot_rankstream__pb2.ScoredPassages.SerializeToString,
             ),
             'RetrieveAndRerank': grpc.unary_stream_rpc_method_handler(
                     servicer.RetrieveAndRerank,
                     request_deserializer=rankstream_dot_v1_dot_rankstream__pb2.RetrieveAndRerankRequest.FromString,
-                    response_serializer=rankstream_dot_v1_dot_rankstream__pb2.ScoredPassage.SerializeToString,
+                    response_serializer=rankstream_dot_v1_dot_rankstream__pb2.ScoredPassages.SerializeToString,
             ),
             'UpsertPassages': grpc.unary_unary_rpc_method_handler(
                     servicer.UpsertPassages,
@@ -241,7 +246,7 @@ class Retriever:
             target,
             '/rankstream.v1.Retriever/Retrieve',
             rankstream_dot_v1_dot_rankstream__pb2.RetrieveRequest.SerializeToString,
-            rankstream_dot_v1_dot_rankstream__pb2.ScoredPassage.FromString,
+            rankstream_dot_v1_dot_rankstream__pb2.ScoredPassages.FromString,
             options,
             channel_credentials,
             insecure,
@@ -268,7 +273,7 @@ class Retriever:
             target,
             '/rankstream.v1.Retriever/RetrieveAndRerank',
             rankstream_dot_v1_dot_rankstream__pb2.RetrieveAndRerankRequest.SerializeToString,
-            rankstream_dot_v1_dot_rankstream__pb2.ScoredPassage.FromString,
+            rankstream_dot_v1_dot_rankstream__pb2.ScoredPassages.FromString,
             options,
             channel_credentials,
             insecure,

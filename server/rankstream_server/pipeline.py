@@ -1,0 +1,61 @@
+"""The rules of Rerank and of retrieve-then-rerank, apart from gRPC: what gets scored, in which
+order results come out, and in which chunks. The servicers turn each chunk into one
+ScoredPassages message (or a few, past the message size limit)."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+import numpy as np
+
+from .ranking import activate, passing, rank
+from .registry import ServedModel
+from .scoring import ModelCall
+
+
+@dataclass(frozen=True)
+class ScoredChunk:
+    """Results to send together: positions in the request, scores, and 1-based ranks (0 when
+    not ranked, in AS_SCORED order). Arrays of one length."""
+
+    indices: np.ndarray
+    scores: np.ndarray
+    ranks: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+
+async def scored_chunks(
+    call: ModelCall,
+    model: ServedModel,
+    query: str,
+    texts: list[str],
+    as_scored: bool,
+    top_n: int,
+    threshold: float | None,
+    raw: bool,
+) -> AsyncIterator[ScoredChunk]:
+    """Scores texts against the query. AS_SCORED: one chunk per scored micro-batch, as it comes.
+    RANKED: one chunk once every text is scored, best first, cut at top_n and the threshold."""
+    activation = "none" if raw else model.loaded.activation
+    if as_scored:
+        async for indices, raw_scores in call.score(model, query, texts):
+            scores = activate(raw_scores, activation)
+            keep = passing(scores, threshold)
+            if keep.any():
+                yield ScoredChunk(indices[keep], scores[keep], np.zeros(int(keep.sum()), dtype=np.int32))
+        return
+    scores = np.empty(len(texts), dtype=np.float32)
+    async for indices, raw_scores in call.score(model, query, texts):
+        scores[indices] = activate(raw_scores, activation)
+    order = rank(scores, top_n, threshold)
+    yield ScoredChunk(order, scores[order], np.arange(1, len(order) + 1, dtype=np.int32))
+
+
+def retrieved_chunk(scores: np.ndarray, threshold: float | None) -> ScoredChunk:
+    """Retrieve's results, already best first: cut at the threshold, ranked 1.."""
+    keep = int(passing(scores, threshold).sum()) if threshold is not None else len(scores)
+    # Best first, so the passing scores are a prefix.
+    return ScoredChunk(np.arange(keep), scores[:keep], np.arange(1, keep + 1, dtype=np.int32))
