@@ -11,7 +11,7 @@ import pytest
 from rankstream_server.batcher import DynamicBatcher, Job
 from rankstream_server.config import BatchingConfig
 from rankstream_server.errors import InferenceFailed, ResourceExhausted
-from rankstream_server.tokenization import TokenizedInput
+from rankstream_server.tokenization import Tokens
 
 
 class RecordingBackend:
@@ -20,22 +20,32 @@ class RecordingBackend:
     asynchronous = False
 
     def __init__(self, fail: bool = False):
-        self.batches: list[list[tuple[int, int]]] = []  # per batch: (index, length)
+        self.batches: list[list[tuple[int, int]]] = []  # per batch, in slot order: (index, length)
+        self.owners: list[list[object]] = []  # per batch: the jobs it carried
         self.gate = threading.Event()
         self.gate.set()
         self.fail = fail
 
-    def launch(self, pairs):
+    def launch(self, batch):
         self.gate.wait(10)
         if self.fail:
             raise RuntimeError("device fell over")
-        self.batches.append([(p.index, len(p.input_ids)) for p in pairs])
-        scores = np.array([len(p.input_ids) for p in pairs], dtype=np.float32)
+        rows = [None] * batch.real
+        for piece in batch.pieces:
+            for row, slot in zip(piece.rows.tolist(), piece.slots.tolist()):
+                rows[slot] = (row, int(piece.tokens.lengths[row]))
+        self.batches.append(rows)
+        self.owners.append([piece.owner for piece in batch.pieces])
+        scores = np.array([length for _, length in rows], dtype=np.float32)
         return type("Done", (), {"result": lambda self: scores})()
 
 
-def pairs_of(lengths: list[int]) -> list[TokenizedInput]:
-    return [TokenizedInput(i, [1] * n, None, False) for i, n in enumerate(lengths)]
+def pairs_of(lengths: list[int]) -> Tokens:
+    lengths = np.array(lengths, dtype=np.int32)
+    ids = np.zeros((len(lengths), int(lengths.max())), dtype=np.int64)
+    for i, n in enumerate(lengths):
+        ids[i, :n] = 1
+    return Tokens(ids, None, lengths, 0)
 
 
 async def collect(job: Job) -> dict[int, float]:

@@ -143,10 +143,11 @@ def test_query_too_long_for_the_model_is_a_token_check_not_truncation(models):
     tokenizer = PairTokenizer(AutoTokenizer.from_pretrained(models.bert), 32, "tiny-bert", True)
     pairs = tokenizer.encode("a short query", ["word " * 100, "tiny"])
     query_ids = AutoTokenizer.from_pretrained(models.bert)("a short query")["input_ids"]
-    assert len(pairs[0].input_ids) == 32 and pairs[0].truncated
-    assert pairs[0].input_ids[: len(query_ids)] == query_ids, "the query survives truncation whole"
-    assert pairs[0].input_ids[-1] == query_ids[-1], "the pair still ends with [SEP]"
-    assert not pairs[1].truncated and np.count_nonzero(pairs[1].token_type_ids) == 2
+    first = pairs.input_ids[0, : pairs.lengths[0]].tolist()
+    assert len(first) == 32 and pairs.truncated == 1, "only the long passage was cut"
+    assert first[: len(query_ids)] == query_ids, "the query survives truncation whole"
+    assert first[-1] == query_ids[-1], "the pair still ends with [SEP]"
+    assert pairs.lengths[1] < 32 and np.count_nonzero(pairs.token_type_ids[1]) == 2
 
 
 def test_concurrent_tokenization_never_exceeds_max_length(models):
@@ -167,4 +168,5 @@ def test_concurrent_tokenization_never_exceeds_max_length(models):
             results = list(pool.map(lambda _: tokenizer.encode("a query", long_passages), range(300)))
     finally:
         sys.setswitchinterval(previous)
-    assert max(len(p.input_ids) for pairs in results for p in pairs) == 64
+    assert max(int(tokens.lengths.max()) for tokens in results) == 64
+    assert all(tokens.input_ids.shape == (4, 64) for tokens in results)

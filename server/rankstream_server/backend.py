@@ -1,109 +1,300 @@
-"""Running a model on a batch of tokenized inputs with torch, on CPU or CUDA.
+"""Running a model on a batch with torch, on CPU or CUDA.
 
-The batcher sees one small interface: `launch(inputs) -> PendingResult`, then
-`PendingResult.result() -> float32 array` (cross-encoders: one logit per row;
-bi-encoders: one embedding per row). On CUDA, launch only queues the work
-(pinned host memory, non-blocking copies, an event after the copy back), so the
-batcher forms and launches the next batch while this one runs. On CPU, launch
-computes at once.
+The batcher sees one small interface: `launch(batch) -> PendingResult`, then
+`PendingResult.result() -> float32 array` (cross-encoders: one logit per row; bi-encoders: one
+embedding per row), and `shapes`, the ShapePolicy its batches must follow.
+
+On CUDA:
+- every pass has one of a few shapes (widths in buckets, rows in buckets), all warmed at
+  start-up, so serving never meets a cold shape;
+- inputs are collated straight into reusable pinned buffers and copied without blocking; the
+  output comes back into a pinned buffer, with an event to wait on, so the batcher forms and
+  launches the next pass while this one runs;
+- each shape is captured as a CUDA graph, so small models stop paying per-kernel launch cost;
+  a capture that fails, or whose output differs from the eager pass, turns graphs off for that
+  model (logged) and serving goes on eagerly;
+- the SDPA attention kernel is chosen by timing the candidates at start-up.
+On CPU, launch computes at once, eagerly, in exact shapes.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import contextlib
+import logging
+import time
+from collections.abc import Callable
 
 import numpy as np
 import torch
 
+from .batches import Batch, Piece, ShapePolicy, collate, power_of_two_rows
+from .config import BatchingConfig
 from .model_loading import LoadedModel
-from .tokenization import TokenizedInput
+from .tokenization import Tokens
+
+log = logging.getLogger(__name__)
+
+CPU_BATCH_TOKENS = 2048  # measured fastest per pair on CPU: caches beat big matrices
+GPU_BATCH_TOKENS = 16384
+GPU_LENGTH_BUCKET = 32
+STAGING_SLOTS = 3  # pinned buffer sets in rotation (the batcher keeps at most two passes in flight)
+
+
+def shape_policy(loaded: LoadedModel, config: BatchingConfig) -> ShapePolicy:
+    """The shapes a model's passes take, by device and config."""
+    cuda = loaded.device.type == "cuda"
+    max_tokens = config.max_batch_tokens or (GPU_BATCH_TOKENS if cuda else CPU_BATCH_TOKENS)
+    length_bucket = config.length_bucket or (GPU_LENGTH_BUCKET if cuda else 1)
+    pad_rows = config.pad_rows if config.pad_rows is not None else cuda
+    rows = power_of_two_rows(config.max_batch_size) if pad_rows else ()
+    return ShapePolicy(loaded.max_length, config.max_batch_size, max_tokens, length_bucket, rows)
 
 
 class PendingResult:
-    """Output of a launched batch; `result()` waits for it."""
+    """Output of a launched pass; `result()` waits for it."""
 
-    def __init__(self, host: torch.Tensor, ready: torch.cuda.Event | None):
+    def __init__(self, host: torch.Tensor, ready: torch.cuda.Event | None, rows: int):
         self._host = host
         self._ready = ready
+        self._rows = rows
 
     def result(self) -> np.ndarray:
         if self._ready is not None:
             self._ready.synchronize()
-        return self._host.numpy()
+        return self._host[: self._rows].numpy().copy()  # the buffer is reused by a later pass
+
+
+class _Staging:
+    """One set of pinned host buffers sized for the largest pass, viewed per shape."""
+
+    def __init__(self, capacity: int, rows: int, with_types: bool):
+        self.input_ids = torch.empty(capacity, dtype=torch.int64, pin_memory=True)
+        self.attention_mask = torch.empty(capacity, dtype=torch.int64, pin_memory=True)
+        self.token_type_ids = torch.empty(capacity, dtype=torch.int64, pin_memory=True) if with_types else None
+        self.output: torch.Tensor | None = None  # allocated at the first result, when its width is known
+        self.rows = rows
+        self.done: torch.cuda.Event | None = None
+
+    def views(self, rows: int, width: int) -> dict[str, torch.Tensor]:
+        count = rows * width
+        views = {"input_ids": self.input_ids[:count].view(rows, width),
+                 "attention_mask": self.attention_mask[:count].view(rows, width)}
+        if self.token_type_ids is not None:
+            views["token_type_ids"] = self.token_type_ids[:count].view(rows, width)
+        return views
+
+
+class _Graph:
+    """One captured pass of a fixed shape: static inputs to copy into, a static output."""
+
+    def __init__(self, graph: torch.cuda.CUDAGraph, inputs: dict[str, torch.Tensor], output: torch.Tensor):
+        self.graph = graph
+        self.inputs = inputs
+        self.output = output
 
 
 class TorchBackend:
-    """Pads a batch, runs the model's forward pass, hands back float32 rows."""
+    """Collates a batch, runs the model's forward pass, hands back float32 rows."""
 
-    def __init__(self, loaded: LoadedModel):
+    def __init__(self, loaded: LoadedModel, config: BatchingConfig | None = None):
+        config = config or BatchingConfig()
         self._model = loaded.model
         self._device = loaded.device
         self._pad_id = loaded.tokenizer.pad_token_id or 0
         self._uses_token_type_ids = loaded.uses_token_type_ids
         self.asynchronous = loaded.device.type == "cuda"
-
-    def _collate(self, inputs: Sequence[TokenizedInput]) -> dict[str, torch.Tensor]:
-        width = max(len(p.input_ids) for p in inputs)
-        input_ids = np.full((len(inputs), width), self._pad_id, dtype=np.int64)
-        attention_mask = np.zeros((len(inputs), width), dtype=np.int64)
-        token_type_ids = np.zeros((len(inputs), width), dtype=np.int64) if self._uses_token_type_ids else None
-        for row, item in enumerate(inputs):
-            n = len(item.input_ids)
-            input_ids[row, :n] = item.input_ids
-            attention_mask[row, :n] = 1
-            if token_type_ids is not None:
-                token_type_ids[row, :n] = item.token_type_ids
-        arrays = {"input_ids": input_ids, "attention_mask": attention_mask}
-        if token_type_ids is not None:
-            arrays["token_type_ids"] = token_type_ids
-        tensors = {name: torch.from_numpy(array) for name, array in arrays.items()}
+        self.shapes = shape_policy(loaded, config)
+        self._use_graphs = self.asynchronous and config.cuda_graphs
+        self._attention = config.attention
+        self._sdpa_context: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext
+        self._graphs: dict[tuple[int, int], _Graph] = {}
+        self._graph_pool = None
+        capacity = max(self.shapes.max_tokens, self.shapes.max_length) * 2
         if self.asynchronous:
-            return {name: t.pin_memory().to(self._device, non_blocking=True) for name, t in tensors.items()}
-        return tensors
+            with torch.cuda.device(self._device):
+                self._staging = [_Staging(capacity, self.shapes.rows_for(1), self._uses_token_type_ids)
+                                 for _ in range(STAGING_SLOTS)]
+                self._stream = torch.cuda.current_stream(self._device)
+        else:
+            self._cpu_buffers = _Staging.__new__(_Staging)  # plain (unpinned) memory, reused: CPU passes are synchronous
+            self._cpu_buffers.input_ids = torch.empty(capacity, dtype=torch.int64)
+            self._cpu_buffers.attention_mask = torch.empty(capacity, dtype=torch.int64)
+            self._cpu_buffers.token_type_ids = torch.empty(capacity, dtype=torch.int64) if self._uses_token_type_ids else None
+        self._next_slot = 0
 
-    def _forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    @property
+    def graphs(self) -> int:
+        """Shapes captured as CUDA graphs."""
+        return len(self._graphs)
+
+    def _forward(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
         raise NotImplementedError
 
+    def _collate_into(self, buffers: _Staging, batch: Batch) -> dict[str, torch.Tensor]:
+        views = buffers.views(batch.rows, batch.width)
+        types = views.get("token_type_ids")
+        collate(batch, views["input_ids"].numpy(), views["attention_mask"].numpy(),
+                types.numpy() if types is not None else None, self._pad_id)
+        return views
+
     @torch.inference_mode()
-    def launch(self, inputs: Sequence[TokenizedInput]) -> PendingResult:
+    def launch(self, batch: Batch) -> PendingResult:
         if not self.asynchronous:
-            return PendingResult(self._forward(self._collate(inputs)).float(), None)
-        with torch.cuda.device(self._device):  # streams and events of the model's own GPU
-            output = self._forward(self._collate(inputs)).float()
-            host = torch.empty(output.shape, dtype=torch.float32, pin_memory=True)
-            host.copy_(output, non_blocking=True)
-            ready = torch.cuda.Event()
-            ready.record()
-        return PendingResult(host, ready)
+            output = self._forward(self._collate_into(self._cpu_buffers, batch)).float()
+            return PendingResult(output, None, batch.real)
+        slot = self._staging[self._next_slot]
+        self._next_slot = (self._next_slot + 1) % len(self._staging)
+        if slot.done is not None:
+            slot.done.synchronize()  # its last pass has finished with the buffers
+        host = self._collate_into(slot, batch)
+        with torch.cuda.device(self._device), self._sdpa_context():
+            graph = self._graphs.get((batch.rows, batch.width))
+            if graph is not None:
+                for name, tensor in host.items():
+                    graph.inputs[name].copy_(tensor, non_blocking=True)
+                graph.graph.replay()
+                output = graph.output
+            else:
+                device_inputs = {name: tensor.to(self._device, non_blocking=True) for name, tensor in host.items()}
+                output = self._forward(device_inputs).float()
+            if slot.output is None or slot.output.shape[1:] != output.shape[1:]:
+                slot.output = torch.empty((slot.rows, *output.shape[1:]), dtype=torch.float32, pin_memory=True)
+            slot.output[: batch.rows].copy_(output, non_blocking=True)
+            slot.done = torch.cuda.Event()
+            slot.done.record()
+        return PendingResult(slot.output, slot.done, batch.real)
+
+    # -- warm-up (CUDA) ------------------------------------------------------------------
+
+    def _dummy(self, rows: int, width: int) -> Batch:
+        """A pass of the given shape, rows of mixed lengths (so masks are not all ones)."""
+        lengths = np.linspace(max(1, width // 2), width, num=rows).astype(np.int32) if rows > 1 else np.array([width], np.int32)
+        ids = np.full((rows, width), 1000, dtype=np.int64)
+        tokens = Tokens(ids, np.zeros_like(ids) if self._uses_token_type_ids else None, lengths, 0)
+        rows_index = np.arange(rows, dtype=np.int64)
+        return Batch(rows, width, rows, int(lengths.sum()), [Piece(None, tokens, rows_index, rows_index)])
+
+    @torch.inference_mode()
+    def warm_up(self) -> None:
+        """CUDA: choose the attention kernel, meet every shape once, capture graphs. CPU: one pass."""
+        if not self.asynchronous:
+            self.launch(self._dummy(2, 8)).result()
+            return
+        shapes = self.shapes.shapes()
+        started = time.perf_counter()
+        self._choose_attention()
+        for rows, width in shapes:
+            self.launch(self._dummy(rows, width)).result()
+        if self._use_graphs:
+            self._capture(shapes)
+        log.info("warmed %d shapes (%d as CUDA graphs) in %.1f s", len(shapes), len(self._graphs), time.perf_counter() - started)
+
+    def _choose_attention(self) -> None:
+        """Times each SDPA kernel on a large pass and keeps the fastest that runs."""
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        candidates = {
+            "cudnn": [SDPBackend.CUDNN_ATTENTION],
+            "flash": [SDPBackend.FLASH_ATTENTION],
+            "efficient": [SDPBackend.EFFICIENT_ATTENTION],
+            "math": [SDPBackend.MATH],
+        }
+        if self._attention != "auto":
+            chosen = candidates[self._attention]
+            self._sdpa_context = lambda: sdpa_kernel(chosen)
+            return
+        width = min(self.shapes.max_length, 128)
+        rows = self.shapes.rows_for(width)
+        timings = {}
+        for name, kernels in candidates.items():
+            self._sdpa_context = lambda kernels=kernels: sdpa_kernel(kernels)
+            try:
+                self.launch(self._dummy(rows, width)).result()  # meets the shape (cuDNN builds its plan)
+                torch.cuda.synchronize(self._device)
+                begun = time.perf_counter()
+                for _ in range(3):
+                    self.launch(self._dummy(rows, width)).result()
+                timings[name] = (time.perf_counter() - begun) / 3
+            except RuntimeError as error:  # this kernel cannot run this model or mask
+                log.debug("attention kernel %s unavailable: %s", name, error)
+        best = min(timings, key=timings.get, default=None)
+        self._sdpa_context = (lambda: sdpa_kernel(candidates[best])) if best else contextlib.nullcontext
+        log.info("attention kernel %s (ms per pass of %dx%d: %s)", best, rows, width,
+                 {k: round(v * 1000, 2) for k, v in timings.items()})
+
+    def _capture(self, shapes: list[tuple[int, int]]) -> None:
+        device = self._device
+        try:
+            with torch.cuda.device(device), self._sdpa_context():
+                self._graph_pool = torch.cuda.graph_pool_handle()
+                for rows, width in sorted(shapes, reverse=True):  # largest first: the pool fits the rest
+                    self._graphs[(rows, width)] = self._capture_one(rows, width)
+                rows, width = shapes[len(shapes) // 2]
+                self._check_graph(rows, width)
+        except Exception as error:  # noqa: BLE001 - graphs are an optimization: serve eagerly instead
+            log.warning("CUDA graphs off for this model (%s: %s); serving eagerly", type(error).__name__, error)
+            self._graphs.clear()
+            self._graph_pool = None
+            torch.cuda.synchronize(device)
+
+    def _capture_one(self, rows: int, width: int) -> _Graph:
+        device = self._device
+        inputs = {"input_ids": torch.full((rows, width), self._pad_id, dtype=torch.int64, device=device),
+                  "attention_mask": torch.ones((rows, width), dtype=torch.int64, device=device)}
+        if self._uses_token_type_ids:
+            inputs["token_type_ids"] = torch.zeros((rows, width), dtype=torch.int64, device=device)
+        side = torch.cuda.Stream(device)
+        side.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(side):
+            for _ in range(2):
+                self._forward(inputs)
+        torch.cuda.current_stream(device).wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self._graph_pool):
+            output = self._forward(inputs).float()
+        return _Graph(graph, inputs, output)
+
+    def _check_graph(self, rows: int, width: int) -> None:
+        """The graph's output must equal the eager pass's on the same input."""
+        batch = self._dummy(rows, width)
+        graphed = self.launch(batch).result()
+        saved, self._graphs = self._graphs, {}
+        try:
+            eager = self.launch(batch).result()
+        finally:
+            self._graphs = saved
+        difference = float(np.max(np.abs(graphed - eager))) if graphed.size else 0.0
+        if not np.isfinite(difference) or difference > 1e-2:
+            raise RuntimeError(f"graph output differs from eager by {difference}")
 
 
 class CrossEncoderBackend(TorchBackend):
     """One logit per (query, passage) pair."""
 
-    def _forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        return self._model(**batch).logits.reshape(-1)
+    def _forward(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+        return self._model(**inputs).logits.reshape(-1)
 
 
 class BiEncoderBackend(TorchBackend):
     """One embedding per text: CLS or mean pooling, L2-normalized for cosine similarity
     (as sentence-transformers' Pooling and Normalize modules compute them)."""
 
-    def __init__(self, loaded: LoadedModel):
-        super().__init__(loaded)
+    def __init__(self, loaded: LoadedModel, config: BatchingConfig | None = None):
+        super().__init__(loaded, config)
         self._pooling = loaded.pooling
         self._normalize = loaded.similarity == "cosine"
 
-    def _forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        hidden = self._model(**batch).last_hidden_state
+    def _forward(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+        hidden = self._model(**inputs).last_hidden_state
         if self._pooling == "cls":
             pooled = hidden[:, 0]
         else:
-            mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
+            mask = inputs["attention_mask"].unsqueeze(-1).to(hidden.dtype)
             pooled = (hidden * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1e-9)
         if self._normalize:
             pooled = torch.nn.functional.normalize(pooled.float(), p=2, dim=1)
         return pooled
 
 
-def backend_for(loaded: LoadedModel) -> TorchBackend:
-    return CrossEncoderBackend(loaded) if loaded.kind == "cross" else BiEncoderBackend(loaded)
+def backend_for(loaded: LoadedModel, config: BatchingConfig | None = None) -> TorchBackend:
+    return CrossEncoderBackend(loaded, config) if loaded.kind == "cross" else BiEncoderBackend(loaded, config)

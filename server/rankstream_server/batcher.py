@@ -1,13 +1,19 @@
 """Dynamic batching: one bounded queue and one inference thread per model.
 
-Requests from many clients are merged into shared forward passes. A batch is
-cut by a padded-token budget (rows x longest row) and a row cap; it waits at
-most `max_wait_ms` for more work once it has some. The oldest few batches' worth
-of queued pairs, from all requests, are sorted by length before they are cut,
-so rows of a batch have similar lengths and padding stays small. Work of
-cancelled or expired requests is dropped before it runs. A request that would overflow the queue is refused at once
-(ResourceExhausted). Model code runs only on the batcher's thread, never on the
-event loop; results go back to the loop with call_soon_threadsafe.
+Requests from many clients are merged into shared forward passes. A request's tokens stay one
+set of arrays (tokenization.Tokens); the queue holds requests, not pairs, so nothing on the hot
+path costs Python per pair. A pass is cut by a padded-token budget and a row cap, in the shapes
+the backend's ShapePolicy allows; it waits at most `max_wait_ms` for more work once it has
+some. The oldest few passes' worth of queued rows, from all requests, are sorted by length
+before they are cut, so rows of a pass have similar lengths and padding stays small.
+
+Two lanes: interactive work (queries, reranks) goes before bulk work (upserts, index builds),
+so a query never waits behind a big upsert; bulk work that has waited `bulk_max_wait_ms` is
+taken first, so it is never starved.
+
+Work of cancelled or expired requests is dropped before it runs; cancelling is O(1). A request
+that would overflow the queue is refused at once (ResourceExhausted). Model code runs only on
+the batcher's thread, never on the event loop; results go back with call_soon_threadsafe.
 """
 
 from __future__ import annotations
@@ -17,21 +23,23 @@ import collections
 import logging
 import threading
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Protocol
 
 import numpy as np
 
+from .batches import Batch, ShapePolicy, cut_batches
 from .config import BatchingConfig
 from .errors import DeadlineExceeded, InferenceFailed, ResourceExhausted, Unavailable
-from .tokenization import TokenizedInput
+from .tokenization import Tokens
 
 log = logging.getLogger(__name__)
 
-WINDOW = 4  # batches' worth of the oldest work sorted together
+WINDOW = 4  # passes' worth of the oldest work sorted together
 CPU_BATCH_TOKENS = 2048  # defaults for BatchingConfig.max_batch_tokens
 GPU_BATCH_TOKENS = 16384
+INTERACTIVE, BULK = 0, 1
 
 
 class PendingResult(Protocol):
@@ -40,8 +48,9 @@ class PendingResult(Protocol):
 
 class Backend(Protocol):
     asynchronous: bool
+    shapes: ShapePolicy  # set by the batcher from its config when the backend has none of its own
 
-    def launch(self, pairs: Sequence[TokenizedInput]) -> PendingResult: ...
+    def launch(self, batch: Batch) -> PendingResult: ...
 
 
 @dataclass
@@ -54,14 +63,16 @@ class JobStats:
     batches: int = 0
     max_batch_size: int = 0
     shared_batches: int = 0
+    tokens: int = 0
 
 
 @dataclass(eq=False)
 class Job:
-    """One request's pairs in a batcher, and the channel their scores come back on."""
+    """One request's inputs in a batcher, and the channel their results come back on."""
 
     size: int
     deadline: float | None = None  # time.monotonic() value; None = no deadline
+    lane: int = INTERACTIVE
     stats: JobStats = field(default_factory=JobStats)
     cancelled: bool = False
 
@@ -69,6 +80,8 @@ class Job:
         self._loop = asyncio.get_running_loop()
         self._chunks: asyncio.Queue[tuple[np.ndarray, np.ndarray] | BaseException] = asyncio.Queue()
         self._received = 0
+        self.queued = 0  # rows still in the queue (batcher lock)
+        self.work: _Work | None = None
 
     @property
     def done(self) -> bool:
@@ -85,7 +98,7 @@ class Job:
             pass
 
     async def results(self) -> AsyncIterator[tuple[np.ndarray, np.ndarray]]:
-        """Yields (request indices, logits) per micro-batch until every pair is scored."""
+        """Yields (request indices, outputs) per pass until every input is done."""
         while not self.done:
             chunk = await self._chunks.get()
             if isinstance(chunk, BaseException):
@@ -94,14 +107,18 @@ class Job:
             yield chunk
 
 
-@dataclass
-class _Item:
+@dataclass(eq=False)
+class _Work:
+    """A request's rows still queued, longest first; `start` moves as passes take them."""
+
     job: Job
-    pair: TokenizedInput
+    tokens: Tokens
+    rows: np.ndarray
+    start: int = 0
 
     @property
-    def length(self) -> int:
-        return len(self.pair.input_ids)
+    def left(self) -> int:
+        return len(self.rows) - self.start
 
 
 @dataclass
@@ -117,21 +134,24 @@ class BatcherCounters:
 
 
 class DynamicBatcher:
-    """Merges pairs of concurrent requests into forward passes on one thread."""
+    """Merges inputs of concurrent requests into forward passes on one thread."""
 
     def __init__(self, name: str, backend: Backend, config: BatchingConfig):
         self.name = name
         self.capacity = config.queue_capacity
         self._backend = backend
-        self._max_tokens = config.max_batch_tokens or (
-            GPU_BATCH_TOKENS if backend.asynchronous else CPU_BATCH_TOKENS
-        )
-        self._max_rows = config.max_batch_size
+        shapes = getattr(backend, "shapes", None)
+        if shapes is None:
+            max_tokens = config.max_batch_tokens or (GPU_BATCH_TOKENS if backend.asynchronous else CPU_BATCH_TOKENS)
+            shapes = ShapePolicy(max_length=1 << 30, max_rows=config.max_batch_size, max_tokens=max_tokens)
+        self._shapes = shapes
         self._max_wait = config.max_wait_ms / 1000.0
+        self._bulk_max_wait = config.bulk_max_wait_ms / 1000.0
         self._cond = threading.Condition()
-        self._queue: collections.deque[_Item] = collections.deque()
+        self._lanes: tuple[collections.deque[_Work], ...] = (collections.deque(), collections.deque())
+        self._queued_rows = 0
         self._queued_tokens = 0
-        self._in_flight = 0  # admitted pairs not yet scored or dropped
+        self._in_flight = 0  # admitted rows not yet done or dropped
         self._closed = False
         self.counters = BatcherCounters()
         self._thread = threading.Thread(target=self._run, name=f"batcher-{name}", daemon=True)
@@ -143,34 +163,47 @@ class DynamicBatcher:
 
     # -- event-loop side -------------------------------------------------------------
 
-    def submit(self, job: Job, pairs: Sequence[TokenizedInput]) -> None:
-        """Queue a request's pairs, or refuse at once when they do not fit."""
-        ordered = sorted(pairs, key=lambda p: len(p.input_ids), reverse=True)
+    def submit(self, job: Job, tokens: Tokens) -> None:
+        """Queue a request's inputs, or refuse at once when they do not fit."""
+        rows = np.argsort(-tokens.lengths, kind="stable").astype(np.int64)
+        count = len(rows)
         with self._cond:
             if self._closed:
                 raise Unavailable(f"model {self.name!r} is shutting down")
-            if self._in_flight + len(ordered) > self.capacity:
+            if self._in_flight + count > self.capacity:
                 self.counters.rejected += 1
                 raise ResourceExhausted(
                     f"model {self.name!r} queue is full: {self._in_flight} of {self.capacity} pairs in flight, "
-                    f"request adds {len(ordered)}; retry later"
+                    f"request adds {count}; retry later"
                 )
             job.stats.enqueued_at = time.perf_counter()
-            self._in_flight += len(ordered)
-            for pair in ordered:
-                self._queue.append(_Item(job, pair))
-                self._queued_tokens += len(pair.input_ids)
+            job.queued = count
+            self._in_flight += count
+            self._queued_rows += count
+            self._queued_tokens += tokens.token_count
+            job.work = _Work(job, tokens, rows)
+            self._lanes[job.lane].append(job.work)
             self._cond.notify()
 
     def cancel(self, job: Job) -> None:
-        """Drop a request's queued pairs (its running batch, if any, completes and is discarded)."""
-        job.cancelled = True
+        """Drop a request's queued inputs (a pass already running completes and is discarded).
+        O(1): the queue entry is skipped when the batcher reaches it."""
         with self._cond:
-            kept = collections.deque(item for item in self._queue if item.job is not job)
-            self._in_flight -= len(self._queue) - len(kept)
-            self.counters.dropped += len(self._queue) - len(kept)
-            self._queued_tokens = sum(item.length for item in kept)
-            self._queue = kept
+            if job.cancelled:
+                return
+            job.cancelled = True
+            self._forget(job)
+
+    def _forget(self, job: Job) -> None:
+        """A dead job's queued rows stop counting (lock held)."""
+        work = job.work
+        if work is not None and work.left:
+            self._queued_tokens -= int(work.tokens.lengths[work.rows[work.start:]].sum())
+            work.start = len(work.rows)
+        self._in_flight -= job.queued
+        self._queued_rows -= job.queued
+        self.counters.dropped += job.queued
+        job.queued = 0
 
     def close(self, timeout: float | None = None) -> None:
         """Stop taking work; the thread finishes what is queued, then exits."""
@@ -182,61 +215,78 @@ class DynamicBatcher:
     # -- batcher thread ------------------------------------------------------------------
 
     def _enough_for_a_batch(self) -> bool:
-        return len(self._queue) >= self._max_rows or self._queued_tokens >= self._max_tokens
+        return self._queued_rows >= self._shapes.max_rows or self._queued_tokens >= self._shapes.max_tokens
 
-    def _is_dead(self, item: _Item, now: float) -> bool:
+    def _is_dead(self, job: Job, now: float) -> bool:
         """Cancelled or expired; an expired request is told once. Call with the lock held."""
-        job = item.job
         if not job.cancelled and job.expired(now):
             job.cancelled = True
+            self._forget(job)
             job._deliver(DeadlineExceeded("deadline passed while the request was queued"))
         return job.cancelled
 
-    def _next_window(self, wait: bool) -> list[list[_Item]]:
-        """Takes the oldest live work, up to WINDOW batches' worth, sorted by length and cut into
-        batches. Sorting across requests, not just within one, is what keeps padding low when
-        many requests are queued; taking the oldest first keeps it fair."""
+    def _lane_order(self, now: float) -> list[collections.deque[_Work]]:
+        interactive, bulk = self._lanes
+        if bulk and now - bulk[0].job.stats.enqueued_at >= self._bulk_max_wait:
+            return [bulk, interactive]
+        return [interactive, bulk]
+
+    def _take_window(self, wait: bool) -> list[tuple[Job, Tokens, np.ndarray]]:
+        """The oldest live work, interactive first, up to WINDOW passes' worth: (job, tokens, rows)."""
         with self._cond:
             if wait:
-                while not self._queue and not self._closed:
+                while not self._queued_rows and not self._closed:
                     self._cond.wait()
                 deadline = time.monotonic() + self._max_wait
-                while self._queue and not self._enough_for_a_batch() and not self._closed:
+                while self._queued_rows and not self._enough_for_a_batch() and not self._closed:
                     remaining = deadline - time.monotonic()
                     if remaining <= 0:
                         break
                     self._cond.wait(remaining)
-            window: list[_Item] = []
-            tokens = 0
+            parts: list[tuple[Job, Tokens, np.ndarray]] = []
+            room_rows = WINDOW * self._shapes.max_rows
+            room_tokens = WINDOW * self._shapes.max_tokens
             now = time.monotonic()
-            while self._queue and len(window) < WINDOW * self._max_rows and tokens < WINDOW * self._max_tokens:
-                item = self._queue.popleft()
-                self._queued_tokens -= item.length
-                if self._is_dead(item, now):
-                    self._in_flight -= 1
-                    self.counters.dropped += 1
-                    continue
-                window.append(item)
-                tokens += item.length
-        window.sort(key=lambda item: item.length, reverse=True)
-        batches: list[list[_Item]] = []
-        for item in window:
-            batch = batches[-1] if batches else None
-            # Sorted longest first, so the batch's first row sets its padded width.
-            if batch is None or len(batch) >= self._max_rows or batch[0].length * (len(batch) + 1) > self._max_tokens:
-                batches.append([item])
-            else:
-                batch.append(item)
-        return batches
+            for lane in self._lane_order(time.perf_counter()):
+                while lane and room_rows > 0 and room_tokens > 0:
+                    work = lane[0]
+                    job = work.job
+                    if self._is_dead(job, now):
+                        lane.popleft()
+                        continue
+                    lengths = work.tokens.lengths[work.rows[work.start:]]
+                    # Rows by tokens: as many as fit in both budgets, at least one.
+                    fits = int(np.searchsorted(np.cumsum(lengths), room_tokens, side="right"))
+                    take = max(1, min(work.left, room_rows, fits))
+                    rows = work.rows[work.start:work.start + take]
+                    work.start += take
+                    taken_tokens = int(work.tokens.lengths[rows].sum())
+                    job.queued -= take
+                    self._queued_rows -= take
+                    self._queued_tokens -= taken_tokens
+                    room_rows -= take
+                    room_tokens -= taken_tokens
+                    parts.append((job, work.tokens, rows))
+                    if work.left == 0:
+                        lane.popleft()
+                if parts:  # one lane per window: length sorting must not put bulk rows ahead of a query
+                    break
+        return parts
 
-    def _live(self, batch: list[_Item]) -> list[_Item]:
-        """Drops rows whose request was cancelled or expired since the window was taken."""
+    def _live(self, batch: Batch) -> Batch | None:
+        """The batch without rows whose request was cancelled or expired since it was cut."""
         with self._cond:
             now = time.monotonic()
-            kept = [item for item in batch if not self._is_dead(item, now)]
-            self._in_flight -= len(batch) - len(kept)
-            self.counters.dropped += len(batch) - len(kept)
-        return kept
+            dead = [piece for piece in batch.pieces if self._is_dead(piece.owner, now)]
+            if not dead:
+                return batch
+            gone = sum(len(piece.rows) for piece in dead)
+            self._in_flight -= gone
+            self.counters.dropped += gone
+        live = [piece for piece in batch.pieces if piece not in dead]
+        if not live:
+            return None
+        return cut_batches([(piece.owner, piece.tokens, piece.rows) for piece in live], self._shapes)[0]
 
     def _run(self) -> None:
         while True:
@@ -247,19 +297,19 @@ class DynamicBatcher:
                 log.exception("batcher %s: unexpected error; continuing", self.name)
 
     def _serve(self) -> None:
-        running: tuple[list[_Item], PendingResult | None, float] | None = None
-        ready: collections.deque[list[_Item]] = collections.deque()
+        running: tuple[Batch, PendingResult | None, float] | None = None
+        ready: collections.deque[Batch] = collections.deque()
         while True:
             if not ready:
-                ready.extend(self._next_window(wait=running is None))
-            batch = self._live(ready.popleft()) if ready else []
-            if not batch:
+                ready.extend(cut_batches(self._take_window(wait=running is None), self._shapes))
+            batch = self._live(ready.popleft()) if ready else None
+            if batch is None:
                 if running is not None:
                     self._complete(*running)
                     running = None
                 elif not ready:
                     with self._cond:
-                        if self._closed and not self._queue:
+                        if self._closed and not self._queued_rows:
                             return
                 continue
             launched = self._launch(batch)
@@ -270,46 +320,44 @@ class DynamicBatcher:
                 self._complete(*running)
                 running = None
 
-    def _launch(self, batch: list[_Item]) -> tuple[list[_Item], PendingResult | None, float]:
+    def _launch(self, batch: Batch) -> tuple[Batch, PendingResult | None, float]:
         started = time.perf_counter()
-        for item in batch:
-            if item.job.stats.first_batch_at is None:
-                item.job.stats.first_batch_at = started
+        for piece in batch.pieces:
+            if piece.owner.stats.first_batch_at is None:
+                piece.owner.stats.first_batch_at = started
         try:
-            return batch, self._backend.launch([item.pair for item in batch]), started
+            return batch, self._backend.launch(batch), started
         except Exception:  # noqa: BLE001 - reported to the requests, logged here
-            log.exception("model %s failed to launch a batch of %d", self.name, len(batch))
+            log.exception("model %s failed to launch a batch of %d", self.name, batch.real)
             return batch, None, started
 
-    def _complete(self, batch: list[_Item], pending: PendingResult | None, started: float) -> None:
-        logits: np.ndarray | None = None
+    def _complete(self, batch: Batch, pending: PendingResult | None, started: float) -> None:
+        outputs: np.ndarray | None = None
         if pending is not None:
             try:
-                logits = pending.result()
+                outputs = pending.result()
             except Exception:  # noqa: BLE001
-                log.exception("model %s failed on a batch of %d", self.name, len(batch))
+                log.exception("model %s failed on a batch of %d", self.name, batch.real)
         elapsed = time.perf_counter() - started
-        by_job: dict[Job, list[int]] = {}
-        for row, item in enumerate(batch):
-            by_job.setdefault(item.job, []).append(row)
-        for job, rows in by_job.items():
+        shared = len(batch.pieces) > 1
+        for piece in batch.pieces:
+            job = piece.owner
             stats = job.stats
             stats.batches += 1
             stats.inference_s += elapsed
-            stats.max_batch_size = max(stats.max_batch_size, len(batch))
-            stats.shared_batches += len(by_job) > 1
-            if logits is None:
+            stats.max_batch_size = max(stats.max_batch_size, batch.real)
+            stats.shared_batches += shared
+            stats.tokens += int(piece.tokens.lengths[piece.rows].sum())
+            if outputs is None:
                 job._deliver(InferenceFailed(f"model {self.name!r} failed on a batch; see the server log"))
-                continue
-            indices = np.fromiter((batch[r].pair.index for r in rows), dtype=np.int64, count=len(rows))
-            job._deliver((indices, logits[rows]))
+            else:
+                job._deliver((piece.rows, outputs[piece.slots]))
         with self._cond:
-            self._in_flight -= len(batch)
+            self._in_flight -= batch.real
             counters = self.counters
             counters.batches += 1
-            counters.items += len(batch)
-            counters.max_batch_size = max(counters.max_batch_size, len(batch))
-            counters.max_requests_per_batch = max(counters.max_requests_per_batch, len(by_job))
-            lengths = [item.length for item in batch]
-            counters.tokens += sum(lengths)
-            counters.padded_tokens += max(lengths) * len(lengths)
+            counters.items += batch.real
+            counters.max_batch_size = max(counters.max_batch_size, batch.real)
+            counters.max_requests_per_batch = max(counters.max_requests_per_batch, len(batch.pieces))
+            counters.tokens += batch.tokens
+            counters.padded_tokens += batch.rows * batch.width

@@ -86,6 +86,19 @@ class BatchingConfig(_Strict):
     max_batch_size: int = Field(128, gt=0, description="Pairs per forward pass.")
     max_wait_ms: float = Field(2.0, ge=0, description="How long a batch waits for more work once it has some.")
     queue_capacity: int = Field(4096, gt=0, description="Pairs queued or running per model; beyond: RESOURCE_EXHAUSTED.")
+    bulk_max_wait_ms: float = Field(
+        500.0, ge=0, description="Bulk work (upserts, builds) goes after queries and reranks, unless it has waited this long."
+    )
+    length_bucket: int | None = Field(
+        None, gt=0, description="Pass widths are multiples of this. Default by device: CUDA 32 (few shapes, all warmed), CPU 1."
+    )
+    pad_rows: bool | None = Field(
+        None, description="Pad pass row counts to powers of two (few shapes). Default: on CUDA only."
+    )
+    cuda_graphs: bool = Field(True, description="Capture each pass shape as a CUDA graph at start-up (CUDA only).")
+    attention: Literal["auto", "cudnn", "flash", "efficient", "math"] = Field(
+        "auto", description="SDPA attention kernel on CUDA; auto = the fastest measured at start-up."
+    )
 
 
 class LimitsConfig(_Strict):

@@ -3,33 +3,30 @@ through a backend, with a progress bar."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 import numpy as np
 from tqdm import tqdm
 
 from .backend import backend_for
-from .batcher import CPU_BATCH_TOKENS, GPU_BATCH_TOKENS
+from .batches import cut_batches
 from .model_loading import LoadedModel
-from .tokenization import PairTokenizer, TextTokenizer, TokenizedInput
+from .tokenization import PairTokenizer, TextTokenizer, Tokens
 
 
-def _run(loaded: LoadedModel, inputs: Sequence[TokenizedInput], label: str, progress: bool) -> np.ndarray | None:
+def _run(loaded: LoadedModel, tokens: Tokens, label: str, progress: bool) -> np.ndarray | None:
+    """Every row through the model in length-sorted passes; outputs in row order."""
     backend = backend_for(loaded)
-    batch_tokens = GPU_BATCH_TOKENS if backend.asynchronous else CPU_BATCH_TOKENS
-    order = sorted(range(len(inputs)), key=lambda i: -len(inputs[i].input_ids))
+    if len(tokens) == 0:
+        return None
     output: np.ndarray | None = None
-    with tqdm(total=len(inputs), unit="text", desc=label, disable=not progress) as bar:
-        start = 0
-        while start < len(order):
-            rows = max(1, batch_tokens // len(inputs[order[start]].input_ids))
-            chunk = order[start : start + rows]
-            result = backend.launch([inputs[i] for i in chunk]).result()
+    everything = np.arange(len(tokens), dtype=np.int64)
+    with tqdm(total=len(tokens), unit="text", desc=label, disable=not progress) as bar:
+        for batch in cut_batches([(None, tokens, everything)], backend.shapes):
+            result = backend.launch(batch).result()
             if output is None:
-                output = np.zeros((len(inputs), *result.shape[1:]), dtype=np.float32)
-            output[chunk] = result
-            bar.update(len(chunk))
-            start += rows
+                output = np.zeros((len(tokens), *result.shape[1:]), dtype=np.float32)
+            for piece in batch.pieces:
+                output[piece.rows] = result[piece.slots]
+            bar.update(batch.real)
     return output
 
 
@@ -47,12 +44,14 @@ def score_pairs(loaded: LoadedModel, pairs: list[tuple[str, str]], progress: boo
         passages = encode_texts(loaded, [p for _, p in pairs], "passage", progress)
         return np.einsum("ij,ij->i", queries, passages) if pairs else np.zeros(0, np.float32)
     tokenizer = PairTokenizer(loaded.tokenizer, loaded.max_length, loaded.config.name, loaded.uses_token_type_ids)
-    inputs: list[TokenizedInput] = []
-    for query, passage in pairs:
-        item = tokenizer.encode(query, [passage])[0]
-        inputs.append(TokenizedInput(len(inputs), item.input_ids, item.token_type_ids, item.truncated))
-    output = _run(loaded, inputs, f"reranking with {loaded.config.name}", progress)
-    return output if output is not None else np.zeros(0, np.float32)
+    output = np.zeros(len(pairs), dtype=np.float32)
+    by_query: dict[str, list[int]] = {}
+    for i, (query, _) in enumerate(pairs):
+        by_query.setdefault(query, []).append(i)
+    for query, positions in by_query.items():  # each query tokenized once, with all its passages
+        scores = _run(loaded, tokenizer.encode(query, [pairs[i][1] for i in positions]), f"reranking with {loaded.config.name}", progress)
+        output[positions] = scores
+    return output
 
 
 def dimension_of(loaded: LoadedModel) -> int:

@@ -5,8 +5,11 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
+import numpy as np
+
 from .backend import backend_for
 from .batcher import DynamicBatcher
+from .batches import cut_batches
 from .config import Settings
 from .corpus_index import CorpusIndex
 from .errors import NotFound
@@ -65,21 +68,19 @@ class ModelRegistry:
             raise
 
     def _load_all(self) -> None:
-        copies = self._settings.server.tokenizer_threads  # one tokenizer copy per tokenizing thread
         for cfg in self._settings.models:
             loaded = load_model(cfg)
-            backend = backend_for(loaded)
+            backend = backend_for(loaded, self._settings.batching)
             if loaded.kind == "cross":
-                tokenizer = PairTokenizer(
-                    loaded.tokenizer, loaded.max_length, cfg.name, loaded.uses_token_type_ids, copies
-                )
-                warmup = tokenizer.encode(_WARMUP_QUERY, _WARMUP_PASSAGES)
+                tokenizer = PairTokenizer(loaded.tokenizer, loaded.max_length, cfg.name, loaded.uses_token_type_ids)
+                tokenizer.encode(_WARMUP_QUERY, _WARMUP_PASSAGES)
             else:
-                tokenizer = TextTokenizer(loaded.tokenizer, loaded.max_length, cfg.query_prefix, cfg.passage_prefix, copies)
-                warmup = tokenizer.encode(_WARMUP_PASSAGES, "passage")
-            if self._settings.server.warmup or loaded.kind == "bi":
-                output = backend.launch(warmup).result()
-                loaded.dimension = output.shape[-1] if loaded.kind == "bi" else 0
+                tokenizer = TextTokenizer(loaded.tokenizer, loaded.max_length, cfg.query_prefix, cfg.passage_prefix)
+                probe = tokenizer.encode(_WARMUP_PASSAGES, "passage")
+                probe_batch = cut_batches([(None, probe, np.arange(len(probe)))], backend.shapes)[0]
+                loaded.dimension = backend.launch(probe_batch).result().shape[-1]
+            if self._settings.server.warmup:
+                backend.warm_up()
             batcher = DynamicBatcher(cfg.name, backend, self._settings.batching)
             self._models[cfg.name] = ServedModel(cfg.name, loaded, tokenizer, batcher)
         for index_cfg in self._settings.indexes:

@@ -5,14 +5,14 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
-from .batcher import Job
+from .batcher import BULK, INTERACTIVE, Job
 from .registry import ServedModel
-from .tokenization import TokenizedInput
+from .tokenization import Tokens
 
 
 class ModelCall:
@@ -27,23 +27,24 @@ class ModelCall:
         self.passages = 0
         self.scored = 0
 
-    async def _tokenize(self, function, *args) -> list[TokenizedInput]:
+    async def _tokenize(self, function, *args) -> Tokens:
         started = time.perf_counter()
-        inputs = await asyncio.get_running_loop().run_in_executor(self._pool, function, *args)
+        tokens = await asyncio.get_running_loop().run_in_executor(self._pool, function, *args)
         self.tokenize_s += time.perf_counter() - started
-        self.truncated += sum(item.truncated for item in inputs)
-        return inputs
+        self.truncated += tokens.truncated
+        return tokens
 
-    def _submit(self, model: ServedModel, inputs: Sequence[TokenizedInput]) -> Job:
-        job = Job(size=len(inputs), deadline=self._deadline)
-        model.batcher.submit(job, inputs)
+    def _submit(self, model: ServedModel, tokens: Tokens, lane: int) -> Job:
+        job = Job(size=len(tokens), deadline=self._deadline, lane=lane)
+        model.batcher.submit(job, tokens)
         self._jobs.append((model, job))
         return job
 
-    async def embed(self, model: ServedModel, texts: list[str], role: str) -> np.ndarray:
-        """Bi-encoder embeddings of texts ("query" or "passage" role), one row per text."""
-        inputs = await self._tokenize(model.tokenizer.encode, texts, role)
-        job = self._submit(model, inputs)
+    async def embed(self, model: ServedModel, texts: list[str], role: str, lane: int | None = None) -> np.ndarray:
+        """Bi-encoder embeddings of texts ("query" or "passage" role), one row per text. By default
+        passages (upserts) go in the bulk lane, behind queries."""
+        tokens = await self._tokenize(model.tokenizer.encode, texts, role)
+        job = self._submit(model, tokens, lane if lane is not None else (BULK if role == "passage" else INTERACTIVE))
         output = np.zeros((len(texts), model.loaded.dimension), dtype=np.float32)
         async for indices, rows in job.results():
             output[indices] = rows
@@ -54,14 +55,14 @@ class ModelCall:
         Cross-encoders give logits; bi-encoders give the similarity of the two embeddings."""
         self.passages += len(texts)
         if model.kind == "cross":
-            inputs = await self._tokenize(model.tokenizer.encode, query, texts)
-            async for chunk in self._submit(model, inputs).results():
+            tokens = await self._tokenize(model.tokenizer.encode, query, texts)
+            async for chunk in self._submit(model, tokens, INTERACTIVE).results():
                 self.scored += len(chunk[0])
                 yield chunk
             return
-        query_vector, passage_vectors = await asyncio.gather(
-            self.embed(model, [query], "query"), self.embed(model, texts, "passage")
-        )
+        # One after the other: a failed query embedding leaves no orphan task behind.
+        query_vector = await self.embed(model, [query], "query")
+        passage_vectors = await self.embed(model, texts, "passage", lane=INTERACTIVE)
         self.scored += len(texts)
         yield np.arange(len(texts)), passage_vectors @ query_vector[0]
 
@@ -84,4 +85,5 @@ class ModelCall:
             "batches": sum(j.stats.batches for j in jobs),
             "max_batch_size": max((j.stats.max_batch_size for j in jobs), default=0),
             "shared_batches": sum(j.stats.shared_batches for j in jobs),
+            "tokens": sum(j.stats.tokens for j in jobs),
         }

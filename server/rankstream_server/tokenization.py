@@ -1,30 +1,54 @@
-"""Turning text into token ids: (query, passage) pairs for cross-encoders, where truncation cuts
+"""Turning text into token arrays: (query, passage) pairs for cross-encoders, where truncation cuts
 the passage and never the query, and single texts for bi-encoders.
 
-Runs on a thread pool (fast tokenizers release the GIL), never on the event loop.
+The hot path talks to the Rust `tokenizers` library directly, never through per-pair Python:
+- the query is tokenized once per request, not once per passage;
+- passages are tokenized as one batch (`encode_batch` releases the GIL and uses every core);
+- a long passage is cut to a word boundary well past what can fit before it is tokenized, so a
+  20,000-character passage does not cost 20,000 characters of tokenizing;
+- special tokens come from the tokenizer's own post-processor template, read once at load, and
+  are laid out around the tokens with numpy into one padded array per request.
+
+The result equals what the Hugging Face tokenizer gives for the same pair with
+`truncation="only_second"` (single texts: `truncation=True`); the parity tests hold it to that.
+Tokenizers without a Rust backend take the Hugging Face call instead, with the same result type.
+Runs on a thread pool, never on the event loop.
 """
 
 from __future__ import annotations
 
-import contextlib
-import copy
-import queue
-from collections.abc import Iterator
+import itertools
 from dataclasses import dataclass
 
+import numpy as np
 from transformers import PreTrainedTokenizerBase
 
 from .errors import InvalidArgument
 
+# A passage is cut to (room in tokens x this many characters) at a word boundary before it is
+# tokenized. Tokens of English text average 4-5 characters; a cut text that still yields too
+# few tokens is tokenized again in full, so this only sets how often that happens.
+CHARACTERS_PER_TOKEN_CUT = 10
 
-@dataclass(frozen=True)
-class TokenizedInput:
-    """One tokenized model input: a (query, passage) pair, or a single text."""
 
-    index: int  # the input's position in its request
-    input_ids: list[int]
-    token_type_ids: list[int] | None
-    truncated: bool
+@dataclass
+class Tokens:
+    """One request's tokenized inputs, as arrays. Row i is the request's input i.
+
+    `input_ids` is padded (with the pad id) to the request's longest row; `lengths` gives each
+    row's real length."""
+
+    input_ids: np.ndarray  # int64 (rows, width)
+    token_type_ids: np.ndarray | None  # int64 (rows, width), for models that take them
+    lengths: np.ndarray  # int32 (rows,)
+    truncated: int  # rows whose text was cut to fit max_length
+
+    def __len__(self) -> int:
+        return len(self.lengths)
+
+    @property
+    def token_count(self) -> int:
+        return int(self.lengths.sum())
 
 
 def passage_text(text: str, title: str | None) -> str:
@@ -32,117 +56,208 @@ def passage_text(text: str, title: str | None) -> str:
     return f"{title} {text}".strip() if title else text
 
 
-class _TokenizerCopies:
-    """Hands each call its own tokenizer copy: a Hugging Face tokenizer call switches truncation
-    and padding on the shared Rust object, so concurrent calls on one copy would race. Copies
-    are made up front (deep copies take tens of milliseconds) and reused."""
+@dataclass(frozen=True)
+class _Template:
+    """Where special tokens go around one or two sequences, read from the post-processor:
+    `parts` in order, each either a sequence slot (0 or 1) or a special token (id, type id)."""
 
-    def __init__(self, tokenizer: PreTrainedTokenizerBase, copies: int = 2):
-        self._original = tokenizer
-        self._idle: queue.SimpleQueue[PreTrainedTokenizerBase] = queue.SimpleQueue()
-        for _ in range(copies):
-            self._idle.put(copy.deepcopy(tokenizer))
+    parts: tuple[tuple[str, int, int], ...]  # ("seq", sequence, type id) or ("special", id, type id)
 
-    @contextlib.contextmanager
-    def _tokenizer(self) -> Iterator[PreTrainedTokenizerBase]:
+    @property
+    def specials(self) -> int:
+        return sum(kind == "special" for kind, _, _ in self.parts)
+
+    @staticmethod
+    def read(backend, pair: bool) -> _Template:
+        first = backend.encode("a", add_special_tokens=False)
+        second = backend.encode("b", add_special_tokens=False) if pair else None
+        done = backend.post_process(first, second, add_special_tokens=True)
+        parts: list[tuple[str, int, int]] = []
+        sequences = 0  # runs of ordinary tokens: the first is sequence 0, the next sequence 1
+        for token, special, type_id in zip(done.ids, done.special_tokens_mask, done.type_ids):
+            if special:
+                parts.append(("special", token, type_id))
+            elif not parts or parts[-1][0] != "seq":
+                parts.append(("seq", sequences, type_id))
+                sequences += 1
+        if sequences != (2 if pair else 1):
+            raise ValueError(f"unexpected special-token template: {done.ids}")
+        return _Template(tuple(parts))
+
+
+def _cut(text: str, room: int) -> tuple[str, bool]:
+    """The text cut at a word boundary past `room` tokens' worth of characters; (text, was cut)."""
+    limit = room * CHARACTERS_PER_TOKEN_CUT
+    if len(text) <= limit:
+        return text, False
+    boundary = text.rfind(" ", limit // 2, limit)
+    if boundary <= 0:
+        return text, False  # no boundary to cut at safely: tokenize it all
+    return text[:boundary], True
+
+
+class _RustTokenizer:
+    """Pieces shared by pair and single-text tokenizers: the Rust tokenizer, set to neither truncate
+    nor pad (a private copy: settings on a shared one would race between threads)."""
+
+    def __init__(self, tokenizer: PreTrainedTokenizerBase, max_length: int):
+        self._max_length = max_length
+        self._pad_id = tokenizer.pad_token_id or 0
+        backend = getattr(tokenizer, "backend_tokenizer", None)
+        self._backend = None
+        if backend is not None:
+            from tokenizers import Tokenizer
+
+            self._backend = Tokenizer.from_str(backend.to_str())
+            self._backend.no_truncation()
+            self._backend.no_padding()
+        self._hf = tokenizer
+
+    @property
+    def fast(self) -> bool:
+        return self._backend is not None
+
+    def _read_template(self, pair: bool) -> _Template | None:
+        """The special-token layout; a tokenizer whose layout this cannot read takes the slow path."""
+        if self._backend is None:
+            return None
         try:
-            tokenizer = self._idle.get_nowait()
-        except queue.Empty:
-            tokenizer = copy.deepcopy(self._original)
-        try:
-            yield tokenizer
-        finally:
-            self._idle.put(tokenizer)
+            return _Template.read(self._backend, pair)
+        except ValueError:
+            self._backend = None
+            return None
 
-    def _checked(self, ids: list[int], max_length: int) -> list[int]:
-        if len(ids) > max_length:  # would break the model (or a CUDA device): never let it through
-            raise RuntimeError(f"tokenizer produced {len(ids)} tokens, over max_length {max_length}")
-        return ids
+    def _token_lists(self, texts: list[str], room: int) -> tuple[list[list[int]], int]:
+        """Each text's tokens (no specials) cut to `room`; and how many were cut."""
+        cut = [_cut(text, room) for text in texts]
+        encodings = self._backend.encode_batch([text for text, _ in cut], add_special_tokens=False)
+        ids = [encoding.ids for encoding in encodings]
+        short = [i for i, (_, was_cut) in enumerate(cut) if was_cut and len(ids[i]) < room]
+        if short:  # the cut fell short of the room: tokenize those in full
+            for i, encoding in zip(short, self._backend.encode_batch([texts[i] for i in short], add_special_tokens=False)):
+                ids[i] = encoding.ids
+        truncated = sum(len(tokens) > room or was_cut for tokens, (_, was_cut) in zip(ids, cut))
+        return ids, truncated
+
+    def _lay_out(self, template: _Template, sequences: dict[int, list[int]], rows: list[list[int]], room: int,
+                 truncated: int, with_types: bool) -> Tokens:
+        """Arrays of `template` filled with the shared sequences (the query, slot 0 for pairs) and
+        one row sequence per input (the last slot), cut to `room`."""
+        row_slot = max(seq for kind, seq, _ in template.parts if kind == "seq")
+        row_lengths = np.fromiter((min(len(r), room) for r in rows), dtype=np.int64, count=len(rows))
+        count = len(rows)
+        fixed = 0  # tokens before the row sequence (same in every row)
+        head_ids: list[int] = []
+        head_types: list[int] = []
+        tail: list[tuple[int, int]] = []
+        row_type = 0
+        seen_row = False
+        for kind, value, type_id in template.parts:
+            if kind == "seq" and value == row_slot:
+                seen_row, row_type = True, type_id
+            elif kind == "seq":
+                head_ids += sequences[value]
+                head_types += [type_id] * len(sequences[value])
+            elif seen_row:
+                tail.append((value, type_id))
+            else:
+                head_ids.append(value)
+                head_types.append(type_id)
+        fixed = len(head_ids)
+        lengths = fixed + row_lengths + len(tail)
+        width = int(lengths.max()) if count else 0
+        input_ids = np.full((count, width), self._pad_id, dtype=np.int64)
+        types = np.zeros((count, width), dtype=np.int64) if with_types else None
+        input_ids[:, :fixed] = head_ids
+        if types is not None:
+            types[:, :fixed] = head_types
+        columns = np.arange(width)
+        body = (columns >= fixed) & (columns < (fixed + row_lengths)[:, None])
+        input_ids[body] = np.fromiter(
+            itertools.chain.from_iterable(r[:room] for r in rows), dtype=np.int64, count=int(row_lengths.sum())
+        )
+        every_row = np.arange(count)
+        for offset, (token, type_id) in enumerate(tail):
+            input_ids[every_row, fixed + row_lengths + offset] = token
+            if types is not None:
+                types[every_row, fixed + row_lengths + offset] = type_id
+        if types is not None:
+            types[body] = row_type
+        if count and int(lengths.max()) > self._max_length:  # would break the model (or a CUDA device)
+            raise RuntimeError(f"tokenizer produced {int(lengths.max())} tokens, over max_length {self._max_length}")
+        return Tokens(input_ids, types, lengths.astype(np.int32), truncated)
+
+    def _from_hf(self, batch, with_types: bool) -> Tokens:
+        """Arrays from a Hugging Face tokenizer's lists (tokenizers without a Rust backend)."""
+        ids = batch["input_ids"]
+        lengths = np.array([len(row) for row in ids], dtype=np.int32)
+        width = int(lengths.max()) if len(ids) else 0
+        input_ids = np.full((len(ids), width), self._pad_id, dtype=np.int64)
+        types = np.zeros((len(ids), width), dtype=np.int64) if with_types else None
+        for i, row in enumerate(ids):
+            input_ids[i, : len(row)] = row
+            if types is not None:
+                types[i, : len(row)] = batch["token_type_ids"][i]
+        if len(ids) and int(lengths.max()) > self._max_length:
+            raise RuntimeError(f"tokenizer produced {int(lengths.max())} tokens, over max_length {self._max_length}")
+        truncated = int((lengths >= self._max_length).sum())  # slow tokenizers do not report overflow
+        return Tokens(input_ids, types, lengths, truncated)
 
 
-class PairTokenizer(_TokenizerCopies):
+class PairTokenizer(_RustTokenizer):
     """Tokenizes a query against many passages for one cross-encoder."""
 
-    def __init__(
-        self, tokenizer: PreTrainedTokenizerBase, max_length: int, model_name: str, uses_token_type_ids: bool, copies: int = 2
-    ):
-        super().__init__(tokenizer, copies)
-        self._max_length = max_length
+    def __init__(self, tokenizer: PreTrainedTokenizerBase, max_length: int, model_name: str, uses_token_type_ids: bool):
+        super().__init__(tokenizer, max_length)
         self._model_name = model_name
         self._uses_token_type_ids = uses_token_type_ids
+        self._template = self._read_template(pair=True)
         self._pair_specials = tokenizer.num_special_tokens_to_add(pair=True)
 
-    def _check_query(self, query: str) -> None:
-        with self._tokenizer() as tokenizer:
-            query_tokens = len(tokenizer(query, add_special_tokens=False)["input_ids"])
-        if query_tokens == 0:
+    def _query_tokens(self, query: str) -> list[int]:
+        if self.fast:
+            tokens = self._backend.encode(query, add_special_tokens=False).ids
+        else:
+            tokens = self._hf(query, add_special_tokens=False)["input_ids"]
+        if not tokens:
             raise InvalidArgument("query: has no tokens for this model (only spaces or control characters?)")
         room = self._max_length - self._pair_specials - 1
-        if query_tokens > room:
+        if len(tokens) > room:
             raise InvalidArgument(
-                f"query is {query_tokens} tokens; model {self._model_name!r} takes at most {room} query tokens "
+                f"query is {len(tokens)} tokens; model {self._model_name!r} takes at most {room} query tokens "
                 f"(max_length {self._max_length}, queries are never truncated)"
             )
+        return tokens
 
-    def encode(self, query: str, passages: list[str]) -> list[TokenizedInput]:
-        self._check_query(query)
-        with self._tokenizer() as tokenizer:
-            batch = tokenizer(
-                [query] * len(passages),
-                passages,
-                truncation="only_second",
-                max_length=self._max_length,
-                padding=False,
-                return_token_type_ids=self._uses_token_type_ids,
-                return_attention_mask=False,
+    def encode(self, query: str, passages: list[str]) -> Tokens:
+        query_tokens = self._query_tokens(query)
+        if not self.fast:
+            batch = self._hf(
+                [query] * len(passages), passages, truncation="only_second", max_length=self._max_length,
+                padding=False, return_token_type_ids=self._uses_token_type_ids, return_attention_mask=False,
             )
-        encodings = getattr(batch, "encodings", None)
-        pairs = []
-        for i, ids in enumerate(batch["input_ids"]):
-            if encodings:
-                truncated = bool(encodings[i].overflowing)
-            else:  # slow tokenizers do not report overflow: a full-length pair was (almost surely) cut
-                truncated = len(ids) >= self._max_length
-            pairs.append(
-                TokenizedInput(
-                    index=i,
-                    input_ids=self._checked(ids, self._max_length),
-                    token_type_ids=batch["token_type_ids"][i] if self._uses_token_type_ids else None,
-                    truncated=truncated,
-                )
-            )
-        return pairs
+            return self._from_hf(batch, self._uses_token_type_ids)
+        room = self._max_length - self._pair_specials - len(query_tokens)
+        rows, truncated = self._token_lists(passages, room)
+        return self._lay_out(self._template, {0: query_tokens}, rows, room, truncated, self._uses_token_type_ids)
 
 
-class TextTokenizer(_TokenizerCopies):
+class TextTokenizer(_RustTokenizer):
     """Tokenizes single texts for one bi-encoder, with its query or passage prefix."""
 
-    def __init__(
-        self, tokenizer: PreTrainedTokenizerBase, max_length: int, query_prefix: str, passage_prefix: str, copies: int = 2
-    ):
-        super().__init__(tokenizer, copies)
-        self._max_length = max_length
+    def __init__(self, tokenizer: PreTrainedTokenizerBase, max_length: int, query_prefix: str, passage_prefix: str):
+        super().__init__(tokenizer, max_length)
         self._prefixes = {"query": query_prefix, "passage": passage_prefix}
+        self._template = self._read_template(pair=False)
+        self._room = max_length - tokenizer.num_special_tokens_to_add(pair=False)
 
-    def encode(self, texts: list[str], role: str) -> list[TokenizedInput]:
+    def encode(self, texts: list[str], role: str) -> Tokens:
         """role: "query" or "passage"."""
         prefix = self._prefixes[role]
-        with self._tokenizer() as tokenizer:
-            batch = tokenizer(
-                [prefix + text for text in texts],
-                truncation=True,
-                max_length=self._max_length,
-                padding=False,
-                return_token_type_ids=False,
-                return_attention_mask=False,
-            )
-        encodings = getattr(batch, "encodings", None)
-        return [
-            TokenizedInput(
-                index=i,
-                input_ids=self._checked(ids, self._max_length),
-                token_type_ids=None,
-                truncated=bool(encodings[i].overflowing) if encodings else len(ids) >= self._max_length,
-            )
-            for i, ids in enumerate(batch["input_ids"])
-        ]
+        texts = [prefix + text for text in texts] if prefix else texts
+        if not self.fast:
+            batch = self._hf(texts, truncation=True, max_length=self._max_length, padding=False,
+                             return_token_type_ids=False, return_attention_mask=False)
+            return self._from_hf(batch, False)
+        rows, truncated = self._token_lists(texts, self._room)
+        return self._lay_out(self._template, {}, rows, self._room, truncated, False)

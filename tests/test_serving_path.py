@@ -1,0 +1,242 @@
+"""The serving hot path without a GPU: token arrays equal Hugging Face's, pass shapes stay in
+their buckets, collation is exact, priorities hold, messages are batched and split, and the
+CUDA-only levers (buckets, padded rows, graphs) fall back cleanly on CPU."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+
+import numpy as np
+import pytest
+from transformers import AutoTokenizer
+
+from rankstream.v1 import rankstream_pb2 as pb
+from rankstream_server.backend import backend_for
+from rankstream_server.batcher import BULK, INTERACTIVE, DynamicBatcher, Job
+from rankstream_server.batches import ShapePolicy, collate, cut_batches, power_of_two_rows
+from rankstream_server.config import BatchingConfig, ModelConfig
+from rankstream_server.embedded import embedded_model_path
+from rankstream_server.model_loading import load_model
+from rankstream_server.pipeline import ScoredChunk
+from rankstream_server.service import Messages
+from rankstream_server.tokenization import CHARACTERS_PER_TOKEN_CUT, PairTokenizer, TextTokenizer, Tokens
+
+from conftest import QUERY, TEXTS
+
+HARD_TEXTS = [
+    *TEXTS,
+    "x" * 3000,  # no word boundary to cut at
+    "Ünïcödé façade — naïve café, 東京 and مرحبا with zero\u200bwidth and emoji 🎉 " * 40,
+    ("word " * 400).strip(),  # long: cut before tokenizing
+    "a " * 30 + "b" * 120 + " tail",  # a long word near where a cut would fall
+]
+
+
+@pytest.fixture(scope="module")
+def bert_tokenizer():
+    return AutoTokenizer.from_pretrained(embedded_model_path())
+
+
+def _rows(tokens: Tokens, with_types: bool) -> list[tuple[list[int], list[int] | None]]:
+    rows = []
+    for i, length in enumerate(tokens.lengths.tolist()):
+        types = tokens.token_type_ids[i, :length].tolist() if with_types else None
+        rows.append((tokens.input_ids[i, :length].tolist(), types))
+    return rows
+
+
+@pytest.mark.parametrize("max_length", [512, 128, 40, 24])
+def test_pair_tokens_equal_hugging_face_only_second_truncation(bert_tokenizer, max_length):
+    tokens = PairTokenizer(bert_tokenizer, max_length, "m", True).encode(QUERY, HARD_TEXTS)
+    reference = bert_tokenizer([QUERY] * len(HARD_TEXTS), HARD_TEXTS, truncation="only_second", max_length=max_length)
+    expected = list(zip(reference["input_ids"], reference["token_type_ids"]))
+    assert _rows(tokens, True) == expected
+    overflowing = sum(len(bert_tokenizer(QUERY, t)["input_ids"]) > max_length for t in HARD_TEXTS)
+    assert tokens.truncated == overflowing
+
+
+@pytest.mark.parametrize("max_length", [256, 32])
+def test_single_text_tokens_equal_hugging_face(bert_tokenizer, max_length):
+    tokens = TextTokenizer(bert_tokenizer, max_length, "query: ", "").encode(HARD_TEXTS, "query")
+    reference = bert_tokenizer(["query: " + t for t in HARD_TEXTS], truncation=True, max_length=max_length)
+    assert [ids for ids, _ in _rows(tokens, False)] == reference["input_ids"]
+
+
+def test_a_long_passage_is_cut_before_it_is_tokenized(bert_tokenizer, monkeypatch):
+    """Only about room x CHARACTERS_PER_TOKEN_CUT characters reach the tokenizer."""
+    tokenizer = PairTokenizer(bert_tokenizer, 64, "m", True)
+    seen: list[int] = []
+    rust = tokenizer._backend
+
+    class Recording:
+        """The Rust tokenizer, recording the length of every text it is given."""
+
+        def encode(self, text, **kwargs):
+            return rust.encode(text, **kwargs)
+
+        def encode_batch(self, texts, **kwargs):
+            seen.extend(len(t) for t in texts)
+            return rust.encode_batch(texts, **kwargs)
+
+    tokenizer._backend = Recording()
+    passage = "the quick brown fox jumps over the lazy dog " * 500  # 22,000 characters
+    tokens = tokenizer.encode("fox", [passage])
+    assert seen and max(seen) <= 64 * CHARACTERS_PER_TOKEN_CUT
+    assert tokens.lengths[0] == 64 and tokens.truncated == 1
+
+
+def test_shape_policy_buckets_widths_and_rows():
+    policy = ShapePolicy(max_length=512, max_rows=256, max_tokens=16384, length_bucket=32, row_buckets=power_of_two_rows(256))
+    assert [policy.width(n) for n in (1, 32, 33, 100, 500, 512)] == [32, 32, 64, 128, 512, 512]
+    assert policy.rows_for(32) == 256 and policy.rows_for(512) == 32 and policy.rows_for(96) == 128
+    assert [policy.padded_rows(n) for n in (1, 3, 100, 256)] == [1, 4, 128, 256]
+    shapes = policy.shapes()
+    assert len(shapes) == len(set(shapes)) < 150, "few shapes: all can be warmed at start-up"
+    assert all(rows * width <= 16384 for rows, width in shapes)
+    assert {width for _, width in shapes} == {32 * k for k in range(1, 17)}
+    exact = ShapePolicy(max_length=512, max_rows=8, max_tokens=100)
+    assert exact.width(37) == 37 and exact.padded_rows(3) == 3 and exact.rows_for(30) == 3
+
+
+def _tokens(lengths: list[int], start: int) -> Tokens:
+    lengths_array = np.array(lengths, dtype=np.int32)
+    ids = np.zeros((len(lengths), max(lengths)), dtype=np.int64)
+    for i, n in enumerate(lengths):
+        ids[i, :n] = start + i * 1000 + np.arange(n)
+    return Tokens(ids, ids % 2, lengths_array, 0)
+
+
+def test_batches_cut_across_requests_longest_first_and_collate_exactly():
+    policy = ShapePolicy(max_length=64, max_rows=8, max_tokens=128, length_bucket=16, row_buckets=power_of_two_rows(8))
+    first, second = _tokens([5, 40, 17, 3, 33], 1), _tokens([60, 2, 16, 9], 500_000)
+    parts = [("a", first, np.arange(5)), ("b", second, np.array([0, 2, 3]))]  # row 1 of b not queued
+    batches = cut_batches(parts, policy)
+    seen = []
+    for batch in batches:
+        assert batch.width % 16 == 0 and batch.rows in power_of_two_rows(8) and batch.rows * batch.width <= 128
+        ids = np.empty((batch.rows, batch.width), np.int64)
+        mask = np.empty_like(ids)
+        types = np.empty_like(ids)
+        collate(batch, ids, mask, types, pad_id=0)
+        lengths_in_slot_order = [0] * batch.real
+        for piece in batch.pieces:
+            for row, slot in zip(piece.rows, piece.slots):
+                n = int(piece.tokens.lengths[row])
+                lengths_in_slot_order[slot] = n
+                assert ids[slot, :n].tolist() == piece.tokens.input_ids[row, :n].tolist()
+                assert types[slot, :n].tolist() == piece.tokens.token_type_ids[row, :n].tolist()
+                assert mask[slot].tolist() == [1] * n + [0] * (batch.width - n)
+                assert not ids[slot, n:].any()
+                seen.append((piece.owner, int(row)))
+        assert lengths_in_slot_order == sorted(lengths_in_slot_order, reverse=True)
+        assert mask[batch.real:].sum() == batch.rows - batch.real, "a padding row attends its first token only"
+    assert sorted(seen) == sorted([("a", i) for i in range(5)] + [("b", 0), ("b", 2), ("b", 3)])
+
+
+class HeldBackend:
+    """Records which jobs each pass carried; held until released, to pile work up."""
+
+    asynchronous = False
+
+    def __init__(self):
+        self.order: list[list[object]] = []
+        self.gate = threading.Event()
+
+    def launch(self, batch):
+        self.gate.wait(10)
+        self.order.append([piece.owner for piece in batch.pieces])
+        scores = np.zeros(batch.real, dtype=np.float32)
+        return type("Done", (), {"result": lambda self: scores})()
+
+
+async def _drain(job: Job) -> None:
+    async for _ in job.results():
+        pass
+
+
+@pytest.mark.parametrize("aged", [False, True])
+async def test_queries_go_before_bulk_work_unless_it_has_waited_too_long(aged):
+    backend = HeldBackend()
+    subject = DynamicBatcher("lanes", backend, BatchingConfig(max_wait_ms=0, max_batch_size=4, bulk_max_wait_ms=0 if aged else 60_000))
+    blocker = Job(size=1)
+    subject.submit(blocker, _tokens([3], 0))
+    await asyncio.sleep(0.05)  # the thread holds the blocker's pass
+    bulk = Job(size=8, lane=BULK)
+    subject.submit(bulk, _tokens([4] * 8, 0))
+    query = Job(size=1, lane=INTERACTIVE)
+    subject.submit(query, _tokens([4], 0))
+    backend.gate.set()
+    await asyncio.gather(_drain(blocker), _drain(bulk), _drain(query))
+    subject.close()
+    first_after_blocker = backend.order[1]
+    assert (bulk in first_after_blocker) == aged and (query in first_after_blocker) == (not aged)
+
+
+async def test_cancel_frees_the_queue_at_once_and_the_work_never_runs():
+    backend = HeldBackend()
+    subject = DynamicBatcher("cancel", backend, BatchingConfig(max_wait_ms=0, queue_capacity=100))
+    subject.submit(Job(size=1), _tokens([3], 0))
+    await asyncio.sleep(0.05)
+    doomed = [Job(size=10) for _ in range(5)]
+    for job in doomed:
+        subject.submit(job, _tokens([5] * 10, 0))
+    assert subject.in_flight == 51
+    for job in doomed:
+        subject.cancel(job)
+        subject.cancel(job)  # twice is harmless
+    assert subject.in_flight == 1 and subject.counters.dropped == 50
+    survivor = Job(size=2)
+    subject.submit(survivor, _tokens([5, 5], 0))
+    backend.gate.set()
+    await _drain(survivor)
+    subject.close()
+    assert not any(job in owners for owners in backend.order for job in doomed)
+    assert subject.in_flight == 0
+
+
+def test_bucketed_padded_passes_score_like_exact_ones_and_graphs_fall_back_on_cpu(models):
+    """CUDA's shape levers forced on the CPU: same scores as exact shapes; no graphs off CUDA."""
+    loaded = load_model(ModelConfig(name="m", weights=str(models.bert)))
+    tokens = PairTokenizer(loaded.tokenizer, loaded.max_length, "m", loaded.uses_token_type_ids).encode(QUERY, TEXTS)
+    everything = np.arange(len(tokens))
+
+    def scores(config: BatchingConfig) -> tuple[np.ndarray, int]:
+        backend = backend_for(loaded, config)
+        backend.warm_up()
+        output = np.zeros(len(tokens), np.float32)
+        for batch in cut_batches([(None, tokens, everything)], backend.shapes):
+            result = backend.launch(batch).result()
+            assert result.shape[0] == batch.real
+            for piece in batch.pieces:
+                output[piece.rows] = result[piece.slots]
+        return output, backend.graphs
+
+    exact, _ = scores(BatchingConfig(max_batch_size=4))
+    bucketed, graphs = scores(BatchingConfig(max_batch_size=4, length_bucket=16, pad_rows=True, cuda_graphs=True))
+    np.testing.assert_allclose(bucketed, exact, atol=1e-5)
+    assert graphs == 0
+
+
+def _chunk(indices, ranks=None) -> ScoredChunk:
+    indices = np.array(indices)
+    return ScoredChunk(indices, np.linspace(1, 0, len(indices)).astype(np.float32),
+                       np.array(ranks if ranks is not None else np.zeros(len(indices)), dtype=np.int32))
+
+
+def test_results_go_in_one_message_and_split_only_past_the_size_limit():
+    docs = [(f"id{i}", "text " * 200, None, {"k": "v"}) for i in range(50)]
+    one = Messages(lambda i: docs[i], want_text=False, want_metadata=False, max_bytes=4000)
+    messages = one.build(_chunk(range(50), range(1, 51)))
+    assert len(messages) == 1 and [p.rank for p in messages[0].passages] == list(range(1, 51))
+
+    split = Messages(lambda i: docs[i], want_text=True, want_metadata=True, max_bytes=4000)
+    messages = split.build(_chunk(range(50), range(1, 51)))
+    assert len(messages) > 1
+    assert all(m.ByteSize() <= 4000 for m in messages)
+    assert [p.id for m in messages for p in m.passages] == [f"id{i}" for i in range(50)], "the ranking continues in order"
+    assert (split.sent_passages, split.sent_messages) == (50, len(messages))
+    retrieved = Messages(lambda i: docs[i], False, False, 4000, stage=pb.STAGE_RETRIEVE,
+                         retrieval_scores=np.arange(50, dtype=np.float32))
+    passage = retrieved.build(_chunk([7], [1]))[0].passages[0]
+    assert (passage.stage, passage.retrieval_score, passage.text) == (pb.STAGE_RETRIEVE, 7.0, "")
