@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import shutil
 import subprocess
 import sys
@@ -10,12 +11,18 @@ import threading
 import time
 from pathlib import Path
 
+import grpc
 import pytest
 
 import rankstream
-from rankstream import AsyncRankstreamClient, Passage, RankstreamClient
+from rankstream import AsyncRankstreamClient, Passage, RankstreamClient, ScoredPassage, Stats
+from rankstream.types import from_scored
+from rankstream.v1 import rankstream_pb2 as pb
+from rankstream.v1 import rankstream_pb2_grpc as pb_grpc
+from rankstream_server.demo import DEMO_CORPUS
+from rankstream_server.index_build import build_index
 
-from conftest import ThreadedServer, make_settings
+from conftest import ThreadedServer, demo_settings, make_settings
 
 ROOT = Path(__file__).resolve().parents[1]
 QUERY = "How do I keep a retrieval-augmented chatbot from citing irrelevant passages?"
@@ -35,6 +42,23 @@ def server(demo_server):
 def client(server):
     with RankstreamClient(server.target) as connected:
         yield connected
+
+
+SMALL_MESSAGE_BYTES = 2048
+
+
+@pytest.fixture(scope="module")
+def small(models, tmp_path_factory):
+    """The demo server with micro-batches of 2 passages and ScoredPassages messages of at most
+    SMALL_MESSAGE_BYTES: AS_SCORED and big results arrive over several messages."""
+    index_path = tmp_path_factory.mktemp("small") / "demo-index"
+    settings = demo_settings(
+        models, index_path, batching={"max_batch_size": 2}, server={"max_message_bytes": SMALL_MESSAGE_BYTES}
+    )
+    build_index(settings, DEMO_CORPUS, index_path, model="minilm", progress=False)
+    running = ThreadedServer(settings).start()
+    yield running
+    running.stop()
 
 
 # -- sync ---------------------------------------------------------------------------
@@ -64,6 +88,59 @@ def test_rerank_stream_yields_as_scored_then_reports_stats(client):
     assert stream.stats is not None and stream.stats.returned == 12
 
 
+def test_ranked_calls_arrive_in_one_message(client):
+    stream = client.rerank_stream(QUERY, PASSAGES * 4, model="minilm", order="ranked", return_text=True)
+    batches = list(stream.batches())
+    assert len(batches) == 1 and [p.rank for p in batches[0]] == list(range(1, 13))
+    assert sorted(p.index for p in batches[0]) == list(range(12)) and stream.stats.messages == 1
+    assert client.rerank(QUERY, PASSAGES, top_n=2).stats.messages == 1
+    assert client.retrieve(QUERY, top_k=10).stats.messages == 1
+    assert client.retrieve_and_rerank(QUERY, top_k=10, top_n=4, reranker="minilm").stats.messages == 1
+
+
+def test_a_threshold_that_keeps_nothing_gives_an_empty_ranking(client):
+    ranking = client.rerank(QUERY, PASSAGES, model="minilm", score_threshold=2.0)  # sigmoid scores are < 1
+    assert len(ranking) == 0 and ranking.stats.scored == 3 and ranking.stats.returned == 0
+
+
+def test_as_scored_arrives_in_a_message_per_micro_batch(small):
+    with RankstreamClient(small.target) as client:
+        stream = client.rerank_stream(QUERY, PASSAGES * 4, model="tiny-bert", order="as_scored")
+        batches = list(stream.batches())
+        assert len(batches) > 1 and all(1 <= len(batch) <= 2 for batch in batches)
+        assert sorted(p.index for batch in batches for p in batch) == list(range(12))
+        assert all(p.rank == 0 for batch in batches for p in batch)
+        assert len(batches) == stream.stats.messages == stream.stats.batches and stream.stats.returned == 12
+
+        both = client.retrieve_and_rerank_stream(QUERY, top_k=7, reranker="tiny-bert", order="as_scored")
+        batches = list(both.batches())
+        assert len(batches) == both.stats.messages > 1
+        assert sorted(p.index for batch in batches for p in batch) == list(range(7))
+
+
+def test_a_big_ranking_is_split_under_the_message_limit(small):
+    long_passages = [f"{i}: " + " ".join([PASSAGES[i % 3]] * 4) for i in range(12)]  # ~400 characters each
+    with RankstreamClient(small.target) as client:
+        stream = client.rerank_stream(QUERY, long_passages, model="tiny-bert", order="ranked", return_text=True)
+        batches = list(stream.batches())
+        ranking = [p for batch in batches for p in batch]
+        assert len(batches) == stream.stats.messages > 1
+        assert [p.rank for p in ranking] == list(range(1, 13)), "each message continues where the last stopped"
+        assert [p.score for p in ranking] == sorted((p.score for p in ranking), reverse=True)
+        assert all(p.text == long_passages[p.index] for p in ranking)
+        typed = client.rerank(QUERY, long_passages, model="tiny-bert", return_text=True)
+        assert [p.index for p in typed] == [p.index for p in ranking] and typed.stats.messages == len(batches)
+
+        retrieved = client.retrieve(QUERY, top_k=30)  # texts, titles and metadata of the whole corpus
+        assert len(retrieved) == 30 and retrieved.stats.messages > 1
+        assert [p.rank for p in retrieved] == list(range(1, 31))
+    with grpc.insecure_channel(small.target) as channel:  # the size of each message on the wire
+        request = pb.RerankRequest(query=QUERY, model="tiny-bert", return_text=True,
+                                   passages=[pb.Passage(id=str(i), text=t) for i, t in enumerate(long_passages)])
+        sizes = [message.ByteSize() for message in pb_grpc.RerankerStub(channel).Rerank(request, timeout=30)]
+    assert len(sizes) > 1 and max(sizes) <= SMALL_MESSAGE_BYTES
+
+
 def test_retrieve_and_retrieve_stream(client):
     ranking = client.retrieve(QUERY, top_k=3)
     assert ranking.passages[0].id == "rag-04" and ranking.passages[0].stage == "retrieve"
@@ -79,6 +156,33 @@ def test_retrieve_and_rerank_both_forms(client):
     assert ranking.stats.candidates == 6
     streamed = list(client.retrieve_and_rerank_stream(QUERY, top_k=6, reranker="tiny-bert"))
     assert len(streamed) == 6
+
+
+def test_stats_has_every_field_of_rerank_stats(client):
+    assert {f.name for f in dataclasses.fields(Stats)} == {f.name for f in pb.RerankStats.DESCRIPTOR.fields}
+    stats = client.rerank(QUERY, PASSAGES, model="minilm").stats
+    assert (stats.passages, stats.scored, stats.returned, stats.messages) == (3, 3, 3, 1)
+    assert stats.batches >= 1 and stats.max_batch_size >= 1 and isinstance(stats.tokens, int)
+
+
+def test_conversion_gives_the_same_frozen_dataclasses_as_the_constructor():
+    message = pb.ScoredPassages(passages=[
+        pb.ScoredPassage(id="a", index=2, score=0.5, rank=1, stage=pb.STAGE_RERANK, retrieval_score=0.25, text="t",
+                         title="T", metadata={"k": "v"}),
+        pb.ScoredPassage(id="b", index=0, score=0.125, stage=pb.STAGE_RETRIEVE, title=""),
+        pb.ScoredPassage(id="c", index=1),
+    ])
+    assert from_scored(message) == [
+        ScoredPassage("a", 2, 0.5, 1, "rerank", 0.25, "t", "T", {"k": "v"}),
+        ScoredPassage("b", 0, 0.125, 0, "retrieve", title=""),
+        ScoredPassage("c", 1, 0.0, 0, "rerank"),
+    ]
+    converted = from_scored(message)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        converted[0].score = 1.0
+    assert converted[1].metadata == {} and converted[1].metadata is not converted[2].metadata
+    assert dataclasses.replace(converted[2], rank=3).rank == 3 and repr(converted[2]).startswith("ScoredPassage(id='c'")
+    assert from_scored(pb.ScoredPassages()) == []
 
 
 def test_upsert_delete_and_models(client):
@@ -148,6 +252,9 @@ async def test_async_client_covers_every_call(server):
         assert ranking.passages[0].index == 0 and ranking.stats.returned == 1
         stream = client.rerank_stream(QUERY, PASSAGES, model="tiny-bert")
         assert sorted([p.index async for p in stream]) == [0, 1, 2] and stream.stats.scored == 3
+        ranked = client.rerank_stream(QUERY, PASSAGES, model="minilm", order="ranked")
+        batches = [batch async for batch in ranked.batches()]
+        assert [[p.rank for p in batch] for batch in batches] == [[1, 2, 3]] and ranked.stats.messages == 1
         retrieved = await client.retrieve(QUERY, top_k=2)
         assert retrieved.passages[0].id == "rag-04"
         assert [p.id async for p in client.retrieve_stream(QUERY, top_k=2)] == [p.id for p in retrieved]
@@ -161,6 +268,17 @@ async def test_async_client_covers_every_call(server):
         assert (await client.models()).indexes[0].count == 30
         with pytest.raises(rankstream.InvalidArgument, match="top_k"):
             await client.retrieve(QUERY, top_k=0)
+
+
+async def test_async_batches_as_scored_and_split(small):
+    async with AsyncRankstreamClient(small.target) as client:
+        stream = client.rerank_stream(QUERY, PASSAGES * 3, model="tiny-bert")
+        batches = [batch async for batch in stream.batches()]
+        assert len(batches) == stream.stats.messages > 1
+        assert sorted(p.index for batch in batches for p in batch) == list(range(9))
+        retrieved = client.retrieve_stream(QUERY, top_k=30)
+        passages = [p async for p in retrieved]
+        assert [p.rank for p in passages] == list(range(1, 31)) and retrieved.stats.messages > 1
 
 
 async def test_async_deadline(server):

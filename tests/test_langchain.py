@@ -3,6 +3,8 @@ the retriever, ContextualCompressionRetriever, and a whole LCEL RAG chain with a
 
 from __future__ import annotations
 
+from functools import partial
+
 import pytest
 from langchain_classic.retrievers import ContextualCompressionRetriever
 from langchain_core.documents import Document
@@ -11,7 +13,12 @@ from langchain_core.output_parsers import StrOutputParser
 from langchain_core.prompts import ChatPromptTemplate
 from langchain_core.runnables import RunnableLambda, RunnablePassthrough
 
+from rankstream import RankstreamClient
 from rankstream.langchain import RankstreamRerank, RankstreamRetriever
+from rankstream_server.demo import DEMO_CORPUS
+from rankstream_server.index_build import build_index
+
+from conftest import ThreadedServer, demo_settings
 
 QUERY = "How do I keep a retrieval-augmented chatbot from citing irrelevant passages?"
 DOCUMENTS = [
@@ -62,6 +69,32 @@ def test_retriever_sync_and_async(demo_server, reranker):
     assert documents[0].metadata["stage"] == ("retrieve" if reranker is None else "rerank")
     assert len(documents) == (5 if reranker is None else 3)
     assert documents[0].page_content.startswith("Drop retrieved passages")
+
+
+@pytest.fixture(scope="module")
+def split_server(models, tmp_path_factory):
+    """The demo server with 2 KB ScoredPassages messages: a result with texts spans several."""
+    index_path = tmp_path_factory.mktemp("split") / "demo-index"
+    settings = demo_settings(models, index_path, server={"max_message_bytes": 2048})
+    build_index(settings, DEMO_CORPUS, index_path, model="minilm", progress=False)
+    running = ThreadedServer(settings).start()
+    yield running
+    running.stop()
+
+
+@pytest.mark.parametrize("reranker", [None, "minilm"])
+async def test_retriever_joins_a_result_split_over_messages(demo_server, split_server, reranker):
+    """Every document comes back, in rank order, as from a server that sends one message."""
+    arguments = {"top_k": 30, "reranker": reranker, "top_n": 30}
+    whole = RankstreamRetriever(target=demo_server.target, **arguments).invoke(QUERY)
+    retriever = RankstreamRetriever(target=split_server.target, **arguments)
+    with RankstreamClient(split_server.target) as client:  # the same call, seen by the client: split
+        call = client.retrieve if reranker is None else partial(client.retrieve_and_rerank, reranker=reranker, top_n=30)
+        assert call(QUERY, top_k=30).stats.messages > 1
+    for documents in (retriever.invoke(QUERY), await retriever.ainvoke(QUERY)):
+        assert [d.metadata["rank"] for d in documents] == list(range(1, 31))
+        assert [d.id for d in documents] == [d.id for d in whole]
+        assert [d.page_content for d in documents] == [d.page_content for d in whole]
 
 
 async def test_retriever_native_async_with_filter(demo_server):

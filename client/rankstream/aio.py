@@ -1,5 +1,5 @@
 """The asyncio client (grpc.aio): the same calls as RankstreamClient, awaited; the streaming
-forms are async iterators."""
+forms are async iterators (by passage, or by message with `batches()`)."""
 
 from __future__ import annotations
 
@@ -16,19 +16,27 @@ from .types import PassageLike, Ranking, ScoredPassage, ServerInfo, Stats, Write
 
 
 class AsyncScoredStream:
-    """Scored passages as the server streams them. Iterate once with `async for`; then `.stats` is set."""
+    """Scored passages as the server streams them. Iterate once with `async for`, by passage or
+    by message (`batches()`); then `.stats` is set."""
 
     def __init__(self, call):
         self._call = call
         self.stats: Stats | None = None
 
-    async def __aiter__(self) -> AsyncIterator[ScoredPassage]:
+    async def batches(self) -> AsyncIterator[list[ScoredPassage]]:
+        """One list per stream message: in RANKED order the whole ranking (split only past the
+        server's message size limit), in AS_SCORED order each scored micro-batch."""
         try:
             async for message in self._call:
                 yield from_scored(message)
             self.stats = from_stats(_requests.stats_from(await self._call.trailing_metadata()))
         except grpc.RpcError as error:
             raise from_rpc_error(error) from None
+
+    async def __aiter__(self) -> AsyncIterator[ScoredPassage]:
+        async for batch in self.batches():
+            for passage in batch:
+                yield passage
 
     def cancel(self) -> None:
         self._call.cancel()
@@ -50,7 +58,9 @@ class AsyncRankstreamClient(ClientBase):
             raise from_rpc_error(error) from None
 
     async def _collect(self, stream: AsyncScoredStream) -> Ranking:
-        passages = [passage async for passage in stream]
+        passages: list[ScoredPassage] = []
+        async for batch in stream.batches():
+            passages.extend(batch)
         return Ranking(passages, stream.stats or Stats())
 
     # -- Rerank -----------------------------------------------------------------------

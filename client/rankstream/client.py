@@ -1,5 +1,6 @@
 """The synchronous client. Every call has a typed form (returns the whole result) and a
-streaming form (yields scored passages as they arrive; `.stats` once the stream ends)."""
+streaming form (yields scored passages, or whole stream messages, as they arrive; `.stats` once
+the stream ends)."""
 
 from __future__ import annotations
 
@@ -16,19 +17,26 @@ from .types import PassageLike, Ranking, ScoredPassage, ServerInfo, Stats, Write
 
 
 class ScoredStream:
-    """Scored passages as the server streams them. Iterate once; then `.stats` is set."""
+    """Scored passages as the server streams them. Iterate once, by passage or by message
+    (`batches()`); then `.stats` is set."""
 
     def __init__(self, call):
         self._call = call
         self.stats: Stats | None = None
 
-    def __iter__(self) -> Iterator[ScoredPassage]:
+    def batches(self) -> Iterator[list[ScoredPassage]]:
+        """One list per stream message: in RANKED order the whole ranking (split only past the
+        server's message size limit), in AS_SCORED order each scored micro-batch."""
         try:
             for message in self._call:
                 yield from_scored(message)
             self.stats = from_stats(_requests.stats_from(self._call.trailing_metadata()))
         except grpc.RpcError as error:
             raise from_rpc_error(error) from None
+
+    def __iter__(self) -> Iterator[ScoredPassage]:
+        for batch in self.batches():
+            yield from batch
 
     def cancel(self) -> None:
         self._call.cancel()
@@ -50,7 +58,9 @@ class RankstreamClient(ClientBase):
             raise from_rpc_error(error) from None
 
     def _collect(self, stream: ScoredStream) -> Ranking:
-        passages = list(stream)
+        passages: list[ScoredPassage] = []
+        for batch in stream.batches():
+            passages.extend(batch)
         return Ranking(passages, stream.stats or Stats())
 
     # -- Rerank -----------------------------------------------------------------------

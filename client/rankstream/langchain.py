@@ -74,6 +74,7 @@ class RankstreamRerank(_RankstreamConnection, BaseDocumentCompressor):
     model: str = Field("", description="Cross-encoder name; empty = the server's default.")
     top_n: int | None = Field(3, description="How many documents to keep; None = all.")
     score_threshold: float | None = None
+
     def _request(self, documents: Sequence[Document], query: str) -> dict[str, Any]:
         return {
             "query": query,
@@ -119,6 +120,7 @@ class RankstreamRetriever(_RankstreamConnection, BaseRetriever):
     filter: dict[str, str] = Field(default_factory=dict, description="Exact-match metadata filter.")
     reranker: str | None = Field(None, description="Cross-encoder to rerank with, in the same call.")
     top_n: int = Field(5, description="Passages to return after reranking.")
+
     def _call_arguments(self) -> dict[str, Any]:
         arguments: dict[str, Any] = {"top_k": self.top_k, "filter": self.filter, "index": self.index}
         if self.reranker is not None:

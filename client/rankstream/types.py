@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Union
 
 from rankstream.v1 import rankstream_pb2 as pb
@@ -47,8 +47,12 @@ class Stats:
     inference_ms: float = 0.0
     retrieve_ms: float = 0.0
     total_ms: float = 0.0
-    batches: int = 0
-    candidates: int = 0
+    batches: int = 0  # micro-batches that carried this call's passages
+    candidates: int = 0  # what the retrieval stage produced
+    max_batch_size: int = 0  # largest micro-batch (all requests together) that carried this call
+    shared_batches: int = 0  # micro-batches shared with other requests
+    messages: int = 0  # ScoredPassages messages the server sent
+    tokens: int = 0  # real tokens (no padding) run through the model
 
 
 @dataclass(frozen=True)
@@ -122,29 +126,32 @@ def to_passage(value: PassageLike, position: int) -> pb.Passage:
     raise TypeError(f"passages[{position}]: expected str, Passage or mapping, got {type(value).__name__}")
 
 
-def from_scored(message: pb.ScoredPassage) -> ScoredPassage:
-    return ScoredPassage(
-        id=message.id,
-        index=message.index,
-        score=message.score,
-        rank=message.rank,
-        stage=_STAGES[message.stage],
-        retrieval_score=message.retrieval_score,
-        text=message.text,
-        title=message.title if message.HasField("title") else None,
-        metadata=dict(message.metadata),
-    )
+def from_scored(message: pb.ScoredPassages) -> list[ScoredPassage]:
+    """The passages of one stream message.
+
+    Built without ScoredPassage.__init__: a frozen dataclass's __init__ pays an object.__setattr__
+    per field, about a third of the conversion; here each passage's fields go in as one dict."""
+    stages, new, set_attribute = _STAGES, object.__new__, object.__setattr__
+    batch = []
+    for p in message.passages:
+        scored = new(ScoredPassage)
+        set_attribute(scored, "__dict__", {
+            "id": p.id, "index": p.index, "score": p.score, "rank": p.rank, "stage": stages[p.stage],
+            "retrieval_score": p.retrieval_score, "text": p.text,
+            "title": p.title if p.HasField("title") else None,
+            "metadata": dict(p.metadata) if p.metadata else {},  # dict() of an empty map costs more than the rest
+        })
+        batch.append(scored)
+    return batch
+
+
+_STATS_FIELDS = tuple(f.name for f in fields(Stats))
 
 
 def from_stats(stats: pb.RerankStats | None) -> Stats:
     if stats is None:
         return Stats()
-    return Stats(
-        model=stats.model, passages=stats.passages, scored=stats.scored, returned=stats.returned,
-        truncated=stats.truncated, tokenize_ms=stats.tokenize_ms, queue_ms=stats.queue_ms,
-        inference_ms=stats.inference_ms, retrieve_ms=stats.retrieve_ms, total_ms=stats.total_ms,
-        batches=stats.batches, candidates=stats.candidates,
-    )
+    return Stats(**{name: getattr(stats, name) for name in _STATS_FIELDS})
 
 
 def from_info(response: pb.ListModelsResponse) -> ServerInfo:

@@ -1,6 +1,7 @@
 """`make demo`: index a small corpus shipped with the package, start a real server on the
 embedded default models, call Retrieve, Rerank and RetrieveAndRerank over gRPC, print what
-streams back, stop the server. Works with no network."""
+streams back (each stream message is a ScoredPassages batch), stop the server. Works with no
+network."""
 
 from __future__ import annotations
 
@@ -60,8 +61,14 @@ def _show_stats(call: grpc.Call) -> None:
     print(
         f"  stats: {retrieval}{stats.scored}/{stats.passages} scored in {stats.batches} batches, "
         f"tokenize {stats.tokenize_ms:.1f} ms, queue {stats.queue_ms:.1f} ms, "
-        f"inference {stats.inference_ms:.1f} ms, total {stats.total_ms:.1f} ms"
+        f"inference {stats.inference_ms:.1f} ms, total {stats.total_ms:.1f} ms; "
+        f"{stats.returned} passages in {stats.messages} message{'s' if stats.messages != 1 else ''}"
     )
+
+
+def _passages(messages) -> list[pb.ScoredPassage]:
+    """Every passage of a stream of ScoredPassages messages, in order."""
+    return [passage for message in messages for passage in message.passages]
 
 
 def _print(results, show_text: bool = True) -> None:
@@ -87,28 +94,30 @@ def run_requests(channel: grpc.Channel) -> None:
     reranker = pb_grpc.RerankerStub(channel)
     print(f"Retrieve top 4 for: {QUERY!r}")
     call = retriever.Retrieve(pb.RetrieveRequest(query=QUERY, top_k=4, return_text=True), timeout=60)
-    retrieved = list(call)
+    retrieved = _passages(call)
     _print(retrieved)
     _show_stats(call)
 
     print("\nRetrieve with a metadata filter {topic: food}: 'what should I do with leftover bones'")
-    _print(retriever.Retrieve(pb.RetrieveRequest(
-        query="what should I do with leftover bones", top_k=2, filter={"topic": "food"}, return_text=True), timeout=60))
+    _print(_passages(retriever.Retrieve(pb.RetrieveRequest(
+        query="what should I do with leftover bones", top_k=2, filter={"topic": "food"}, return_text=True), timeout=60)))
 
     passages = [pb.Passage(id=r.id, text=r.text, title=r.title) for r in retrieved]
     print(f"\nRerank those 4 with the bi-encoder ({BI}), best first:")
-    _print(reranker.Rerank(pb.RerankRequest(query=QUERY, passages=passages, model=BI), timeout=60), show_text=False)
+    _print(_passages(reranker.Rerank(pb.RerankRequest(query=QUERY, passages=passages, model=BI), timeout=60)),
+           show_text=False)
 
-    print(f"\nRerank with the cross-encoder ({CROSS}), AS_SCORED: batches stream as they finish")
+    print(f"\nRerank with the cross-encoder ({CROSS}), AS_SCORED: one message per micro-batch, as it finishes")
     started = time.perf_counter()
     call = reranker.Rerank(pb.RerankRequest(query=QUERY, passages=passages, order=pb.AS_SCORED), timeout=60)
-    for result in call:
-        print(f"  +{(time.perf_counter() - started) * 1000:6.1f} ms  passage[{result.index}] {result.id:8s} {result.score:.4f}")
+    for message in call:
+        scored = ", ".join(f"passage[{r.index}] {r.id} {r.score:.4f}" for r in message.passages)
+        print(f"  +{(time.perf_counter() - started) * 1000:6.1f} ms  {scored}")
     _show_stats(call)
 
     print(f"\nRetrieveAndRerank in one call: top 8 by {BI}, reranked by {CROSS}, best 3:")
     call = retriever.RetrieveAndRerank(pb.RetrieveAndRerankRequest(query=QUERY, top_k=8, top_n=3), timeout=60)
-    for r in call:
+    for r in _passages(call):
         print(f"  #{r.rank} rerank {r.score:.4f}  retrieve {r.retrieval_score:.4f}  {r.id}")
     _show_stats(call)
 
@@ -117,8 +126,8 @@ def run_requests(channel: grpc.Channel) -> None:
         id="new-01", title="Citations", text="Show the source of every passage the chatbot quotes so readers can check it.",
         metadata={"topic": "rag"})]), timeout=60)
     print(f"  upserted {written.upserted}; the index now holds {written.count} passages (version {written.version})")
-    _print(retriever.Retrieve(pb.RetrieveRequest(query="how can readers verify what the bot quotes", top_k=2,
-                                                 return_text=True), timeout=60))
+    _print(_passages(retriever.Retrieve(pb.RetrieveRequest(
+        query="how can readers verify what the bot quotes", top_k=2, return_text=True), timeout=60)))
     removed = retriever.DeletePassages(pb.DeletePassagesRequest(ids=["new-01"]), timeout=60)
     print(f"  DeletePassages: removed {removed.deleted}, {removed.count} passages left")
 

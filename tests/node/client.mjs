@@ -13,21 +13,37 @@ const protos = path.resolve(here, "../../protos");
 const healthProto = path.join(path.dirname(require.resolve("grpc-health-check/package.json")), "proto/health/v1/health.proto");
 
 const options = { keepCase: true, longs: Number, enums: String, defaults: true, oneofs: true };
-const rankstream = grpc.loadPackageDefinition(
-  protoLoader.loadSync("rankstream/v1/rankstream.proto", { ...options, includeDirs: [protos] }),
-).rankstream.v1;
+const definition = protoLoader.loadSync("rankstream/v1/rankstream.proto", { ...options, includeDirs: [protos] });
+const rankstream = grpc.loadPackageDefinition(definition).rankstream.v1;
+const RerankStats = definition["rankstream.v1.RerankStats"];
 const health = grpc.loadPackageDefinition(protoLoader.loadSync(healthProto, options)).grpc.health.v1;
 
 const target = process.argv[2];
 const credentials = grpc.credentials.createInsecure();
 const deadline = () => new Date(Date.now() + 30_000);
 
+// Each stream message is a ScoredPassages: a batch of passages. The call's RerankStats come in
+// the trailing metadata "rankstream-stats-bin" (serialized bytes), with the status.
 function collect(call) {
   return new Promise((resolve, reject) => {
-    const results = [];
-    call.on("data", (message) => results.push(message));
+    const batches = [];
+    let ended = false;
+    let status = null;
+    const finish = () => {
+      if (!ended || status === null) return;
+      const [stats] = status.metadata.get("rankstream-stats-bin");
+      resolve({ batches, passages: batches.flat(), stats: stats ? RerankStats.deserialize(stats) : null });
+    };
+    call.on("data", (message) => batches.push(message.passages));
     call.on("error", reject);
-    call.on("end", () => resolve(results));
+    call.on("end", () => {
+      ended = true;
+      finish();
+    });
+    call.on("status", (received) => {
+      status = received;
+      finish();
+    });
   });
 }
 
@@ -41,19 +57,19 @@ const healthStatus = await new Promise((resolve, reject) =>
   ),
 );
 
+const query = "How do I keep a chatbot from citing irrelevant passages?";
+const passages = [
+  { id: "food", text: "Simmer roasted bones with onion, carrot and celery." },
+  { id: "rag", text: "Drop retrieved passages whose relevance score falls below a threshold." },
+];
+
 const reranked = await collect(
-  reranker.Rerank(
-    {
-      query: "How do I keep a chatbot from citing irrelevant passages?",
-      passages: [
-        { id: "food", text: "Simmer roasted bones with onion, carrot and celery." },
-        { id: "rag", text: "Drop retrieved passages whose relevance score falls below a threshold." },
-      ],
-      model: "minilm",
-      return_text: true,
-    },
-    { deadline: deadline() },
-  ),
+  reranker.Rerank({ query, passages, model: "minilm", return_text: true }, { deadline: deadline() }),
+);
+
+const manyPassages = Array.from({ length: 24 }, (_, i) => ({ id: `p${i}`, text: `${passages[i % 2].text} (${i})` }));
+const asScored = await collect(
+  reranker.Rerank({ query, passages: manyPassages, model: "tiny-bert", order: "AS_SCORED" }, { deadline: deadline() }),
 );
 
 const retrieved = await collect(
@@ -68,5 +84,14 @@ try {
   invalid = { code: grpc.status[error.code], details: error.details };
 }
 
-console.log(JSON.stringify({ health: healthStatus, reranked, retrieved, invalid }));
+const shape = ({ batches, passages: all, stats }) => ({ messages: batches.length, passages: all, stats });
+console.log(
+  JSON.stringify({
+    health: healthStatus,
+    reranked: shape(reranked),
+    as_scored: shape(asScored),
+    retrieved: shape(retrieved),
+    invalid,
+  }),
+);
 for (const client of [reranker, retriever, healthClient]) client.close();
