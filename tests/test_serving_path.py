@@ -240,3 +240,30 @@ def test_results_go_in_one_message_and_split_only_past_the_size_limit():
                          retrieval_scores=np.arange(50, dtype=np.float32))
     passage = retrieved.build(_chunk([7], [1]))[0].passages[0]
     assert (passage.stage, passage.retrieval_score, passage.text) == (pb.STAGE_RETRIEVE, 7.0, "")
+
+
+def test_cpu_token_budget_is_measured_unless_configured(models):
+    from rankstream_server.backend import TUNED_BATCH_TOKENS
+
+    loaded = load_model(ModelConfig(name="m", weights=str(models.bert)))
+    tuned = backend_for(loaded, BatchingConfig())
+    tuned.warm_up()
+    assert tuned.shapes.max_tokens in TUNED_BATCH_TOKENS
+    fixed = backend_for(loaded, BatchingConfig(max_batch_tokens=3000))
+    fixed.warm_up()
+    assert fixed.shapes.max_tokens == 3000
+
+
+@pytest.mark.parametrize("name", ["bert", "distilbert", "deberta"])
+def test_models_that_take_a_ready_4d_mask_get_one_and_score_the_same(models, name):
+    entry = {"bert": {"weights": str(models.bert)}, "distilbert": {"weights": str(models.distilbert)},
+             "deberta": {"weights": str(models.deberta), "tokenizer": str(models.deberta_tokenizer)}}[name]
+    loaded = load_model(ModelConfig(name=name, **entry))
+    backend = backend_for(loaded)
+    assert backend._mask_4d, "all three take a 4D mask unchanged"
+    tokens = PairTokenizer(loaded.tokenizer, loaded.max_length, name, loaded.uses_token_type_ids).encode(QUERY, TEXTS)
+    batch = cut_batches([(None, tokens, np.arange(len(tokens)))], backend.shapes)[0]
+    with_4d = backend.launch(batch).result()
+    backend._mask_4d = False
+    with_2d = backend.launch(batch).result()
+    np.testing.assert_allclose(with_4d, with_2d, atol=1e-6)
