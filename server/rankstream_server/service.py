@@ -294,8 +294,11 @@ class RetrieverService(pb_grpc.RetrieverServicer):
         finally:
             call.close()
         # Shielded: once the write starts it finishes, even if the client goes away.
-        version = await asyncio.shield(asyncio.to_thread(index.upsert, documents, embeddings))
-        return pb.UpsertPassagesResponse(upserted=len(documents), count=index.count, version=version)
+        def write() -> tuple[int, int]:  # the store and FAISS work stays off the event loop
+            return index.upsert(documents, embeddings), index.count
+
+        version, count = await asyncio.shield(asyncio.to_thread(write))
+        return pb.UpsertPassagesResponse(upserted=len(documents), count=count, version=version)
 
     @unary_errors
     async def DeletePassages(self, request: pb.DeletePassagesRequest, context: grpc.aio.ServicerContext) -> pb.DeletePassagesResponse:
@@ -303,8 +306,12 @@ class RetrieverService(pb_grpc.RetrieverServicer):
         index, _ = registry.index(request.index)
         check_delete(request, self._settings.limits)
         ids = list(dict.fromkeys(request.ids))
-        deleted, version = await asyncio.shield(asyncio.to_thread(index.delete, ids))
-        return pb.DeletePassagesResponse(deleted=deleted, not_found=len(ids) - deleted, count=index.count, version=version)
+
+        def write() -> tuple[int, int, int]:
+            return (*index.delete(ids), index.count)
+
+        deleted, version, count = await asyncio.shield(asyncio.to_thread(write))
+        return pb.DeletePassagesResponse(deleted=deleted, not_found=len(ids) - deleted, count=count, version=version)
 
 
 class InfoService(pb_grpc.InfoServicer):
@@ -314,6 +321,10 @@ class InfoService(pb_grpc.InfoServicer):
     @unary_errors
     async def ListModels(self, request: pb.ListModelsRequest, context: grpc.aio.ServicerContext) -> pb.ListModelsResponse:
         registry = self._readiness.require()
+        return await asyncio.to_thread(self._describe, registry)  # index counts read SQLite: not on the loop
+
+    @staticmethod
+    def _describe(registry: ModelRegistry) -> pb.ListModelsResponse:
         response = pb.ListModelsResponse(default_model=registry.default_name, default_index=registry.default_index)
         for index in registry.indexes:
             response.indexes.append(

@@ -11,7 +11,11 @@ KNOWN_ORDERS = (0, 1)  # rankstream.v1.Order: RANKED, AS_SCORED
 
 
 def _has_content(text: str) -> bool:
-    """Something a model can read: not only spaces, control or zero-width characters."""
+    """Something a model can read: not only spaces, control or zero-width characters.
+    Nearly every real text starts with such a character: that check runs at C speed."""
+    first = text[:1]
+    if first.isprintable() and not first.isspace():
+        return True
     return any(ch.isprintable() and not ch.isspace() for ch in text)
 
 
