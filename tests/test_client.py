@@ -162,7 +162,7 @@ def test_stats_has_every_field_of_rerank_stats(client):
     assert {f.name for f in dataclasses.fields(Stats)} == {f.name for f in pb.RerankStats.DESCRIPTOR.fields}
     stats = client.rerank(QUERY, PASSAGES, model="minilm").stats
     assert (stats.passages, stats.scored, stats.returned, stats.messages) == (3, 3, 3, 1)
-    assert stats.batches >= 1 and stats.max_batch_size >= 1 and isinstance(stats.tokens, int)
+    assert stats.batches >= 1 and stats.max_batch_size >= 1 and stats.tokens > 0
 
 
 def test_conversion_gives_the_same_frozen_dataclasses_as_the_constructor():

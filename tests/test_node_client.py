@@ -31,7 +31,7 @@ def test_node_client_streams_batches_reads_stats_and_sees_statuses(demo_server):
     assert sorted(r["index"] for r in as_scored["passages"]) == list(range(24))
     assert all(r["rank"] == 0 for r in as_scored["passages"])
     assert as_scored["messages"] == as_scored["stats"]["messages"] == as_scored["stats"]["batches"] >= 1
-    assert {"messages", "tokens"} <= as_scored["stats"].keys()  # RerankStats decoded from the trailer by Node
+    assert as_scored["stats"]["tokens"] > 0  # an int64 field of the RerankStats Node decoded from the trailer
 
     retrieved = seen["retrieved"]
     assert retrieved["messages"] == 1 and len(retrieved["passages"]) == 3
