@@ -267,3 +267,13 @@ def test_models_that_take_a_ready_4d_mask_get_one_and_score_the_same(models, nam
     backend._mask_4d = False
     with_2d = backend.launch(batch).result()
     np.testing.assert_allclose(with_4d, with_2d, atol=1e-6)
+
+
+def test_split_messages_hold_the_limit_for_any_text_and_empty_results_send_nothing():
+    docs = [("東京" * 400 + str(i), "東京タワー 🎉" * 100, "🎉" * 50, {"キー": "値" * 30}) for i in range(30)]
+    for want_text, want_metadata in [(True, True), (False, False), (True, False)]:
+        messages = Messages(lambda i: docs[i], want_text, want_metadata, max_bytes=9000).build(_chunk(range(30), range(1, 31)))
+        assert all(m.ByteSize() <= 9000 for m in messages), [m.ByteSize() for m in messages]
+        assert [p.rank for m in messages for p in m.passages] == list(range(1, 31))
+    nothing = Messages(lambda i: docs[i], True, True, 9000)
+    assert nothing.build(_chunk([], [])) == [] and nothing.sent_messages == 0

@@ -64,6 +64,7 @@ class JobStats:
     max_batch_size: int = 0
     shared_batches: int = 0
     tokens: int = 0
+    passes: dict[float, float] = field(default_factory=dict)  # start time -> seconds, of each pass it rode
 
 
 @dataclass(eq=False)
@@ -73,6 +74,7 @@ class Job:
     size: int
     deadline: float | None = None  # time.monotonic() value; None = no deadline
     lane: int = INTERACTIVE
+    group: object | None = None  # the request this job belongs to (a request may queue several jobs)
     stats: JobStats = field(default_factory=JobStats)
     cancelled: bool = False
 
@@ -339,12 +341,13 @@ class DynamicBatcher:
             except Exception:  # noqa: BLE001
                 log.exception("model %s failed on a batch of %d", self.name, batch.real)
         elapsed = time.perf_counter() - started
-        shared = len(batch.pieces) > 1
+        shared = len({piece.owner.group or piece.owner for piece in batch.pieces}) > 1
         for piece in batch.pieces:
             job = piece.owner
             stats = job.stats
             stats.batches += 1
             stats.inference_s += elapsed
+            stats.passes[started] = elapsed
             stats.max_batch_size = max(stats.max_batch_size, batch.real)
             stats.shared_batches += shared
             stats.tokens += int(piece.tokens.lengths[piece.rows].sum())

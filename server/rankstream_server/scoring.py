@@ -35,7 +35,7 @@ class ModelCall:
         return tokens
 
     def _submit(self, model: ServedModel, tokens: Tokens, lane: int) -> Job:
-        job = Job(size=len(tokens), deadline=self._deadline, lane=lane)
+        job = Job(size=len(tokens), deadline=self._deadline, lane=lane, group=self)
         model.batcher.submit(job, tokens)
         self._jobs.append((model, job))
         return job
@@ -81,7 +81,8 @@ class ModelCall:
             "truncated": self.truncated,
             "tokenize_ms": round(self.tokenize_s * 1000, 3),
             "queue_ms": round(max(firsts, default=0.0) * 1000, 3),
-            "inference_ms": round(sum(j.stats.inference_s for j in jobs) * 1000, 3),
+            # Passes, not jobs: a request's jobs can ride the same pass.
+            "inference_ms": round(sum({k: v for j in jobs for k, v in j.stats.passes.items()}.values()) * 1000, 3),
             "batches": sum(j.stats.batches for j in jobs),
             "max_batch_size": max((j.stats.max_batch_size for j in jobs), default=0),
             "shared_batches": sum(j.stats.shared_batches for j in jobs),

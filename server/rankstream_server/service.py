@@ -119,28 +119,19 @@ class Messages:
         self.sent_passages = 0
         self.sent_messages = 0
 
-    def _size(self, text: str, title: str | None, metadata) -> int:
-        size = 48
-        if self._want_text:
-            size += len(text) * 3 // 2 + (len(title) if title else 0)  # UTF-8 bytes, roughly, with room
-        if self._want_metadata:
-            size += sum(len(k) + len(v) + 8 for k, v in metadata.items())
-        return size
-
     def build(self, chunk: ScoredChunk) -> list[pb.ScoredPassages]:
-        messages = [pb.ScoredPassages()]
+        """The chunk's messages (none for an empty chunk), each at most max_bytes on the wire
+        unless a single passage is larger."""
+        if not len(chunk):
+            return []
+        current = pb.ScoredPassages()
+        messages = [current]
         size = 0
-        want_text, want_metadata, stage = self._want_text, self._want_metadata, self._stage
+        want_text, want_metadata, stage, limit = self._want_text, self._want_metadata, self._stage, self._max_bytes
         retrieval = self._retrieval
         for index, score, rank_ in zip(chunk.indices.tolist(), chunk.scores.tolist(), chunk.ranks.tolist()):
             doc_id, text, title, metadata = self._source(index)
-            if want_text or want_metadata:
-                item = self._size(text, title, metadata)
-                if size and size + item > self._max_bytes:
-                    messages.append(pb.ScoredPassages())
-                    size = 0
-                size += item
-            out = messages[-1].passages.add(
+            out = current.passages.add(
                 id=doc_id, index=index, score=score, rank=rank_, stage=stage,
                 retrieval_score=retrieval[index] if retrieval is not None else 0.0,
             )
@@ -150,6 +141,14 @@ class Messages:
                     out.title = title
             if want_metadata:
                 out.metadata.update(metadata)
+            item = out.ByteSize() + 6  # field tag and length prefix
+            if size + item > limit and len(current.passages) > 1:
+                moved = current.passages.pop()
+                current = pb.ScoredPassages()
+                messages.append(current)
+                current.passages.append(moved)
+                size = 0
+            size += item
         self.sent_passages += len(chunk)
         self.sent_messages += len(messages)
         return messages

@@ -14,7 +14,7 @@ def _has_content(text: str) -> bool:
     """Something a model can read: not only spaces, control or zero-width characters.
     Nearly every real text starts with such a character: that check runs at C speed."""
     first = text[:1]
-    if first.isprintable() and not first.isspace():
+    if first and first.isprintable() and not first.isspace():
         return True
     return any(ch.isprintable() and not ch.isspace() for ch in text)
 
