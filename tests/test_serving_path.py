@@ -277,3 +277,18 @@ def test_split_messages_hold_the_limit_for_any_text_and_empty_results_send_nothi
         assert [p.rank for m in messages for p in m.passages] == list(range(1, 31))
     nothing = Messages(lambda i: docs[i], True, True, 9000)
     assert nothing.build(_chunk([], [])) == [] and nothing.sent_messages == 0
+
+
+def test_corpus_passages_are_tokenized_once_and_give_the_same_tokens(bert_tokenizer):
+    cached = PairTokenizer(bert_tokenizer, 48, "m", True, cache_passages=100)
+    fresh = PairTokenizer(bert_tokenizer, 48, "m", True)
+    for query in ["short", QUERY, "a much longer query " * 4]:  # every query leaves a different room
+        reused = cached.encode(query, HARD_TEXTS, reuse=True)
+        plain = fresh.encode(query, HARD_TEXTS)
+        assert _rows(reused, True) == _rows(plain, True)
+        assert reused.truncated == plain.truncated
+    assert len(set(HARD_TEXTS)) == len(HARD_TEXTS)
+    assert (cached.cache.misses, cached.cache.hits) == (len(HARD_TEXTS), 2 * len(HARD_TEXTS))
+    small = PairTokenizer(bert_tokenizer, 48, "m", True, cache_passages=3)
+    small.encode("q", HARD_TEXTS, reuse=True)
+    assert len(small.cache._entries) == 3, "least recently used passages leave"

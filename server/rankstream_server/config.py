@@ -125,6 +125,10 @@ class ServerConfig(_Strict):
     tokenizer_threads: int = Field(2, gt=0)
     warmup: bool = True
     grace_seconds: float = Field(10.0, ge=0, description="Drain time on shutdown.")
+    passage_token_cache: int = Field(
+        100_000, ge=0,
+        description="Corpus passages whose cross-encoder tokens are kept (LRU) for RetrieveAndRerank; 0 = off. About 0.5 KB each.",
+    )
     max_message_bytes: int = Field(
         4 * 1024 * 1024 - 64 * 1024, gt=1024,
         description="Largest ScoredPassages message sent; bigger results are split over several. "

@@ -36,19 +36,21 @@ async def scored_chunks(
     top_n: int,
     threshold: float | None,
     raw: bool,
+    reuse: bool = False,
 ) -> AsyncIterator[ScoredChunk]:
     """Scores texts against the query. AS_SCORED: one chunk per scored micro-batch, as it comes.
-    RANKED: one chunk once every text is scored, best first, cut at top_n and the threshold."""
+    RANKED: one chunk once every text is scored, best first, cut at top_n and the threshold.
+    `reuse`: the texts are corpus passages (their tokens may be cached)."""
     activation = "none" if raw else model.loaded.activation
     if as_scored:
-        async for indices, raw_scores in call.score(model, query, texts):
+        async for indices, raw_scores in call.score(model, query, texts, reuse):
             scores = activate(raw_scores, activation)
             keep = passing(scores, threshold)
             if keep.any():
                 yield ScoredChunk(indices[keep], scores[keep], np.zeros(int(keep.sum()), dtype=np.int32))
         return
     scores = np.empty(len(texts), dtype=np.float32)
-    async for indices, raw_scores in call.score(model, query, texts):
+    async for indices, raw_scores in call.score(model, query, texts, reuse):
         scores[indices] = activate(raw_scores, activation)
     order = rank(scores, top_n, threshold)
     yield ScoredChunk(order, scores[order], np.arange(1, len(order) + 1, dtype=np.int32))

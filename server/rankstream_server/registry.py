@@ -72,7 +72,8 @@ class ModelRegistry:
             loaded = load_model(cfg)
             backend = backend_for(loaded, self._settings.batching)
             if loaded.kind == "cross":
-                tokenizer = PairTokenizer(loaded.tokenizer, loaded.max_length, cfg.name, loaded.uses_token_type_ids)
+                tokenizer = PairTokenizer(loaded.tokenizer, loaded.max_length, cfg.name, loaded.uses_token_type_ids,
+                                          cache_passages=self._settings.server.passage_token_cache if self._settings.indexes else 0)
                 tokenizer.encode(_WARMUP_QUERY, _WARMUP_PASSAGES)
             else:
                 tokenizer = TextTokenizer(loaded.tokenizer, loaded.max_length, cfg.query_prefix, cfg.passage_prefix)

@@ -50,12 +50,13 @@ class ModelCall:
             output[indices] = rows
         return output
 
-    async def score(self, model: ServedModel, query: str, texts: list[str]) -> AsyncIterator[tuple[np.ndarray, np.ndarray]]:
+    async def score(self, model: ServedModel, query: str, texts: list[str], reuse: bool = False) -> AsyncIterator[tuple[np.ndarray, np.ndarray]]:
         """Raw scores of (query, text) pairs as they come: (indices, scores) per micro-batch.
-        Cross-encoders give logits; bi-encoders give the similarity of the two embeddings."""
+        Cross-encoders give logits; bi-encoders give the similarity of the two embeddings.
+        `reuse`: the texts are corpus passages that recur; their tokens may come from a cache."""
         self.passages += len(texts)
         if model.kind == "cross":
-            tokens = await self._tokenize(model.tokenizer.encode, query, texts)
+            tokens = await self._tokenize(model.tokenizer.encode, query, texts, reuse)
             async for chunk in self._submit(model, tokens, INTERACTIVE).results():
                 self.scored += len(chunk[0])
                 yield chunk

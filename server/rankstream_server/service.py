@@ -271,7 +271,7 @@ class RetrieverService(pb_grpc.RetrieverServicer):
                 texts = [passage_text(hit.document.text, hit.document.title) for hit in hits]
                 async for chunk in scored_chunks(
                     call, reranker, request.query, texts, request.order == pb.AS_SCORED, request.top_n,
-                    _optional(request, "score_threshold"), request.raw_scores,
+                    _optional(request, "score_threshold"), request.raw_scores, reuse=True,
                 ):
                     for message in messages.build(chunk):
                         yield message
