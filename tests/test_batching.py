@@ -95,11 +95,31 @@ async def test_full_queue_is_refused_at_once_and_the_server_recovers(slow):
     assert after.rejected - before.rejected == 1
 
 
-async def test_expired_request_gets_deadline_exceeded_and_its_work_is_dropped(slow):
+async def test_a_request_that_cannot_meet_its_deadline_costs_no_work(slow):
+    """Once the batcher has measured its passes, a request whose deadline cannot be met is refused
+    at admission (RESOURCE_EXHAUSTED, naming the deadline); before that, it expires in the queue
+    (DEADLINE_EXCEEDED) and its remaining work is dropped. Either way most of it never runs."""
     before = await settled(slow, "minilm")
     with pytest.raises(grpc.aio.AioRpcError) as caught:
         await slow.rerank(query=QUERY, passages=passages([LONG] * 64), timeout=0.5)
-    assert caught.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
     after = await settled(slow, "minilm")
-    assert after.dropped - before.dropped > 0
-    assert after.items - before.items < 64
+    if caught.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED:
+        assert "before its deadline" in caught.value.details()
+        assert after.items == before.items and after.rejected == before.rejected + 1
+    else:
+        assert caught.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        assert after.dropped - before.dropped > 0
+        assert after.items - before.items < 64
+
+
+async def test_measured_admission_refuses_at_once_what_would_expire(slow):
+    await slow.rerank(query=QUERY, passages=passages([LONG] * 8))  # the batcher measures its passes
+    before = await settled(slow, "minilm")
+    started = asyncio.get_running_loop().time()
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await slow.rerank(query=QUERY, passages=passages([LONG] * 64), timeout=0.3)
+    assert caught.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, caught.value.details()
+    assert "before its deadline" in caught.value.details()
+    assert asyncio.get_running_loop().time() - started < 0.3, "refused at once, not after waiting"
+    after = await settled(slow, "minilm")
+    assert after.items == before.items, "no pass was spent on it"

@@ -50,6 +50,7 @@ class RankstreamServer:
         )
         pb_grpc.add_InfoServicer_to_server(InfoService(self._readiness), self._server)
         self._saver: asyncio.Task | None = None
+        self._watcher: asyncio.Task | None = None
         health_pb2_grpc.add_HealthServicer_to_server(self._health, self._server)
         reflection.enable_server_reflection([*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME], self._server)
 
@@ -81,7 +82,24 @@ class RankstreamServer:
         if self.settings.indexes:
             self._saver = asyncio.create_task(self._save_periodically(registry))
         await self._set_health(health_pb2.HealthCheckResponse.SERVING)
+        self._watcher = asyncio.create_task(self._watch_models(registry))
         log.info("serving %s on port %s", [m.name for m in registry.models], self.port)
+
+    async def _watch_models(self, registry: ModelRegistry, interval: float = 1.0) -> None:
+        """Health follows the models: NOT_SERVING while any model's batcher is dead or its passes
+        keep failing, SERVING again once they run."""
+        serving = True
+        while True:
+            await asyncio.sleep(interval)
+            sick = [model.name for model in registry.models if not model.batcher.healthy]
+            if bool(sick) == serving:
+                serving = not sick
+                if sick:
+                    log.error("models %s are failing: health NOT_SERVING", sick)
+                else:
+                    log.info("models recovered: health SERVING")
+                status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
+                await self._set_health(status)
 
     async def _save_periodically(self, registry: ModelRegistry) -> None:
         """Saves changed FAISS indexes now and then (the document store is durable on every write)."""
@@ -96,8 +114,9 @@ class RankstreamServer:
     async def stop(self) -> None:
         """Graceful: report NOT_SERVING, let in-flight calls finish within the grace period, stop
         batchers, save indexes."""
-        if self._saver is not None:
-            self._saver.cancel()
+        for task in (self._saver, self._watcher):
+            if task is not None:
+                task.cancel()
         await self._health.enter_graceful_shutdown()
         await self._server.stop(self.settings.server.grace_seconds)
         if self._readiness.registry is not None:

@@ -11,6 +11,17 @@ Two lanes: interactive work (queries, reranks) goes before bulk work (upserts, i
 so a query never waits behind a big upsert; bulk work that has waited `bulk_max_wait_ms` is
 taken first, so it is never starved.
 
+Admission is by expected wait, not only by size: the batcher keeps a running measure of seconds
+per token, and a request whose deadline cannot be met behind the work already queued, or that
+would make the queue longer than `max_queue_seconds`, is refused at once (ResourceExhausted), so
+no work is spent on requests that would expire anyway. Interactive work is served earliest
+deadline first; queued work whose deadline has become unreachable is dropped before it runs.
+
+A pass that fails (a CUDA out-of-memory, say) is split in halves and retried, down to single
+rows; only rows that fail alone get an error. After repeated failed passes, or if the thread
+dies, `healthy` turns false (the server reports NOT_SERVING). An unexpected error in the loop
+fails the passes it held, so no request hangs and no capacity leaks.
+
 Work of cancelled or expired requests is dropped before it runs; cancelling is O(1). A request
 that would overflow the queue is refused at once (ResourceExhausted). Model code runs only on
 the batcher's thread, never on the event loop; results go back with call_soon_threadsafe.
@@ -20,6 +31,9 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import dataclasses
+import heapq
+import itertools
 import logging
 import threading
 import time
@@ -37,6 +51,7 @@ from .tokenization import Tokens
 log = logging.getLogger(__name__)
 
 WINDOW = 4  # passes' worth of the oldest work sorted together
+FAILED_PASSES_UNHEALTHY = 3  # consecutive passes failing even alone: the model is not serving
 CPU_BATCH_TOKENS = 2048  # defaults for BatchingConfig.max_batch_tokens
 GPU_BATCH_TOKENS = 16384
 INTERACTIVE, BULK = 0, 1
@@ -111,12 +126,17 @@ class Job:
 
 @dataclass(eq=False)
 class _Work:
-    """A request's rows still queued, longest first; `start` moves as passes take them."""
+    """A request's rows still queued, longest first; `start` moves as passes take them.
+    Ordered in its lane by `key`: (deadline, arrival) for interactive work, arrival for bulk."""
 
     job: Job
     tokens: Tokens
     rows: np.ndarray
+    key: tuple[float, int]
     start: int = 0
+
+    def __lt__(self, other: _Work) -> bool:
+        return self.key < other.key
 
     @property
     def left(self) -> int:
@@ -150,7 +170,12 @@ class DynamicBatcher:
         self._max_wait = config.max_wait_ms / 1000.0
         self._bulk_max_wait = config.bulk_max_wait_ms / 1000.0
         self._cond = threading.Condition()
-        self._lanes: tuple[collections.deque[_Work], ...] = (collections.deque(), collections.deque())
+        self._lanes: tuple[list[_Work], list[_Work]] = ([], [])  # heaps: interactive, bulk
+        self._arrivals = itertools.count()
+        self._max_queue_seconds = config.max_queue_seconds
+        self._seconds_per_token: float | None = None  # running measure of pass time per real token
+        self._failed_passes = 0  # consecutive passes that failed even when split
+        self._held: list[Batch] = []  # passes cut or running: failed, not lost, if the loop breaks
         self._queued_rows = 0
         self._queued_tokens = 0
         self._in_flight = 0  # admitted rows not yet done or dropped
@@ -166,26 +191,57 @@ class DynamicBatcher:
     # -- event-loop side -------------------------------------------------------------
 
     def submit(self, job: Job, tokens: Tokens) -> None:
-        """Queue a request's inputs, or refuse at once when they do not fit."""
+        """Queue a request's inputs, or refuse at once when they do not fit: the queue's pair
+        capacity, its expected wait, or the request's own deadline."""
         rows = np.argsort(-tokens.lengths, kind="stable").astype(np.int64)
         count = len(rows)
         with self._cond:
             if self._closed:
                 raise Unavailable(f"model {self.name!r} is shutting down")
             if self._in_flight + count > self.capacity:
-                self.counters.rejected += 1
-                raise ResourceExhausted(
+                self._refuse(
                     f"model {self.name!r} queue is full: {self._in_flight} of {self.capacity} pairs in flight, "
                     f"request adds {count}; retry later"
                 )
+            self._admit_by_time(job, tokens)
             job.stats.enqueued_at = time.perf_counter()
             job.queued = count
             self._in_flight += count
             self._queued_rows += count
             self._queued_tokens += tokens.token_count
-            job.work = _Work(job, tokens, rows)
-            self._lanes[job.lane].append(job.work)
+            arrival = next(self._arrivals)
+            key = (job.deadline if job.deadline is not None else float("inf"), arrival) if job.lane == INTERACTIVE else (0.0, arrival)
+            job.work = _Work(job, tokens, rows, key)
+            heapq.heappush(self._lanes[job.lane], job.work)
             self._cond.notify()
+
+    def _refuse(self, message: str) -> None:
+        self.counters.rejected += 1
+        raise ResourceExhausted(message)
+
+    def expected_wait(self, tokens: int = 0) -> float | None:
+        """Seconds until `tokens` more tokens would be done behind everything queued (None until
+        the first passes are measured)."""
+        if self._seconds_per_token is None:
+            return None
+        return (self._queued_tokens + tokens) * self._seconds_per_token
+
+    def _admit_by_time(self, job: Job, tokens: Tokens) -> None:
+        """Refuses work that cannot finish in time (lock held). Interactive work waits only for the
+        interactive work ahead of it, but counting all of it keeps the estimate safe."""
+        wait = self.expected_wait(tokens.token_count)
+        if wait is None:
+            return
+        if self._max_queue_seconds and self._queued_rows and wait > self._max_queue_seconds:
+            self._refuse(
+                f"model {self.name!r} is saturated: about {wait:.1f} s of queued work, limit is "
+                f"batching.max_queue_seconds={self._max_queue_seconds:g}; retry later"
+            )
+        if job.deadline is not None and time.monotonic() + wait > job.deadline:
+            self._refuse(
+                f"model {self.name!r} cannot finish this request before its deadline: about {wait:.2f} s of work "
+                f"queued, {max(job.deadline - time.monotonic(), 0):.2f} s left; retry later or with a longer deadline"
+            )
 
     def cancel(self, job: Job) -> None:
         """Drop a request's queued inputs (a pass already running completes and is discarded).
@@ -227,11 +283,24 @@ class DynamicBatcher:
             job._deliver(DeadlineExceeded("deadline passed while the request was queued"))
         return job.cancelled
 
-    def _lane_order(self, now: float) -> list[collections.deque[_Work]]:
+    def _lane_order(self, now: float) -> list[list[_Work]]:
         interactive, bulk = self._lanes
         if bulk and now - bulk[0].job.stats.enqueued_at >= self._bulk_max_wait:
             return [bulk, interactive]
         return [interactive, bulk]
+
+    def _unreachable(self, job: Job, now: float) -> bool:
+        """Its deadline passes before its next pass could end: drop it now rather than spend a pass
+        on it (lock held)."""
+        if job.deadline is None or self._seconds_per_token is None or job.cancelled:
+            return False
+        next_pass = self._shapes.max_tokens * self._seconds_per_token
+        if now + next_pass < job.deadline:
+            return False
+        job.cancelled = True
+        self._forget(job)
+        job._deliver(DeadlineExceeded("deadline would pass before the request's turn; dropped unrun"))
+        return True
 
     def _take_window(self, wait: bool) -> list[tuple[Job, Tokens, np.ndarray]]:
         """The oldest live work, interactive first, up to WINDOW passes' worth: (job, tokens, rows)."""
@@ -253,8 +322,8 @@ class DynamicBatcher:
                 while lane and room_rows > 0 and room_tokens > 0:
                     work = lane[0]
                     job = work.job
-                    if self._is_dead(job, now):
-                        lane.popleft()
+                    if self._is_dead(job, now) or self._unreachable(job, now):
+                        heapq.heappop(lane)
                         continue
                     lengths = work.tokens.lengths[work.rows[work.start:]]
                     # Rows by tokens: as many as fit in both budgets, at least one.
@@ -270,7 +339,7 @@ class DynamicBatcher:
                     room_tokens -= taken_tokens
                     parts.append((job, work.tokens, rows))
                     if work.left == 0:
-                        lane.popleft()
+                        heapq.heappop(lane)
                 if parts:  # one lane per window: length sorting must not put bulk rows ahead of a query
                     break
         return parts
@@ -290,13 +359,21 @@ class DynamicBatcher:
             return None
         return cut_batches([(piece.owner, piece.tokens, piece.rows) for piece in live], self._shapes)[0]
 
+    @property
+    def healthy(self) -> bool:
+        """False once the thread has died or passes keep failing even when split."""
+        return self._thread.is_alive() and self._failed_passes < FAILED_PASSES_UNHEALTHY
+
     def _run(self) -> None:
         while True:
             try:
                 self._serve()
                 return
             except Exception:  # noqa: BLE001 - the thread must outlive any one bad batch
-                log.exception("batcher %s: unexpected error; continuing", self.name)
+                log.exception("batcher %s: unexpected error; failing the passes it held and continuing", self.name)
+                held, self._held = self._held, []
+                for batch in held:
+                    self._finish(batch, None, 0.0, 0.0)
 
     def _serve(self) -> None:
         running: tuple[Batch, PendingResult | None, float] | None = None
@@ -304,6 +381,8 @@ class DynamicBatcher:
         while True:
             if not ready:
                 ready.extend(cut_batches(self._take_window(wait=running is None), self._shapes))
+            # What is cut or running is held, so an unexpected error can fail it rather than lose it.
+            self._held = [*ready, *([running[0]] if running else [])]
             batch = self._live(ready.popleft()) if ready else None
             if batch is None:
                 if running is not None:
@@ -314,6 +393,7 @@ class DynamicBatcher:
                         if self._closed and not self._queued_rows:
                             return
                 continue
+            self._held.append(batch)
             launched = self._launch(batch)
             if running is not None:
                 self._complete(*running)
@@ -329,8 +409,8 @@ class DynamicBatcher:
                 piece.owner.stats.first_batch_at = started
         try:
             return batch, self._backend.launch(batch), started
-        except Exception:  # noqa: BLE001 - reported to the requests, logged here
-            log.exception("model %s failed to launch a batch of %d", self.name, batch.real)
+        except Exception:  # noqa: BLE001 - retried smaller in _complete
+            log.exception("model %s failed to launch a pass of %d", self.name, batch.real)
             return batch, None, started
 
     def _complete(self, batch: Batch, pending: PendingResult | None, started: float) -> None:
@@ -339,8 +419,36 @@ class DynamicBatcher:
             try:
                 outputs = pending.result()
             except Exception:  # noqa: BLE001
-                log.exception("model %s failed on a batch of %d", self.name, batch.real)
+                log.exception("model %s failed on a pass of %d", self.name, batch.real)
         elapsed = time.perf_counter() - started
+        if outputs is None:
+            self._retry_split(batch)
+            return
+        self._failed_passes = 0
+        self._finish(batch, outputs, started, elapsed)
+
+    def _retry_split(self, batch: Batch) -> None:
+        """A failed pass, run again in halves (synchronously), down to single rows: rows that can
+        run get their results; only a row that fails alone gets an error."""
+        if batch.real == 1:
+            self._failed_passes += 1
+            self._finish(batch, None, 0.0, 0.0)
+            return
+        half = dataclasses.replace(self._shapes, max_rows=max(1, batch.real // 2), row_buckets=())
+        parts = [(piece.owner, piece.tokens, piece.rows) for piece in batch.pieces]
+        for smaller in cut_batches(parts, half):
+            started = time.perf_counter()
+            try:
+                outputs = self._backend.launch(smaller).result()
+            except Exception:  # noqa: BLE001
+                log.warning("model %s: a pass of %d failed again; splitting", self.name, smaller.real)
+                self._retry_split(smaller)
+                continue
+            self._failed_passes = 0
+            self._finish(smaller, outputs, started, time.perf_counter() - started)
+
+    def _finish(self, batch: Batch, outputs: np.ndarray | None, started: float, elapsed: float) -> None:
+        """Hands a pass's results (or an error, when outputs is None) to its requests."""
         shared = len({piece.owner.group or piece.owner for piece in batch.pieces}) > 1
         for piece in batch.pieces:
             job = piece.owner
@@ -357,6 +465,8 @@ class DynamicBatcher:
                 job._deliver((piece.rows, outputs[piece.slots]))
         with self._cond:
             self._in_flight -= batch.real
+            if batch in self._held:
+                self._held.remove(batch)
             counters = self.counters
             counters.batches += 1
             counters.items += batch.real
@@ -364,3 +474,7 @@ class DynamicBatcher:
             counters.max_requests_per_batch = max(counters.max_requests_per_batch, len(batch.pieces))
             counters.tokens += batch.tokens
             counters.padded_tokens += batch.rows * batch.width
+            if outputs is not None and batch.tokens and elapsed > 0:
+                measured = elapsed / batch.tokens
+                previous = self._seconds_per_token
+                self._seconds_per_token = measured if previous is None else 0.8 * previous + 0.2 * measured

@@ -86,6 +86,10 @@ class BatchingConfig(_Strict):
     max_batch_size: int = Field(128, gt=0, description="Pairs per forward pass.")
     max_wait_ms: float = Field(2.0, ge=0, description="How long a batch waits for more work once it has some.")
     queue_capacity: int = Field(4096, gt=0, description="Pairs queued or running per model; beyond: RESOURCE_EXHAUSTED.")
+    max_queue_seconds: float = Field(
+        10.0, ge=0,
+        description="Refuse (RESOURCE_EXHAUSTED) work that would queue behind more than this many seconds of measured work; 0 = off.",
+    )
     bulk_max_wait_ms: float = Field(
         500.0, ge=0, description="Bulk work (upserts, builds) goes after queries and reranks, unless it has waited this long."
     )
