@@ -19,6 +19,7 @@ from rankstream.v1 import rankstream_pb2 as pb
 from rankstream.v1 import rankstream_pb2_grpc as pb_grpc
 
 from .config import Settings, TlsConfig
+from .interceptors import DecodeGuard
 from .registry import ModelRegistry
 from .service import InfoService, Readiness, RerankerService, RetrieverService
 
@@ -37,6 +38,7 @@ class RankstreamServer:
         self._health = health.aio.HealthServicer()
         self._tokenize_pool = ThreadPoolExecutor(settings.server.tokenizer_threads, thread_name_prefix="tokenize")
         self._server = grpc.aio.server(
+            interceptors=[DecodeGuard()],
             options=[
                 ("grpc.max_receive_message_length", 64 * 1024 * 1024),
                 ("grpc.so_reuseport", 0),
