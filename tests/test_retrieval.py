@@ -4,6 +4,7 @@ online upserts and deletes, index manifests, and the eval command."""
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -18,6 +19,7 @@ from rankstream.v1 import rankstream_pb2 as pb
 from rankstream.v1 import rankstream_pb2_grpc as pb_grpc
 from rankstream_server.config import IndexConfig, ModelConfig, load_settings
 from rankstream_server.corpus_index import CorpusIndex, IndexMismatch
+from rankstream_server.docstore import DocStore
 from rankstream_server.embedded import embedded_model_path
 from rankstream_server.errors import ModelLoadError
 from rankstream_server.index_build import build_index
@@ -51,6 +53,7 @@ def built(tmp_path_factory, bi_models):
     settings = make_settings(list(bi_models.values()))
     report = build_index(settings, corpus, root / "docs", model="minilm", progress=False)
     assert report.count == len(DOCS)
+    shutil.copytree(root / "docs", root / "docs-hnsw")  # one writer per folder: each index has its own
     return root
 
 
@@ -58,7 +61,7 @@ def built(tmp_path_factory, bi_models):
 async def retrieval(built, bi_models):
     indexes = [
         {"name": "docs", "path": str(built / "docs"), "model": "minilm"},
-        {"name": "docs-hnsw", "path": str(built / "docs"), "model": "minilm", "type": "hnsw"},
+        {"name": "docs-hnsw", "path": str(built / "docs-hnsw"), "model": "minilm", "type": "hnsw"},
         {"name": "live", "path": str(built / "live"), "model": "tiny-tasb", "create": True},
     ]
     settings = make_settings(list(bi_models.values()), indexes=indexes, default_model="tiny-bert")
@@ -123,11 +126,9 @@ async def test_a_bi_encoder_reranks_by_embedding_similarity(retrieval):
 async def test_exact_retrieve_equals_brute_force(retrieval, built):
     query = "how do comets orbit a planet"
     results, stats = await stream(retrieval.retriever.Retrieve(pb.RetrieveRequest(query=query, top_k=10), timeout=60))
-    store_keys, vectors = CorpusIndex.open(
-        IndexConfig(name="check", path=str(built / "docs"), model="minilm"),
-        load_model(ModelConfig(name="minilm", kind="bi", weights="embedded:all-MiniLM-L6-v2")).identity(),
-        384,
-    ).store.all_vectors()
+    store = DocStore(built / "docs" / "docs.sqlite", 384, read_only=True)  # the server has the folder open
+    store_keys, vectors = store.all_vectors()
+    store.close()
     ids = [d["_id"] for d in DOCS]  # built in corpus order: key i is DOCS[i]
     scores = vectors @ query_vector("embedded:all-MiniLM-L6-v2", query)
     best = np.argsort(-scores, kind="stable")[:10]

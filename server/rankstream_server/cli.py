@@ -9,6 +9,7 @@ import sys
 
 from .config import load_settings
 from .errors import ModelLoadError
+from .index_lock import IndexLocked
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -51,7 +52,11 @@ def _index_build(args: argparse.Namespace) -> int:
         index = IndexConfig(name="built", path=args.out, model=pick_model(settings, args.model), type=args.type or "flat")
     elif args.type:
         index = index.model_copy(update={"type": args.type})
-    report = build_index(settings, args.corpus, args.out, index=index, force=args.force)
+    try:
+        report = build_index(settings, args.corpus, args.out, index=index, force=args.force)
+    except IndexLocked as exc:
+        print(f"rankstream: {exc}", file=sys.stderr)
+        return 2
     print(
         f"built {report.folder}: {report.count} passages, dimension {report.dimension}, {report.index_type} index, "
         f"encoded at {report.passages_per_second:.1f} passages/s, {report.total_seconds:.1f} s in all"
@@ -65,10 +70,14 @@ def _eval(args: argparse.Namespace) -> int:
     from .evaluate import evaluate, to_json
 
     settings = load_settings(args.config)
-    report = evaluate(
-        settings, args.data, args.pipeline, index=_index_config(settings, args), model=args.model,
-        reranker=args.reranker, top_k=args.top_k, rerank_k=args.rerank_k, split=args.split,
-    )
+    try:
+        report = evaluate(
+            settings, args.data, args.pipeline, index=_index_config(settings, args), model=args.model,
+            reranker=args.reranker, top_k=args.top_k, rerank_k=args.rerank_k, split=args.split,
+        )
+    except IndexLocked as exc:
+        print(f"rankstream: {exc}", file=sys.stderr)
+        return 2
     print(report.table())
     if args.json:
         Path(args.json).write_text(to_json(report))
@@ -111,6 +120,7 @@ def main(argv: list[str] | None = None) -> int:
     evaluation.set_defaults(run=_eval)
     args = parser.parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("faiss.loader").setLevel(logging.WARNING)  # which CPU build it picked: noise
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # our own progress bars say what is going on

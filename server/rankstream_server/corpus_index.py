@@ -5,9 +5,21 @@ and a manifest saying which model and settings made the embeddings.
     DIR/docs.sqlite     texts, metadata, embeddings (durable on every write)
     DIR/vectors.faiss   the FAISS index as of DIR/vectors.json's `version`
     DIR/vectors.json    that version, the index type and parameters, a checksum, tombstones
+    DIR/LOCK            held by the one process that writes to the folder (index_lock.py)
 
 At open, the FAISS index is loaded and caught up with the store's later changes, or rebuilt
-from the store when it is missing, damaged, or of another type than configured.
+from the store when it is missing, damaged, of another type than configured, or disagrees with
+the store.
+
+Concurrency: searches share a reader-writer lock; a write takes it alone for the store commit
+and the FAISS change together, so a search sees both or neither. A save copies the FAISS index
+to memory under the shared lock and writes and hashes it with no lock held.
+
+Versions: the store's version moves on every commit. `applied` is the last version FAISS
+fully reflects, and only that version is ever saved beside vectors.faiss. A FAISS change that
+fails after its commit (an out-of-memory error, say) leaves the store ahead: the client is
+told, the index is rebuilt from the store at the next save, and a restart replays the store
+from the saved version, so no committed row stays unsearchable.
 """
 
 from __future__ import annotations
@@ -23,11 +35,14 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import grpc
 import numpy as np
 
 from .config import IndexConfig
 from .docstore import DocStore, Document, StoredDocument
-from .errors import ModelLoadError
+from .errors import ModelLoadError, RankstreamError
+from .index_lock import IndexLock
+from .rwlock import ReadWriteLock
 from .vector_index import SearchResult, VectorIndex, exact_search
 
 log = logging.getLogger(__name__)
@@ -41,6 +56,12 @@ FORMAT = 1
 
 class IndexMismatch(ModelLoadError):
     """The index folder was built with another model or settings than the server's config."""
+
+
+class VectorsBehind(RankstreamError):
+    """A write is durable in the store, but FAISS could not apply it yet."""
+
+    code = grpc.StatusCode.UNAVAILABLE
 
 
 def sha256_of(path: Path) -> str:
@@ -78,15 +99,20 @@ class Hit:
 class CorpusIndex:
     """Search and online changes over one index folder. Thread-safe; every method blocks."""
 
-    def __init__(self, folder: Path, config: IndexConfig, manifest: dict, store: DocStore, vectors: VectorIndex, saved_version: int):
+    def __init__(self, folder: Path, config: IndexConfig, manifest: dict, store: DocStore, vectors: VectorIndex,
+                 applied_version: int, saved_version: int, lock: IndexLock | None = None):
         self.folder = folder
         self.config = config
         self.manifest = manifest
         self.store = store
         self._vectors = vectors
-        self._saved_version = saved_version
-        self._lock = threading.Lock()  # the FAISS structure: searches and changes
-        self._write_lock = threading.Lock()  # writers and saves, so a saved version is fully applied
+        self._applied_version = applied_version  # FAISS reflects the store up to this version
+        self._saved_version = saved_version  # vectors.faiss on disk reflects this one
+        self._needs_rebuild = False  # a FAISS change failed: rebuild from the store before saving
+        self._folder_lock = lock
+        self._rw = ReadWriteLock()  # searches share it; a write (commit + FAISS change) takes it alone
+        self._write_mutex = threading.Lock()  # one writer or rebuild at a time (searches go on)
+        self._save_mutex = threading.Lock()  # one save at a time
 
     # -- opening and creating ------------------------------------------------------------
 
@@ -97,12 +123,13 @@ class CorpusIndex:
         shutil.rmtree(staging, ignore_errors=True)
         staging.mkdir(parents=True)
         DocStore(staging / DOCS, dimension).close()
-        write_manifest(staging, identity, dimension, count=0, index_type="flat", index_params={})
+        write_manifest(staging, identity, dimension, count=0, index_type="flat", index_params={}, version=0)
         os.rename(staging, folder)
         fsync_dir(folder.parent)
 
     @classmethod
     def open(cls, config: IndexConfig, identity: dict, dimension: int) -> CorpusIndex:
+        """Opens the folder for writing: refused (IndexLocked) while another writer has it."""
         folder = Path(config.path)
         if not (folder / MANIFEST).exists():
             if not config.create:
@@ -114,9 +141,15 @@ class CorpusIndex:
             cls.create_empty(folder, identity, dimension)
         manifest = json.loads((folder / MANIFEST).read_text(encoding="utf-8"))
         _check_identity(config.name, folder, manifest, identity, dimension)
-        store = DocStore(folder / DOCS, dimension)
-        vectors, saved_version = _load_or_rebuild(folder, config, store, dimension)
-        index = cls(folder, config, manifest, store, vectors, saved_version)
+        lock = IndexLock.acquire(folder, f"index {config.name!r}")
+        try:
+            store = DocStore(folder / DOCS, dimension)
+            vectors, applied_version, saved_version = _load_or_rebuild(folder, config, store, dimension)
+            vectors.place()
+        except BaseException:
+            lock.release()
+            raise
+        index = cls(folder, config, manifest, store, vectors, applied_version, saved_version, lock)
         if saved_version < 0:  # rebuilt: save now, so the next start only catches up
             index.save()
         log.info("index %s: %d passages, %s on %s", config.name, vectors.count, vectors.built_type, vectors.device)
@@ -142,8 +175,8 @@ class CorpusIndex:
 
     @property
     def count(self) -> int:
-        with self._lock:
-            return self._vectors.count
+        with self._rw.read():
+            return self.store.count() if self._needs_rebuild else self._vectors.count
 
     @property
     def version(self) -> int:
@@ -151,57 +184,106 @@ class CorpusIndex:
 
     def search(self, query: np.ndarray, k: int, metadata_filter: dict[str, str] | None = None) -> list[Hit]:
         """The k best passages; with a filter, the k best among matching passages, exactly
-        wherever the index is exact, and never fewer than min(k, matches)."""
-        allowed = self.store.keys_matching(metadata_filter) if metadata_filter else None
-        if allowed is not None and len(allowed) == 0:
-            return []
-        with self._lock:
+        wherever the index is exact, and never fewer than min(k, matches). The store and FAISS
+        are read under one shared lock, so no write lands in between."""
+        with self._rw.read():
+            if not metadata_filter:
+                return self._hits(self._vectors.search(query, k))
+            allowed = self.store.keys_matching(metadata_filter)
+            if len(allowed) == 0:
+                return []
             result = self._vectors.search(query, k, allowed)
-        wanted = min(k, len(allowed)) if allowed is not None else k
-        if result is None or (allowed is not None and len(result.keys) < wanted):
-            # The index could not filter, or an approximate index found too few: search the
-            # matching passages exactly.
-            result = exact_search(query, allowed, self.store.vectors_for(allowed), k)
-        return self._hits(result)
+            if len(result.keys) < min(k, len(allowed)):
+                # An approximate index found too few: search the matching passages exactly.
+                result = exact_search(query, allowed, self.store.vectors_for(allowed), k)
+            return self._hits(result)
 
     def _hits(self, result: SearchResult) -> list[Hit]:
         documents = self.store.documents(result.keys.tolist())
-        # A key can vanish between search and lookup (a concurrent delete): skip it.
-        return [Hit(documents[int(k)], float(s)) for s, k in zip(result.scores, result.keys) if int(k) in documents]
+        hits, seen = [], set()
+        for score, key in zip(result.scores.tolist(), result.keys.tolist()):
+            # Only while a rebuild is pending can FAISS name a key the store no longer has.
+            if key in documents and key not in seen:
+                seen.add(key)
+                hits.append(Hit(documents[key], score))
+        return hits
 
     # -- changes ---------------------------------------------------------------------
 
     def upsert(self, documents: Sequence[Document], embeddings: np.ndarray) -> int:
         """Durable in the store first, then visible in the index. Returns the new version."""
-        with self._write_lock:
+        with self._write_mutex, self._rw.write():
             keys, replaced, version = self.store.upsert(documents, embeddings)
-            with self._lock:
-                self._vectors.remove(replaced)
-                self._vectors.add(keys, embeddings)
+            self._apply(version, replaced, keys, embeddings)
         return version
 
     def delete(self, ids: Sequence[str]) -> tuple[int, int]:
         """Returns (passages removed, new version)."""
-        with self._write_lock:
+        with self._write_mutex, self._rw.write():
             removed, version = self.store.delete(ids)
-            with self._lock:
-                self._vectors.remove(removed)
+            if len(removed):
+                self._apply(version, removed, removed[:0], np.zeros((0, self.dimension), np.float32))
         return len(removed), version
 
+    def _apply(self, version: int, removed: np.ndarray, keys: np.ndarray, vectors: np.ndarray) -> None:
+        """Applies one committed write to FAISS (the caller holds the write lock)."""
+        try:
+            self._vectors.remove(removed)
+            self._vectors.add(keys, vectors)
+        except Exception as error:
+            self._needs_rebuild = True
+            log.error("index %s: version %d is stored, but applying it to the vector index failed; "
+                      "the index is rebuilt from the store at the next save", self.config.name, version, exc_info=True)
+            raise VectorsBehind(
+                f"index {self.config.name!r}: the change is stored (version {version}) but not yet searchable: "
+                f"updating the vector index failed ({type(error).__name__}). It becomes searchable when the index "
+                "is rebuilt from the store, within the save interval; retrying the request is safe"
+            ) from error
+        if not self._needs_rebuild:
+            self._applied_version = version
+
+    def _rebuild(self) -> None:
+        """FAISS afresh from the store. Writers wait; searches go on with the old index until
+        the new one takes its place."""
+        with self._write_mutex:
+            keys, embeddings, version = self.store.snapshot_vectors()
+            fresh = VectorIndex.build(self.dimension, keys, embeddings, self.config)
+            with self._rw.write():
+                self._vectors = fresh
+                self._applied_version = version
+                self._needs_rebuild = False
+        log.warning("index %s: rebuilt the vector index from the store at version %d", self.config.name, version)
+
     def save(self) -> bool:
-        """Writes the FAISS index if the store has moved on since the last save."""
-        with self._write_lock, self._lock:
-            version = self.store.version
-            if version == self._saved_version and (self.folder / VECTORS).exists():
-                return False
-            save_vectors(self.folder, self._vectors, version)
+        """Writes the FAISS index if it has changed since the last save. Its state is copied to
+        memory under the shared lock; writing the file and hashing it hold no lock."""
+        with self._save_mutex:
+            if self._needs_rebuild:
+                self._rebuild()
+            if self._vectors.gpu_lost:
+                with self._write_mutex, self._rw.write():
+                    self._vectors.restore_gpu()  # after a GPU failure dropped the GPU copy
+            with self._rw.read():
+                version = self._applied_version
+                if self._needs_rebuild or (version == self._saved_version and (self.folder / VECTORS).exists()):
+                    return False
+                data, tombstones = self._vectors.snapshot()
+                built_type, params = self._vectors.built_type, _index_params(self._vectors.config)
+            save_vectors(self.folder, data, tombstones, built_type, params, version)
             self._saved_version = version
         self.store.forget_removed_through(version)
         return True
 
-    def close(self) -> None:
-        self.save()
-        self.store.close()
+    def close(self, save: bool = True) -> None:
+        """Saves (unless told not to: what a crash leaves behind), closes the store, and lets
+        go of the folder."""
+        try:
+            if save:
+                self.save()
+        finally:
+            self.store.close()
+            if self._folder_lock is not None:
+                self._folder_lock.release()
 
 
 def _index_params(config: IndexConfig) -> dict:
@@ -213,7 +295,11 @@ def _index_params(config: IndexConfig) -> dict:
     return {}
 
 
-def write_manifest(folder: Path, identity: dict, dimension: int, count: int, index_type: str, index_params: dict) -> None:
+def write_manifest(folder: Path, identity: dict, dimension: int, count: int, index_type: str, index_params: dict,
+                   version: int) -> None:
+    """The manifest, with checksums of the files as they are now, at store version `version`
+    (a checksum holds until the file changes: the store on its next write, the vectors on their
+    next save; `rankstream index check` knows which still apply)."""
     checksums = {name: sha256_of(folder / name) for name in (DOCS, VECTORS) if (folder / name).exists()}
     _write_json(
         folder / MANIFEST,
@@ -226,23 +312,29 @@ def write_manifest(folder: Path, identity: dict, dimension: int, count: int, ind
             "index_type": index_type,
             "index_params": index_params,
             "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "version": version,
             "checksums": checksums,
         },
     )
 
 
-def save_vectors(folder: Path, vectors: VectorIndex, version: int) -> None:
-    """Writes vectors.faiss (atomically) and vectors.json: the store version it reflects, its
-    type and parameters, checksum and tombstones. Used by builds and by CorpusIndex.save."""
+def save_vectors(folder: Path, data: np.ndarray, tombstones: list[int], built_type: str, params: dict, version: int) -> None:
+    """Writes vectors.faiss from a snapshot (VectorIndex.snapshot) atomically and durably, then
+    vectors.json: the store version it reflects, its type and parameters, checksum and
+    tombstones. Used by builds and by CorpusIndex.save; takes no lock."""
     temporary = folder / (VECTORS + ".tmp")
-    tombstones = vectors.save(str(temporary))
-    checksum = sha256_of(temporary)
+    payload = memoryview(data)
+    with temporary.open("wb") as handle:
+        handle.write(payload)
+        handle.flush()
+        os.fsync(handle.fileno())
+    checksum = hashlib.sha256(payload).hexdigest()
     os.replace(temporary, folder / VECTORS)
     _write_json(
         folder / VECTORS_STATE,
-        {"version": version, "type": vectors.built_type, "params": _index_params(vectors.config),
-         "sha256": checksum, "tombstones": tombstones},
+        {"version": version, "type": built_type, "params": params, "sha256": checksum, "tombstones": tombstones},
     )
+    fsync_dir(folder)
 
 
 def _check_identity(name: str, folder: Path, manifest: dict, identity: dict, dimension: int) -> None:
@@ -263,7 +355,8 @@ def _check_identity(name: str, folder: Path, manifest: dict, identity: dict, dim
         )
 
 
-def _load_or_rebuild(folder: Path, config: IndexConfig, store: DocStore, dimension: int) -> tuple[VectorIndex, int]:
+def _load_or_rebuild(folder: Path, config: IndexConfig, store: DocStore, dimension: int) -> tuple[VectorIndex, int, int]:
+    """(vectors, the store version they reflect, the version saved on disk: -1 when rebuilt)."""
     state_path = folder / VECTORS_STATE
     vectors_path = folder / VECTORS
     reason = "no saved vectors"
@@ -280,13 +373,19 @@ def _load_or_rebuild(folder: Path, config: IndexConfig, store: DocStore, dimensi
             except (ValueError, RuntimeError) as error:  # faiss raises RuntimeError for unreadable files
                 reason = f"unusable vectors file: {error}"
             else:
-                added, added_vectors, removed = store.changes_since(int(state["version"]))
-                vectors.remove(removed)
-                vectors.add(added, added_vectors)
-                if len(added) or len(removed):
-                    log.info("index %s: caught up %d added and %d removed passages", config.name, len(added), len(removed))
-                return vectors, int(state["version"])
+                saved_version = int(state["version"])
+                changes = store.changes(saved_version)
+                vectors.remove(changes.removed_keys)
+                vectors.add(changes.added_keys, changes.added_vectors)
+                if len(changes.added_keys) or len(changes.removed_keys):
+                    log.info("index %s: caught up %d added and %d removed passages", config.name,
+                             len(changes.added_keys), len(changes.removed_keys))
+                stored = store.count()
+                if vectors.count == stored:
+                    return vectors, changes.version, saved_version
+                # Saved by a version that let FAISS fall behind the store: never trust it.
+                reason = f"the vectors hold {vectors.count} passages and the store {stored}"
     level = logging.INFO if reason == "no saved vectors" else logging.WARNING
     log.log(level, "index %s: building vectors from the store (%s)", config.name, reason)
-    keys, embeddings = store.all_vectors()
-    return VectorIndex.build(dimension, keys, embeddings, config), -1
+    keys, embeddings, version = store.snapshot_vectors()
+    return VectorIndex.build(dimension, keys, embeddings, config, place=False), version, -1

@@ -4,6 +4,8 @@ Every vector gets an integer `key`, never reused: replacing a passage gives it a
 records the old key as removed. Each write transaction bumps `version`, so a FAISS index
 saved at version V is brought up to date by replaying the keys added and removed after V.
 Writes commit with synchronous=FULL in WAL mode: once a write returns, it survives kill -9.
+Reads that must agree with each other (the keys, vectors and version a FAISS index is built or
+caught up from) are taken in one call, under the store's lock.
 """
 
 from __future__ import annotations
@@ -47,13 +49,46 @@ class StoredDocument(Document):
     key: int = -1
 
 
+@dataclass
+class Changes:
+    """What a FAISS index saved at some version needs to catch up to `version`."""
+
+    added_keys: np.ndarray
+    added_vectors: np.ndarray
+    removed_keys: np.ndarray
+    version: int
+
+
+@dataclass
+class Contents:
+    """Everything about the vectors a store holds, read in one transaction (for checks)."""
+
+    keys: np.ndarray
+    vectors: np.ndarray
+    versions: np.ndarray  # the version that wrote each document
+    removed_keys: np.ndarray
+    removed_versions: np.ndarray
+    version: int
+
+    def changes(self, version: int) -> Changes:
+        """What a FAISS index saved at `version` needs to catch up to this store."""
+        added = self.versions > version
+        removed = self.removed_keys[self.removed_versions > version]
+        return Changes(self.keys[added], self.vectors[added], removed, self.version)
+
+
 class DocStore:
     """Thread-safe access to one SQLite file (one connection, one lock: writes are serial anyway)."""
 
-    def __init__(self, path: str | Path, dimension: int):
+    def __init__(self, path: str | Path, dimension: int, read_only: bool = False):
         self.path = Path(path)
         self.dimension = dimension
         self._lock = threading.Lock()
+        if read_only:  # for checks and backups of a live index: never writes, not even the schema
+            if not self.path.exists():
+                raise FileNotFoundError(f"{self.path}: no such file")
+            self._db = sqlite3.connect(f"{self.path.resolve().as_uri()}?mode=ro", uri=True, check_same_thread=False, isolation_level=None)
+            return
         self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=FULL")
@@ -115,7 +150,11 @@ class DocStore:
             db.execute("BEGIN IMMEDIATE")
             try:
                 removed = _keys_of(db, ids)
-                version = self._counter("version") + (1 if len(removed) else 0)
+                version = self._counter("version")
+                if not len(removed):  # nothing to delete: no write, the version stays
+                    db.execute("COMMIT")
+                    return removed, version
+                version += 1
                 db.executemany("INSERT OR IGNORE INTO removed_keys VALUES (?, ?)", [(int(k), version) for k in removed])
                 db.executemany("DELETE FROM documents WHERE id = ?", [(i,) for i in ids])
                 db.execute("UPDATE counters SET value = ? WHERE name = 'version'", (version,))
@@ -125,18 +164,52 @@ class DocStore:
                 raise
         return removed, version
 
-    def changes_since(self, version: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """(keys added after `version`, their embeddings, keys removed after `version`)."""
+    def changes(self, version: int) -> Changes:
+        """The keys added after `version` with their embeddings, the keys removed after it, and
+        the version they bring the index to, read together (one read transaction)."""
         with self._lock:
-            added = self._db.execute("SELECT key, embedding FROM documents WHERE version > ? ORDER BY key", (version,)).fetchall()
-            removed = self._db.execute("SELECT key FROM removed_keys WHERE version > ?", (version,)).fetchall()
+            self._db.execute("BEGIN")
+            try:
+                current = self._counter("version")
+                added = self._db.execute("SELECT key, embedding FROM documents WHERE version > ? ORDER BY key", (version,)).fetchall()
+                removed = self._db.execute("SELECT key FROM removed_keys WHERE version > ?", (version,)).fetchall()
+            finally:
+                self._db.execute("COMMIT")
         keys = np.array([k for k, _ in added], dtype=np.int64)
         vectors = _vectors([blob for _, blob in added], self.dimension)
-        return keys, vectors, np.array([k for (k,) in removed], dtype=np.int64)
+        return Changes(keys, vectors, np.array([k for (k,) in removed], dtype=np.int64), current)
+
+    def contents(self) -> Contents:
+        with self._lock:
+            self._db.execute("BEGIN")
+            try:
+                version = self._counter("version")
+                rows = self._db.execute("SELECT key, embedding, version FROM documents ORDER BY key").fetchall()
+                removed = self._db.execute("SELECT key, version FROM removed_keys ORDER BY key").fetchall()
+            finally:
+                self._db.execute("COMMIT")
+        return Contents(
+            keys=np.array([k for k, _, _ in rows], dtype=np.int64),
+            vectors=_vectors([blob for _, blob, _ in rows], self.dimension),
+            versions=np.array([v for _, _, v in rows], dtype=np.int64),
+            removed_keys=np.array([k for k, _ in removed], dtype=np.int64),
+            removed_versions=np.array([v for _, v in removed], dtype=np.int64),
+            version=version,
+        )
+
+    def changes_since(self, version: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(keys added after `version`, their embeddings, keys removed after `version`)."""
+        changes = self.changes(version)
+        return changes.added_keys, changes.added_vectors, changes.removed_keys
 
     def all_vectors(self) -> tuple[np.ndarray, np.ndarray]:
         keys, vectors, _ = self.changes_since(-1)
         return keys, vectors
+
+    def snapshot_vectors(self) -> tuple[np.ndarray, np.ndarray, int]:
+        """Every key and embedding, and the version they are at."""
+        changes = self.changes(-1)
+        return changes.added_keys, changes.added_vectors, changes.version
 
     def vectors_for(self, keys: np.ndarray) -> np.ndarray:
         rows = dict(self._select("SELECT key, embedding FROM documents WHERE key IN ({})", keys.tolist()))
@@ -163,6 +236,28 @@ class DocStore:
         with self._lock:
             rows = self._db.execute(f"SELECT key FROM documents WHERE {clauses}", params).fetchall()
         return np.array([k for (k,) in rows], dtype=np.int64)
+
+    def integrity_problems(self) -> list[str]:
+        """What SQLite's integrity_check finds, and embeddings of the wrong size; empty when sound."""
+        with self._lock:
+            found = [row[0] for row in self._db.execute("PRAGMA integrity_check").fetchall()]
+            wrong_size = self._db.execute(
+                "SELECT COUNT(*) FROM documents WHERE length(embedding) != ?", (4 * self.dimension,)
+            ).fetchone()[0]
+        problems = [] if found == ["ok"] else [f"integrity_check: {'; '.join(found[:5])}"]
+        if wrong_size:
+            problems.append(f"{wrong_size} embeddings are not {self.dimension} float32 values")
+        return problems
+
+    def backup_to(self, path: str | Path) -> None:
+        """A consistent copy of the whole database at `path`, with SQLite's online backup API
+        (in one step: one read transaction, so writers in other processes carry on)."""
+        target = sqlite3.connect(path)
+        try:
+            with self._lock:
+                self._db.backup(target)
+        finally:
+            target.close()
 
     def iter_documents(self) -> Iterator[StoredDocument]:
         with self._lock:

@@ -1,5 +1,6 @@
 """`rankstream index build`: encode a corpus with a bi-encoder and write an index folder
-atomically (built in a staging folder, renamed into place only when complete)."""
+atomically (built in a staging folder, renamed into place only when complete). Replacing a
+folder (--force) takes its writer lock first, so a live server's folder is never replaced."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from .config import IndexConfig, Settings
 from .corpus import read_corpus
 from .corpus_index import DOCS, _index_params, fsync_dir, save_vectors, write_manifest
 from .docstore import DocStore, Document
+from .index_lock import IndexLock
 from .model_loading import load_model
 from .offline import dimension_of, encode_texts
 from .tokenization import passage_text
@@ -62,6 +64,17 @@ def build_index(
     out = Path(out).resolve()
     if out.exists() and not force:
         raise FileExistsError(f"{out} exists: pass --force to replace it")
+    # Held from now until the new folder is in place: refused while a server has the folder.
+    lock = IndexLock.acquire(out, "index build --force") if out.exists() else None
+    try:
+        return _build(settings, corpus, out, model, index, progress, started)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _build(settings: Settings, corpus: str | Path, out: Path, model: str | None, index: IndexConfig | None,
+           progress: bool, started: float) -> BuildReport:
     model_name = index.model if index else pick_model(settings, model)
     index = index or IndexConfig(name=out.name, path=str(out), model=model_name)
     documents: dict[str, Document] = {}
@@ -80,14 +93,13 @@ def build_index(
     staging.mkdir(parents=True)
     try:
         store = DocStore(staging / DOCS, dimension)
-        version = 0
         for start in range(0, len(docs), STORE_CHUNK):
-            _, _, version = store.upsert(docs[start : start + STORE_CHUNK], embeddings[start : start + STORE_CHUNK])
-        keys, vectors = store.all_vectors()
+            store.upsert(docs[start : start + STORE_CHUNK], embeddings[start : start + STORE_CHUNK])
+        keys, vectors, version = store.snapshot_vectors()
         store.close()
-        built = VectorIndex.build(dimension, keys, vectors, index)
-        save_vectors(staging, built, version)
-        write_manifest(staging, loaded.identity(), dimension, len(docs), built.built_type, _index_params(index))
+        built = VectorIndex.build(dimension, keys, vectors, index, place=False)
+        save_vectors(staging, *built.snapshot(), built.built_type, _index_params(index), version)
+        write_manifest(staging, loaded.identity(), dimension, len(docs), built.built_type, _index_params(index), version)
         fsync_dir(staging)
         if out.exists():
             retired = out.with_name(f"{out.name}.old-{os.getpid()}")
