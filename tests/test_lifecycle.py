@@ -86,6 +86,25 @@ def test_console_script_serves_on_a_printed_port_and_drains_on_sigterm(models, t
         process.wait()
 
 
+def test_sigterm_during_model_loading_exits_without_waiting_for_the_rest(models, tmp_path):
+    """Issue 8, item 8: SIGTERM while models load ends the process then; it used to wait for
+    every model to load first (the loading thread was joined at exit)."""
+    config = tmp_path / "serve.yaml"
+    entries = "".join(f"  - {{name: m{i}, weights: {models.minilm}}}\n" for i in range(6))
+    config.write_text(f"server: {{host: 127.0.0.1, port: 0}}\nmodels:\n{entries}")
+    log = tmp_path / "serve.log"
+    process = _rankstream("serve", "--config", str(config), log=log)
+    try:
+        assert process.stdout.readline().startswith("rankstream listening on")
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=60) == 0
+    finally:
+        process.kill()
+        process.wait()
+    loaded = log.read_text().count("loaded cross-encoder")
+    assert loaded < 6, f"all {loaded} models loaded before the process exited"
+
+
 def test_missing_model_fails_at_start_naming_the_model_and_the_fix(tmp_path):
     config = tmp_path / "missing.yaml"
     config.write_text("server: {host: 127.0.0.1, port: 0}\nmodels:\n  - {name: ghost, weights: no-such-org/no-such-model}\n")

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -79,7 +80,7 @@ class RankstreamServer:
     async def load_models(self) -> None:
         """Loads and warms every model on a worker thread, then reports SERVING."""
         registry = ModelRegistry(self.settings)
-        await asyncio.to_thread(registry.load_all)
+        await _in_daemon_thread(registry.load_all)
         self._readiness.registry = registry
         if self.settings.indexes:
             self._saver = asyncio.create_task(self._save_periodically(registry))
@@ -127,6 +128,35 @@ class RankstreamServer:
 
     async def wait(self) -> None:
         await self._server.wait_for_termination()
+
+
+async def _in_daemon_thread(function: Callable[[], object]) -> object:
+    """Runs blocking start-up work on a daemon thread. Unlike asyncio.to_thread, whose pool is
+    joined at exit, a SIGTERM during model loading then ends the process without waiting for
+    the loading to finish."""
+    loop = asyncio.get_running_loop()
+    done: asyncio.Future = loop.create_future()
+
+    def settle(outcome: object, failed: bool) -> None:
+        if done.cancelled():
+            return
+        if failed:
+            done.set_exception(outcome)
+        else:
+            done.set_result(outcome)
+
+    def run() -> None:
+        try:
+            outcome, failed = function(), False
+        except BaseException as error:  # noqa: BLE001 - handed to the awaiting task
+            outcome, failed = error, True
+        try:
+            loop.call_soon_threadsafe(settle, outcome, failed)
+        except RuntimeError:  # the loop is gone: the server stopped while this ran
+            pass
+
+    threading.Thread(target=run, name="load-models", daemon=True).start()
+    return await done
 
 
 def _server_credentials(tls: TlsConfig) -> grpc.ServerCredentials:
