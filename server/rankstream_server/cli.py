@@ -86,6 +86,26 @@ def _eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _index_check(args: argparse.Namespace) -> int:
+    from .index_check import check_index
+
+    report = check_index(args.folder)
+    print(report.verdict())
+    return 0 if report.healthy else 1
+
+
+def _index_backup(args: argparse.Namespace) -> int:
+    from .index_backup import BackupFailed, backup_index
+
+    try:
+        report = backup_index(args.folder, args.out)
+    except BackupFailed as exc:
+        print(f"rankstream: {exc}", file=sys.stderr)
+        return 1
+    print(f"backed up {args.folder} to {args.out}; the copy is {report.verdict()}")
+    return 0 if report.healthy else 1
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="rankstream", description="Retrieve-and-rerank over gRPC.")
     parser.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING, ...")
@@ -105,6 +125,18 @@ def main(argv: list[str] | None = None) -> int:
     build.add_argument("--type", choices=["flat", "hnsw", "ivf"], help="Index type (default: the config's for this folder, else flat).")
     build.add_argument("--force", action="store_true", help="Replace an existing folder.")
     build.set_defaults(run=_index_build)
+    check = index.add_parser(
+        "check", help="Verify an index folder: manifest, checksums, SQLite integrity, store and vectors agreeing. "
+        "Prints one line; exit 0 when healthy, 1 when not. Safe on a live index.",
+    )
+    check.add_argument("folder", help="The index folder.")
+    check.set_defaults(run=_index_check)
+    backup = index.add_parser(
+        "backup", help="Copy an index folder, live or not, consistently (SQLite's online backup API); the copy is checked.",
+    )
+    backup.add_argument("folder", help="The index folder.")
+    backup.add_argument("out", help="Where the copy goes (must not exist).")
+    backup.set_defaults(run=_index_backup)
 
     evaluation = commands.add_parser("eval", help="nDCG@10, RR@10, R@100 on a BEIR-layout folder.")
     evaluation.add_argument("--config", required=True)
@@ -121,9 +153,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("faiss.loader").setLevel(logging.WARNING)  # which CPU build it picked: noise
-    from transformers.utils import logging as hf_logging
+    if args.run not in (_index_check, _index_backup):  # those load no model
+        from transformers.utils import logging as hf_logging
 
-    hf_logging.disable_progress_bar()  # our own progress bars say what is going on
+        hf_logging.disable_progress_bar()  # our own progress bars say what is going on
     return args.run(args)
 
 

@@ -1,0 +1,79 @@
+"""`rankstream index backup DIR OUT`: a consistent copy of an index folder, live or not.
+
+The store is copied with SQLite's online backup API (one read transaction: a server keeps
+writing meanwhile), together with the saved vectors that belong with it (index_check's
+`read_consistently`). The copy's vectors are then caught up to the copied store and saved at
+its version, and the manifest is rewritten with the copy's checksums: the copy opens without
+replaying anything and passes `rankstream index check`. It is made in OUT.partial-PID and
+renamed to OUT only when complete.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+
+from .corpus_index import DOCS, MANIFEST, VECTORS, _write_json, fsync_dir, save_vectors, sha256_of
+from .docstore import DocStore
+from .index_check import CheckReport, check_index, read_consistently
+
+
+class BackupFailed(RuntimeError):
+    """The copy could not be made; nothing was left at OUT."""
+
+
+def backup_index(folder: str | Path, out: str | Path) -> CheckReport:
+    """Copies `folder` to `out` (which must not exist); returns the copy's check report."""
+    folder, out = Path(folder).resolve(), Path(out).resolve()
+    if out.exists():
+        raise BackupFailed(f"{out} exists: back up to a new folder")
+    try:
+        manifest = json.loads((folder / MANIFEST).read_text(encoding="utf-8"))
+        dimension = int(manifest["dimension"])
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        raise BackupFailed(f"{folder} is not a readable index folder ({MANIFEST}: {error})") from None
+    staging = out.with_name(f"{out.name}.partial-{os.getpid()}")
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    try:
+        _copy(folder, staging, manifest, dimension)
+        os.rename(staging, out)
+        fsync_dir(out.parent)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return check_index(out)
+
+
+def _copy(folder: Path, staging: Path, manifest: dict, dimension: int) -> None:
+    source = DocStore(folder / DOCS, dimension, read_only=True)
+    try:
+        saved, _, problem = read_consistently(folder, lambda: source.backup_to(staging / DOCS))
+    finally:
+        source.close()
+    if problem:
+        raise BackupFailed(f"{folder}: {problem}")
+    copy = DocStore(staging / DOCS, dimension)
+    try:
+        version = copy.version
+        if saved is not None:
+            vectors = saved.load(folder)
+            changes = copy.changes(saved.version)
+            vectors.remove(changes.removed_keys)
+            vectors.add(changes.added_keys, changes.added_vectors)
+            save_vectors(staging, *vectors.snapshot(), saved.state["type"], saved.state.get("params") or {}, changes.version)
+            version = changes.version
+        copy.forget_removed_through(version)  # the copy's vectors have every removal
+        count = copy.count()
+    finally:
+        copy.close()
+    checksums = {name: sha256_of(staging / name) for name in (DOCS, VECTORS) if (staging / name).exists()}
+    _write_json(
+        staging / MANIFEST,
+        {**manifest, "count": count, "version": version, "checksums": checksums,
+         "backup_of": str(folder), "backed_up": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())},
+    )
+    fsync_dir(staging)
