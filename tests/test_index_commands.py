@@ -4,6 +4,7 @@ writes and saves go on."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import sqlite3
@@ -91,8 +92,6 @@ def test_check_finds_each_kind_of_damage(tmp_path):
     faiss.copy_array_to_vector(np.roll(ids, 1), index.id_map)
     shifted = faiss.serialize_index(index)
     vectors_file.write_bytes(shifted.tobytes())
-    import hashlib
-
     (folder / "vectors.json").write_text(json.dumps({**state, "sha256": hashlib.sha256(shifted).hexdigest()}))
     verdict = check_index(folder).verdict()
     assert "keys hold another passage's vector" in verdict, verdict
@@ -197,3 +196,28 @@ def test_the_backup_command(tmp_path):
         backup_index(tmp_path / "nothing", tmp_path / "copy2")
     assert not (tmp_path / "copy2").exists() and not list(tmp_path.glob("copy2*"))
     index.close()
+
+
+def test_a_backup_of_an_ivf_in_the_old_id_layout_copies_the_store_only(tmp_path):
+    """An IVF saved inside an IndexIDMap2 (before the IVF id fix) may map keys to the wrong
+    vectors: check calls it unusable, and a backup leaves it behind; the copy builds afresh."""
+    folder = tmp_path / "idx"
+    _index_with_history(folder, "ivf").close()
+    state = json.loads((folder / "vectors.json").read_text())
+    store = DocStore(folder / "docs.sqlite", DIMENSION, read_only=True)
+    keys, vectors = store.all_vectors()
+    store.close()
+    ivf = faiss.IndexIVFFlat(faiss.IndexFlatIP(DIMENSION), DIMENSION, 1, faiss.METRIC_INNER_PRODUCT)
+    ivf.train(vectors)
+    old = faiss.IndexIDMap2(ivf)
+    old.add_with_ids(vectors, keys)
+    data = faiss.serialize_index(old)
+    (folder / "vectors.faiss").write_bytes(data.tobytes())
+    (folder / "vectors.json").write_text(json.dumps({**state, "sha256": hashlib.sha256(data).hexdigest(), "version": 5}))
+    verdict = check_index(folder).verdict()
+    assert verdict.startswith("DAMAGED") and "vectors.faiss unusable: IVF saved in the old id-map layout" in verdict
+    report = backup_index(folder, tmp_path / "copy")
+    assert report.healthy and "no saved vectors" in report.verdict(), report.verdict()
+    copy = open_index(tmp_path / "copy", type="ivf")
+    assert copy.count == 58 and copy.search(vector_of(301), 1)[0].document.id == "late"
+    copy.close()

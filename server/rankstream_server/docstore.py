@@ -116,6 +116,11 @@ class DocStore:
         Returns (new keys, keys they replaced, version after the write).
         """
         vectors = np.ascontiguousarray(embeddings, dtype=np.float32)
+        if len({d.id for d in documents}) != len(documents):
+            # One row would replace the other inside the transaction, its key never recorded as removed.
+            raise ValueError("upsert: an id appears twice in one write")
+        if vectors.shape != (len(documents), self.dimension):
+            raise ValueError(f"upsert: {len(documents)} documents need a ({len(documents)}, {self.dimension}) array, got {vectors.shape}")
         with self._lock:
             db = self._db
             db.execute("BEGIN IMMEDIATE")

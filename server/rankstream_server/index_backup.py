@@ -18,7 +18,8 @@ from pathlib import Path
 
 from .corpus_index import DOCS, MANIFEST, VECTORS, _write_json, fsync_dir, save_vectors, sha256_of
 from .docstore import DocStore
-from .index_check import CheckReport, check_index, read_consistently
+from .index_check import CheckReport, SavedVectors, check_index, read_consistently
+from .vector_index import VectorIndex
 
 
 class BackupFailed(RuntimeError):
@@ -48,6 +49,17 @@ def backup_index(folder: str | Path, out: str | Path) -> CheckReport:
     return check_index(out)
 
 
+def _loadable(saved: SavedVectors | None, folder: Path) -> VectorIndex | None:
+    """The saved vectors, unless there are none or they cannot be used (an IVF in the layout
+    before the id fix, say): then the copy has none, and is built from its store at open."""
+    if saved is None:
+        return None
+    try:
+        return saved.load(folder)
+    except (ValueError, RuntimeError):
+        return None
+
+
 def _copy(folder: Path, staging: Path, manifest: dict, dimension: int) -> None:
     source = DocStore(folder / DOCS, dimension, read_only=True)
     try:
@@ -59,8 +71,8 @@ def _copy(folder: Path, staging: Path, manifest: dict, dimension: int) -> None:
     copy = DocStore(staging / DOCS, dimension)
     try:
         version = copy.version
-        if saved is not None:
-            vectors = saved.load(folder)
+        vectors = _loadable(saved, folder)
+        if vectors is not None:
             changes = copy.changes(saved.version)
             vectors.remove(changes.removed_keys)
             vectors.add(changes.added_keys, changes.added_vectors)
