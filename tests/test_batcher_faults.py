@@ -127,7 +127,7 @@ async def test_an_internal_error_fails_the_held_pass_instead_of_hanging_it():
 
 async def test_measured_time_refuses_what_cannot_meet_its_deadline_or_would_queue_too_long():
     backend = FaultyBackend(seconds_per_pass=0.02)
-    subject = make(backend, max_batch_size=4, max_queue_seconds=0.5)
+    subject = make(backend, max_batch_size=4, max_batch_tokens=80, max_queue_seconds=0.5)
     warm = Job(size=8)
     subject.submit(warm, tokens_of([10] * 8))
     await collect(warm)

@@ -173,7 +173,9 @@ class DynamicBatcher:
         self._lanes: tuple[list[_Work], list[_Work]] = ([], [])  # heaps: interactive, bulk
         self._arrivals = itertools.count()
         self._max_queue_seconds = config.max_queue_seconds
-        self._seconds_per_token: float | None = None  # running measure of pass time per real token
+        self._seconds_per_token: float | None = None  # running measure of pass time per token
+        self._pass_seconds = 0.0
+        self._pass_tokens = 0.0
         self._failed_passes = 0  # consecutive passes that failed even when split
         self._held: list[Batch] = []  # passes cut or running: failed, not lost, if the loop breaks
         self._queued_rows = 0
@@ -474,7 +476,17 @@ class DynamicBatcher:
             counters.max_requests_per_batch = max(counters.max_requests_per_batch, len(batch.pieces))
             counters.tokens += batch.tokens
             counters.padded_tokens += batch.rows * batch.width
-            if outputs is not None and batch.tokens and elapsed > 0:
-                measured = elapsed / batch.tokens
-                previous = self._seconds_per_token
-                self._seconds_per_token = measured if previous is None else 0.8 * previous + 0.2 * measured
+            self._measure(batch, elapsed if outputs is not None else 0.0)
+
+    def _measure(self, batch: Batch, elapsed: float) -> None:
+        """Learns seconds per token from well-filled passes only (lock held): a small pass is mostly
+        fixed overhead and would make the per-token figure, and so every estimate, far too high."""
+        padded = batch.rows * batch.width
+        if elapsed <= 0 or padded < self._shapes.max_tokens // 4:
+            return
+        if self._seconds_per_token is None:
+            self._pass_seconds, self._pass_tokens = elapsed, float(padded)
+        else:
+            self._pass_seconds = 0.8 * self._pass_seconds + 0.2 * elapsed
+            self._pass_tokens = 0.8 * self._pass_tokens + 0.2 * padded
+        self._seconds_per_token = self._pass_seconds / self._pass_tokens
