@@ -155,7 +155,8 @@ def test_a_backup_of_a_live_index_under_writes_opens_and_passes_check(tmp_path, 
         stop.set()
         writer.join()
     assert not errors
-    assert report.healthy and "docs.sqlite checksum" in report.verified, report.verdict()
+    assert report.left_behind is None and report.check.healthy, report.summary()
+    assert "docs.sqlite checksum" in report.check.verified
     copied = _contents(tmp_path / "copy")
     assert {"d0", "late", "d3"} <= set(copied) and not {"d1", "d2", "d4"} & set(copied)
     index.close()
@@ -180,7 +181,7 @@ def test_a_backup_started_over_when_a_save_lands_during_the_copy(tmp_path, monke
 
     monkeypatch.setattr(DocStore, "backup_to", copy_while_a_save_lands)
     report = backup_index(tmp_path / "idx", tmp_path / "copy")
-    assert len(calls) == 2 and report.healthy, report.verdict()
+    assert len(calls) == 2 and report.check.healthy and report.left_behind is None, report.summary()
     assert "d5" not in _contents(tmp_path / "copy")
     index.close()
 
@@ -217,7 +218,21 @@ def test_a_backup_of_an_ivf_in_the_old_id_layout_copies_the_store_only(tmp_path)
     verdict = check_index(folder).verdict()
     assert verdict.startswith("DAMAGED") and "vectors.faiss unusable: IVF saved in the old id-map layout" in verdict
     report = backup_index(folder, tmp_path / "copy")
-    assert report.healthy and "no saved vectors" in report.verdict(), report.verdict()
+    assert report.check.healthy and "no saved vectors" in report.check.verdict(), report.summary()
+    assert report.left_behind.startswith("vectors.faiss unusable: IVF saved in the old id-map layout")
     copy = open_index(tmp_path / "copy", type="ivf")
+    assert copy.count == 58 and copy.search(vector_of(301), 1)[0].document.id == "late"
+    copy.close()
+
+
+def test_a_backup_leaves_damaged_vectors_behind_and_keeps_the_store(tmp_path):
+    folder = tmp_path / "idx"
+    _index_with_history(folder).close()
+    (folder / "vectors.faiss").write_bytes(b"scrambled")
+    report = backup_index(folder, tmp_path / "copy")
+    assert report.left_behind == "vectors.faiss does not match the checksum in vectors.json"
+    assert report.check.healthy and _contents(tmp_path / "copy") == _contents(folder)
+    assert "saved vectors left behind" in report.summary() and "the copy is healthy" in report.summary()
+    copy = open_index(tmp_path / "copy")
     assert copy.count == 58 and copy.search(vector_of(301), 1)[0].document.id == "late"
     copy.close()

@@ -10,6 +10,7 @@ import grpc
 import numpy as np
 import pytest
 
+import gpu_standin
 from index_helpers import DIMENSION, documents, fill, open_index, vector_of
 from rankstream.v1 import rankstream_pb2 as pb
 from rankstream.v1 import rankstream_pb2_grpc as pb_grpc
@@ -40,8 +41,11 @@ def _ids_found(index, query: np.ndarray, k: int = 100) -> list[str]:
     return [hit.document.id for hit in index.search(query, k)]
 
 
-def test_a_failed_add_is_reported_and_searchable_after_the_next_save(tmp_path, monkeypatch):
-    index = open_index(tmp_path / "idx")
+@pytest.mark.parametrize("device", ["cpu", "cuda:0"])
+def test_a_failed_add_is_reported_and_searchable_after_the_next_save(tmp_path, monkeypatch, device):
+    if device != "cpu":
+        gpu_standin.install(monkeypatch)
+    index = open_index(tmp_path / "idx", device=device)
     fill(index, 20)
     _fail_next(monkeypatch, "add")
     new = vector_of(500)
@@ -54,10 +58,10 @@ def test_a_failed_add_is_reported_and_searchable_after_the_next_save(tmp_path, m
     assert _ids_found(index, later, 1) == ["later"]
 
     assert index.save()  # rebuilds from the store before it saves
-    assert _ids_found(index, new, 1) == ["new"]
+    assert _ids_found(index, new, 1) == ["new"] and index.device == device
     assert json.loads((tmp_path / "idx" / "vectors.json").read_text())["version"] == index.version == 3
     index.close()
-    reopened = open_index(tmp_path / "idx")
+    reopened = open_index(tmp_path / "idx", device=device)
     assert reopened.count == 22 and _ids_found(reopened, new, 1) == ["new"]
     reopened.close()
 

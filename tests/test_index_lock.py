@@ -115,3 +115,14 @@ def test_the_cli_refuses_a_live_folder_with_one_line_and_exit_2(tmp_path):
         assert held.count == 0 and (folder / "manifest.json").exists()
     finally:
         held.close()
+
+
+def test_closing_twice_is_harmless_and_frees_the_folder_once(tmp_path):
+    index = open_index(tmp_path / "idx")
+    fill(index, 3)
+    index.close()
+    other = open_index(tmp_path / "idx")
+    index.close()  # must not save over, or unlock, the folder the other one now holds
+    with pytest.raises(IndexLocked):
+        open_index(tmp_path / "idx")
+    other.close()

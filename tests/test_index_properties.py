@@ -153,7 +153,7 @@ class IndexMachine(RuleBasedStateMachine):
         source = self.folder
         self.generation += 1
         report = backup_index(source, self.folder)
-        assert report.healthy, report.verdict()
+        assert report.check.healthy and report.left_behind is None, report.summary()
         self.index.close(save=False)
         self._open()
 

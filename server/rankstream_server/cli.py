@@ -102,8 +102,8 @@ def _index_backup(args: argparse.Namespace) -> int:
     except BackupFailed as exc:
         print(f"rankstream: {exc}", file=sys.stderr)
         return 1
-    print(f"backed up {args.folder} to {args.out}; the copy is {report.verdict()}")
-    return 0 if report.healthy else 1
+    print(report.summary())
+    return 0 if report.check.healthy else 1
 
 
 def main(argv: list[str] | None = None) -> int:

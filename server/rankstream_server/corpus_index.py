@@ -113,6 +113,7 @@ class CorpusIndex:
         self._rw = ReadWriteLock()  # searches share it; a write (commit + FAISS change) takes it alone
         self._write_mutex = threading.Lock()  # one writer or rebuild at a time (searches go on)
         self._save_mutex = threading.Lock()  # one save at a time
+        self._closed = False
 
     # -- opening and creating ------------------------------------------------------------
 
@@ -247,11 +248,12 @@ class CorpusIndex:
         the new one takes its place."""
         with self._write_mutex:
             keys, embeddings, version = self.store.snapshot_vectors()
-            fresh = VectorIndex.build(self.dimension, keys, embeddings, self.config)
+            fresh = VectorIndex.build(self.dimension, keys, embeddings, self.config, place=False)
             with self._rw.write():
-                self._vectors = fresh
+                self._vectors = fresh  # the old one goes first, with any GPU memory it held
                 self._applied_version = version
                 self._needs_rebuild = False
+                fresh.place(strict=False)
         log.warning("index %s: rebuilt the vector index from the store at version %d", self.config.name, version)
 
     def save(self) -> bool:
@@ -276,7 +278,10 @@ class CorpusIndex:
 
     def close(self, save: bool = True) -> None:
         """Saves (unless told not to: what a crash leaves behind), closes the store, and lets
-        go of the folder."""
+        go of the folder. Closing again does nothing."""
+        if self._closed:
+            return
+        self._closed = True
         try:
             if save:
                 self.save()

@@ -6,6 +6,10 @@ writing meanwhile), together with the saved vectors that belong with it (index_c
 its version, and the manifest is rewritten with the copy's checksums: the copy opens without
 replaying anything and passes `rankstream index check`. It is made in OUT.partial-PID and
 renamed to OUT only when complete.
+
+The store is the source of truth: saved vectors that are damaged, unusable, or that kept
+changing while they were read are left behind, and the copy builds them from its store when
+it is first opened.
 """
 
 from __future__ import annotations
@@ -14,20 +18,30 @@ import json
 import os
 import shutil
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 from .corpus_index import DOCS, MANIFEST, VECTORS, _write_json, fsync_dir, save_vectors, sha256_of
 from .docstore import DocStore
-from .index_check import CheckReport, SavedVectors, check_index, read_consistently
-from .vector_index import VectorIndex
+from .index_check import CheckReport, check_index, read_consistently
 
 
 class BackupFailed(RuntimeError):
     """The copy could not be made; nothing was left at OUT."""
 
 
-def backup_index(folder: str | Path, out: str | Path) -> CheckReport:
-    """Copies `folder` to `out` (which must not exist); returns the copy's check report."""
+@dataclass
+class BackupReport:
+    check: CheckReport  # of the copy
+    left_behind: str | None = None  # why the saved vectors were not copied, if they were not
+
+    def summary(self) -> str:
+        note = f" (saved vectors left behind: {self.left_behind}; the copy builds them at its first open)" if self.left_behind else ""
+        return f"backed up to {self.check.folder}{note}; the copy is {self.check.verdict()}"
+
+
+def backup_index(folder: str | Path, out: str | Path) -> BackupReport:
+    """Copies `folder` to `out` (which must not exist)."""
     folder, out = Path(folder).resolve(), Path(out).resolve()
     if out.exists():
         raise BackupFailed(f"{out} exists: back up to a new folder")
@@ -40,38 +54,34 @@ def backup_index(folder: str | Path, out: str | Path) -> CheckReport:
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
     try:
-        _copy(folder, staging, manifest, dimension)
+        left_behind = _copy(folder, staging, manifest, dimension)
         os.rename(staging, out)
         fsync_dir(out.parent)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
-    return check_index(out)
+    return BackupReport(check_index(out), left_behind)
 
 
-def _loadable(saved: SavedVectors | None, folder: Path) -> VectorIndex | None:
-    """The saved vectors, unless there are none or they cannot be used (an IVF in the layout
-    before the id fix, say): then the copy has none, and is built from its store at open."""
-    if saved is None:
-        return None
+def _copy(folder: Path, staging: Path, manifest: dict, dimension: int) -> str | None:
+    """Makes the copy in `staging`; returns why the saved vectors were left behind, if they were."""
     try:
-        return saved.load(folder)
-    except (ValueError, RuntimeError):
-        return None
-
-
-def _copy(folder: Path, staging: Path, manifest: dict, dimension: int) -> None:
-    source = DocStore(folder / DOCS, dimension, read_only=True)
-    try:
-        saved, _, problem = read_consistently(folder, lambda: source.backup_to(staging / DOCS))
-    finally:
-        source.close()
-    if problem:
-        raise BackupFailed(f"{folder}: {problem}")
+        source = DocStore(folder / DOCS, dimension, read_only=True)
+        try:
+            saved, _, left_behind = read_consistently(folder, lambda: source.backup_to(staging / DOCS))
+        finally:
+            source.close()
+    except Exception as error:  # noqa: BLE001 - sqlite3 or file errors: no copy
+        raise BackupFailed(f"{folder / DOCS} cannot be copied: {error}") from None
+    vectors = None
+    if saved is not None:
+        try:
+            vectors = saved.load(folder)
+        except (ValueError, RuntimeError) as error:  # an IVF in the layout before the id fix, say
+            left_behind = f"{VECTORS} unusable: {error}"
     copy = DocStore(staging / DOCS, dimension)
     try:
         version = copy.version
-        vectors = _loadable(saved, folder)
         if vectors is not None:
             changes = copy.changes(saved.version)
             vectors.remove(changes.removed_keys)
@@ -89,3 +99,4 @@ def _copy(folder: Path, staging: Path, manifest: dict, dimension: int) -> None:
          "backup_of": str(folder), "backed_up": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())},
     )
     fsync_dir(staging)
+    return left_behind

@@ -150,8 +150,9 @@ class VectorIndex:
         faiss.write_index(self._cpu, path)
         return sorted(self._tombstones)
 
-    def place(self) -> None:
-        """Uploads a GPU copy when the config asks for one (HNSW has no GPU version)."""
+    def place(self, strict: bool = True) -> None:
+        """Uploads a GPU copy when the config asks for one (HNSW has no GPU version). A failed
+        upload raises, unless not `strict`: then searches run on the CPU until `restore_gpu`."""
         config = self.config
         want_gpu = config.device.startswith("cuda") or (config.device == "auto" and gpu_available())
         if not want_gpu:
@@ -160,7 +161,12 @@ class VectorIndex:
             log.info("index %s: HNSW has no GPU version; searching on the CPU", config.name)
             return
         self._gpu_device = int(config.device.split(":")[1]) if ":" in config.device else 0
-        self._upload()
+        try:
+            self._upload()
+        except Exception:
+            if strict:
+                raise
+            self._drop_gpu("uploading")
 
     def _upload(self) -> None:
         """A fresh GPU copy of the CPU copy: it holds no removed vectors, so no tombstones."""
