@@ -14,8 +14,10 @@ taken first, so it is never starved.
 Admission is by expected wait, not only by size: the batcher keeps a running measure of seconds
 per token, and a request whose deadline cannot be met behind the work already queued, or that
 would make the queue longer than `max_queue_seconds`, is refused at once (ResourceExhausted), so
-no work is spent on requests that would expire anyway. Interactive work is served earliest
-deadline first; queued work whose deadline has become unreachable is dropped before it runs.
+no work is spent on requests that would expire anyway. Within a lane work is served first come,
+first served, so the wait admission promised holds (earliest-deadline-first would let later
+short-deadline work push admitted work past its deadline); queued work whose deadline has
+become unreachable anyway is dropped before it runs.
 
 A pass that fails (a CUDA out-of-memory, say) is split in halves and retried, down to single
 rows; only rows that fail alone get an error. After repeated failed passes, or if the thread
@@ -127,7 +129,7 @@ class Job:
 @dataclass(eq=False)
 class _Work:
     """A request's rows still queued, longest first; `start` moves as passes take them.
-    Ordered in its lane by `key`: (deadline, arrival) for interactive work, arrival for bulk."""
+    Ordered in its lane by `key` (arrival)."""
 
     job: Job
     tokens: Tokens
@@ -212,7 +214,7 @@ class DynamicBatcher:
             self._queued_rows += count
             self._queued_tokens += tokens.token_count
             arrival = next(self._arrivals)
-            key = (job.deadline if job.deadline is not None else float("inf"), arrival) if job.lane == INTERACTIVE else (0.0, arrival)
+            key = (0.0, arrival)  # first come, first served: the wait admission promised holds
             job.work = _Work(job, tokens, rows, key)
             heapq.heappush(self._lanes[job.lane], job.work)
             self._cond.notify()
@@ -222,16 +224,33 @@ class DynamicBatcher:
         raise ResourceExhausted(message)
 
     def expected_wait(self, tokens: int = 0) -> float | None:
-        """Seconds until `tokens` more tokens would be done behind everything queued (None until
-        the first passes are measured)."""
+        """Seconds until `tokens` more tokens would be done behind everything queued, the pass
+        running now included (None until the first passes are measured)."""
         if self._seconds_per_token is None:
             return None
-        return (self._queued_tokens + tokens) * self._seconds_per_token
+        return (self._queued_tokens + tokens) * self._seconds_per_token * 1.1 + self._pass_seconds
 
     def _admit_by_time(self, job: Job, tokens: Tokens) -> None:
-        """Refuses work that cannot finish in time (lock held). Interactive work waits only for the
-        interactive work ahead of it, but counting all of it keeps the estimate safe."""
-        wait = self.expected_wait(tokens.token_count)
+        """Refuses work that cannot finish in time (lock held)."""
+        self._check_time(tokens.token_count, job.deadline)
+
+    def precheck(self, rows: int, tokens: int, deadline: float | None) -> None:
+        """The admission checks on an estimate, before any tokenizing: a request that will be
+        refused costs the server next to nothing (under overload most requests are refused)."""
+        with self._cond:
+            if self._closed:
+                raise Unavailable(f"model {self.name!r} is shutting down")
+            if self._in_flight + rows > self.capacity:
+                self._refuse(
+                    f"model {self.name!r} queue is full: {self._in_flight} of {self.capacity} pairs in flight, "
+                    f"request adds {rows}; retry later"
+                )
+            self._check_time(tokens, deadline)
+
+    def _check_time(self, tokens: int, deadline: float | None) -> None:
+        """Interactive work waits only for the interactive work ahead of it, but counting all
+        queued work keeps the estimate safe (lock held)."""
+        wait = self.expected_wait(tokens)
         if wait is None:
             return
         if self._max_queue_seconds and self._queued_rows and wait > self._max_queue_seconds:
@@ -239,10 +258,10 @@ class DynamicBatcher:
                 f"model {self.name!r} is saturated: about {wait:.1f} s of queued work, limit is "
                 f"batching.max_queue_seconds={self._max_queue_seconds:g}; retry later"
             )
-        if job.deadline is not None and time.monotonic() + wait > job.deadline:
+        if deadline is not None and time.monotonic() + wait > deadline:
             self._refuse(
                 f"model {self.name!r} cannot finish this request before its deadline: about {wait:.2f} s of work "
-                f"queued, {max(job.deadline - time.monotonic(), 0):.2f} s left; retry later or with a longer deadline"
+                f"queued, {max(deadline - time.monotonic(), 0):.2f} s left; retry later or with a longer deadline"
             )
 
     def cancel(self, job: Job) -> None:
@@ -424,6 +443,9 @@ class DynamicBatcher:
                 log.exception("model %s failed on a pass of %d", self.name, batch.real)
         elapsed = time.perf_counter() - started
         if outputs is None:
+            with self._cond:
+                if batch in self._held:
+                    self._held.remove(batch)  # its rows are settled by the retries
             self._retry_split(batch)
             return
         self._failed_passes = 0
@@ -450,7 +472,20 @@ class DynamicBatcher:
             self._finish(smaller, outputs, started, time.perf_counter() - started)
 
     def _finish(self, batch: Batch, outputs: np.ndarray | None, started: float, elapsed: float) -> None:
-        """Hands a pass's results (or an error, when outputs is None) to its requests."""
+        """Hands a pass's results (or an error, when outputs is None) to its requests. The books
+        are settled first, so a request that has its results never sees them still counted."""
+        with self._cond:
+            self._in_flight -= batch.real
+            if batch in self._held:
+                self._held.remove(batch)
+            counters = self.counters
+            counters.batches += 1
+            counters.items += batch.real
+            counters.max_batch_size = max(counters.max_batch_size, batch.real)
+            counters.max_requests_per_batch = max(counters.max_requests_per_batch, len(batch.pieces))
+            counters.tokens += batch.tokens
+            counters.padded_tokens += batch.rows * batch.width
+            self._measure(batch, elapsed if outputs is not None else 0.0)
         shared = len({piece.owner.group or piece.owner for piece in batch.pieces}) > 1
         for piece in batch.pieces:
             job = piece.owner
@@ -465,18 +500,6 @@ class DynamicBatcher:
                 job._deliver(InferenceFailed(f"model {self.name!r} failed on a batch; see the server log"))
             else:
                 job._deliver((piece.rows, outputs[piece.slots]))
-        with self._cond:
-            self._in_flight -= batch.real
-            if batch in self._held:
-                self._held.remove(batch)
-            counters = self.counters
-            counters.batches += 1
-            counters.items += batch.real
-            counters.max_batch_size = max(counters.max_batch_size, batch.real)
-            counters.max_requests_per_batch = max(counters.max_requests_per_batch, len(batch.pieces))
-            counters.tokens += batch.tokens
-            counters.padded_tokens += batch.rows * batch.width
-            self._measure(batch, elapsed if outputs is not None else 0.0)
 
     def _measure(self, batch: Batch, elapsed: float) -> None:
         """Learns seconds per token from well-filled passes only (lock held): a small pass is mostly

@@ -27,6 +27,13 @@ class ModelCall:
         self.passages = 0
         self.scored = 0
 
+    def _precheck(self, model: ServedModel, texts: list[str], extra_chars: int = 0) -> None:
+        """Refuses at once, before tokenizing, what the batcher would refuse: the token count is
+        estimated from characters (~4 a token, each row capped at the model's max_length)."""
+        max_length = model.loaded.max_length
+        tokens = sum(min(len(text) + extra_chars, 4 * max_length) for text in texts) // 4
+        model.batcher.precheck(len(texts), tokens, self._deadline)
+
     async def _tokenize(self, function, *args) -> Tokens:
         started = time.perf_counter()
         tokens = await asyncio.get_running_loop().run_in_executor(self._pool, function, *args)
@@ -43,6 +50,7 @@ class ModelCall:
     async def embed(self, model: ServedModel, texts: list[str], role: str, lane: int | None = None) -> np.ndarray:
         """Bi-encoder embeddings of texts ("query" or "passage" role), one row per text. By default
         passages (upserts) go in the bulk lane, behind queries."""
+        self._precheck(model, texts)
         tokens = await self._tokenize(model.tokenizer.encode, texts, role)
         job = self._submit(model, tokens, lane if lane is not None else (BULK if role == "passage" else INTERACTIVE))
         output = np.zeros((len(texts), model.loaded.dimension), dtype=np.float32)
@@ -56,6 +64,7 @@ class ModelCall:
         `reuse`: the texts are corpus passages that recur; their tokens may come from a cache."""
         self.passages += len(texts)
         if model.kind == "cross":
+            self._precheck(model, texts, extra_chars=len(query))
             tokens = await self._tokenize(model.tokenizer.encode, query, texts, reuse)
             async for chunk in self._submit(model, tokens, INTERACTIVE).results():
                 self.scored += len(chunk[0])
