@@ -5,6 +5,7 @@ not after the next save, not after a restart, not through a real server."""
 from __future__ import annotations
 
 import json
+import sqlite3
 
 import grpc
 import numpy as np
@@ -142,3 +143,39 @@ async def test_a_client_gets_a_clear_status_and_the_write_is_not_lost(tmp_path, 
         harness.server._readiness.registry.save_indexes()  # what the periodic save does
         results = [p async for m in retriever.Retrieve(pb.RetrieveRequest(query=text, top_k=6), timeout=30) for p in m.passages]
         assert results[0].id == "storm" and len(results) == 6
+
+
+class _CommitFails:
+    """A connection whose COMMIT fails the way a full disk does: SQLite rolls the transaction
+    back itself, so a ROLLBACK after it fails too ("no transaction is active")."""
+
+    def __init__(self, db):
+        self._db = db
+
+    def execute(self, sql, *args):
+        if sql == "COMMIT":
+            self._db.execute("ROLLBACK")
+            raise sqlite3.OperationalError("database or disk is full")
+        return self._db.execute(sql, *args)
+
+    def __getattr__(self, name):
+        return getattr(self._db, name)
+
+
+@pytest.mark.parametrize("write", ["upsert", "delete"])
+def test_a_failed_commit_is_reported_as_itself_and_writes_nothing(tmp_path, write):
+    """Issue 8, item 8: the ROLLBACK after a failed COMMIT raised its own error and hid the real one."""
+    store = DocStore(tmp_path / "docs.sqlite", DIMENSION)
+    store.upsert(documents(["a", "b"]), np.stack([vector_of(1), vector_of(2)]))
+    real = store._db
+    store._db = _CommitFails(real)
+    with pytest.raises(sqlite3.OperationalError, match="database or disk is full"):
+        if write == "upsert":
+            store.upsert(documents(["c"]), vector_of(3)[None, :])
+        else:
+            store.delete(["a"])
+    store._db = real
+    assert store.version == 1 and store.count() == 2
+    store.upsert(documents(["c"]), vector_of(3)[None, :])  # the connection is still usable
+    assert store.version == 2 and store.count() == 3
+    store.close()

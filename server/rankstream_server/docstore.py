@@ -144,7 +144,7 @@ class DocStore:
                 db.execute("UPDATE counters SET value = ? WHERE name = 'next_key'", (first_key + len(documents),))
                 db.execute("COMMIT")
             except BaseException:
-                db.execute("ROLLBACK")
+                _roll_back(db)
                 raise
         return keys, replaced, version
 
@@ -165,7 +165,7 @@ class DocStore:
                 db.execute("UPDATE counters SET value = ? WHERE name = 'version'", (version,))
                 db.execute("COMMIT")
             except BaseException:
-                db.execute("ROLLBACK")
+                _roll_back(db)
                 raise
         return removed, version
 
@@ -277,6 +277,17 @@ class DocStore:
                 chunk = values[start : start + 500]
                 rows += self._db.execute(sql.format(",".join("?" * len(chunk))), chunk).fetchall()
         return rows
+
+
+def _roll_back(db: sqlite3.Connection) -> None:
+    """Ends a failed write transaction without hiding why it failed: after some failures (a
+    full disk at COMMIT, say) SQLite has rolled back already, and ROLLBACK would raise its own
+    error in place of the real one."""
+    if db.in_transaction:
+        try:
+            db.execute("ROLLBACK")
+        except sqlite3.Error:
+            pass  # the error being raised is the one that matters
 
 
 def _keys_of(db: sqlite3.Connection, ids: Sequence[str]) -> np.ndarray:
