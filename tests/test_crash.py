@@ -14,9 +14,9 @@ import pytest
 
 from rankstream.v1 import rankstream_pb2 as pb
 from rankstream.v1 import rankstream_pb2_grpc as pb_grpc
-from test_index_durability import start_server
 
 import model_factory
+from test_index_durability import start_server
 
 ROUNDS = 3
 MAX_LIVE = 600  # Retrieve returns at most max_top_k (1000) passages: the check reads them all

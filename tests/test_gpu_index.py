@@ -10,10 +10,11 @@ import json
 import numpy as np
 import pytest
 
-import gpu_standin
-from index_helpers import documents, fill, open_index, unit_vectors
 from rankstream_server.config import IndexConfig
 from rankstream_server.vector_index import VectorIndex, exact_search
+
+import gpu_standin
+from index_helpers import documents, fill, open_index, unit_vectors
 
 DIMENSION = 16
 

@@ -17,10 +17,11 @@ import faiss
 import numpy as np
 import pytest
 
-from index_helpers import DIMENSION, documents, fill, open_index, unit_vectors, vector_of
 from rankstream_server.docstore import DocStore
 from rankstream_server.index_backup import BackupFailed, backup_index
 from rankstream_server.index_check import check_index
+
+from index_helpers import DIMENSION, documents, fill, open_index, unit_vectors, vector_of
 
 
 def _cli(*args: str) -> subprocess.CompletedProcess:

@@ -17,9 +17,10 @@ from dataclasses import dataclass
 import numpy as np
 import pytest
 
+from rankstream_server.docstore import Document
+
 import gpu_standin
 from index_helpers import COLORS, DIMENSION, open_index
-from rankstream_server.docstore import Document
 
 PASSAGES = 120
 WRITERS = 2

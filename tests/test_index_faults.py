@@ -11,16 +11,16 @@ import grpc
 import numpy as np
 import pytest
 
-import gpu_standin
-from index_helpers import DIMENSION, documents, fill, open_index, vector_of
 from rankstream.v1 import rankstream_pb2 as pb
 from rankstream.v1 import rankstream_pb2_grpc as pb_grpc
 from rankstream_server.corpus_index import VectorsBehind
 from rankstream_server.docstore import DocStore
 from rankstream_server.vector_index import VectorIndex
 
+import gpu_standin
 import model_factory
 from conftest import make_settings, running
+from index_helpers import DIMENSION, documents, fill, open_index, vector_of
 
 
 def _fail_next(monkeypatch, method: str, times: int = 1) -> list[int]:

@@ -14,7 +14,6 @@ from pathlib import Path
 
 import pytest
 
-from index_helpers import fill, open_index
 from rankstream_server.config import IndexConfig, ModelConfig, Settings
 from rankstream_server.corpus_index import CorpusIndex
 from rankstream_server.index_build import build_index
@@ -23,6 +22,7 @@ from rankstream_server.model_loading import load_model
 
 import corpus_factory
 import model_factory
+from index_helpers import fill, open_index
 
 TESTS = Path(__file__).resolve().parent
 

@@ -26,12 +26,13 @@ from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule, run_state_machine_as_test
 
-import gpu_standin
-from index_helpers import COLORS, DIMENSION, open_index
 from rankstream_server.corpus_index import DOCS, MANIFEST, VECTORS, VECTORS_STATE
 from rankstream_server.docstore import Document
 from rankstream_server.index_backup import backup_index
 from rankstream_server.index_check import check_index
+
+import gpu_standin
+from index_helpers import COLORS, DIMENSION, open_index
 
 IDS = 100  # passage ids p0..p99: upserts of existing ids are replacements
 FIRST = 80  # passages written at the start, so IVF is trained (2 lists) at the next open

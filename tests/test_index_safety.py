@@ -8,9 +8,10 @@ import threading
 
 import numpy as np
 
-from index_helpers import documents, fill, open_index, vector_of
 from rankstream_server import corpus_index as corpus_index_module
 from rankstream_server.vector_index import VectorIndex
+
+from index_helpers import documents, fill, open_index, vector_of
 
 WAIT = 10.0  # seconds a thread gets to finish what must not be blocked; only ever reached on failure
 

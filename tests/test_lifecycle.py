@@ -153,3 +153,49 @@ def test_hub_id_serves_offline_from_the_local_hub_cache(models, tmp_path):
     finally:
         process.kill()
         process.wait()
+
+
+@pytest.mark.parametrize(("content", "says"), [
+    ("server: {port: abc}\nmodels: []\n", "server.port: Input should be a valid integer"),
+    ("models: [\n", "not valid YAML at line 2"),
+    (None, "cannot read the config"),
+])
+def test_a_bad_config_is_one_line_naming_the_file_and_exit_2(tmp_path, content, says):
+    config = tmp_path / "server.yaml"
+    if content is not None:
+        config.write_text(content)
+    log = tmp_path / "serve.log"
+    process = _rankstream("serve", "--config", str(config), log=log)
+    assert process.wait(timeout=60) == 2
+    lines = log.read_text().strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"rankstream: {config}:") and says in lines[0], lines
+
+
+def test_a_damaged_document_store_is_one_line_and_exit_2(models, tmp_path):
+    from rankstream_server.demo import DEMO_CORPUS
+    from rankstream_server.index_build import build_index
+
+    from conftest import demo_settings
+
+    folder = tmp_path / "index"
+    build_index(demo_settings(models, folder), DEMO_CORPUS, folder, model="minilm", progress=False)
+    docs = folder / "docs.sqlite"
+    docs.write_bytes(b"this is not a database" * 100)
+    config = tmp_path / "server.yaml"
+    config.write_text(
+        "server: {host: 127.0.0.1, port: 0}\n"
+        "models: [{name: minilm, kind: bi, weights: 'embedded:all-MiniLM-L6-v2'}]\n"
+        f"indexes: [{{name: demo, path: '{folder}', model: minilm}}]\n"
+    )
+    log = tmp_path / "serve.log"
+    process = _rankstream("serve", "--config", str(config), log=log)
+    try:
+        assert process.stdout.readline().startswith("rankstream listening on")
+        assert process.wait(timeout=120) == 2
+    finally:
+        process.kill()
+        process.wait()
+    text = log.read_text()
+    assert "Traceback" not in text, text[-2000:]
+    last = text.strip().splitlines()[-1]
+    assert last.startswith("rankstream: index 'demo'") and str(docs) in last and "damaged" in last, last

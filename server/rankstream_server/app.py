@@ -172,13 +172,13 @@ def _server_credentials(tls: TlsConfig) -> grpc.ServerCredentials:
 async def serve(settings: Settings, on_bound: Callable[[int], None] | None = None) -> None:
     """Runs until SIGINT or SIGTERM."""
     server = RankstreamServer(settings)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):  # before anyone is told the port: a signal is never missed
+        loop.add_signal_handler(sig, stop.set)
     port = await server.start()
     if on_bound is not None:
         on_bound(port)
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
     loader = asyncio.create_task(server.load_models())
     stopper = asyncio.create_task(stop.wait())
     done, _ = await asyncio.wait({loader, stopper}, return_when=asyncio.FIRST_COMPLETED)

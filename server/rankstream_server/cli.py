@@ -7,7 +7,7 @@ import asyncio
 import logging
 import sys
 
-from .config import load_settings
+from .config import ConfigError, load_settings
 from .errors import ModelLoadError
 from .index_lock import IndexLocked
 
@@ -157,7 +157,11 @@ def main(argv: list[str] | None = None) -> int:
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()  # our own progress bars say what is going on
-    return args.run(args)
+    try:
+        return args.run(args)
+    except ConfigError as exc:
+        print(f"rankstream: {exc}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

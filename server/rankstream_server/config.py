@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 
@@ -184,6 +184,10 @@ class Settings(BaseSettings):
                 raise ValueError(f"index {index.name!r}: model {index.model!r} must be a bi-encoder (kind: bi) among {bi}")
         if len(set(index_names)) != len(index_names):
             raise ValueError(f"indexes: duplicate names {index_names}")
+        paths = [str(Path(i.path).resolve()) for i in self.indexes]
+        if len(set(paths)) != len(paths):
+            raise ValueError(f"indexes: two indexes share one folder ({sorted(p for p in paths if paths.count(p) > 1)[0]}); "
+                             "a folder has one writer")
         if self.default_index is None:
             self.default_index = index_names[0] if index_names else None
         elif self.default_index not in index_names:
@@ -199,15 +203,32 @@ class Settings(BaseSettings):
         return next(m for m in self.models if m.name == name)
 
 
+class ConfigError(ValueError):
+    """The configuration cannot be read or is invalid: one line naming the file and the problem."""
+
+
 def load_settings(path: str | Path | None = None, **overrides: Any) -> Settings:
     """Read a YAML file (if given), apply env overrides, then `overrides` (the CLI's)."""
     data: dict[str, Any] = {}
+    source = str(path) if path is not None else "the environment"
     if path is not None:
-        text = Path(path).read_text(encoding="utf-8")
-        data = yaml.safe_load(text) or {}
+        try:
+            data = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
+        except OSError as error:
+            raise ConfigError(f"{path}: cannot read the config ({error.strerror or error})") from error
+        except yaml.YAMLError as error:
+            where = getattr(error, "problem_mark", None)
+            at = f" at line {where.line + 1}, column {where.column + 1}" if where else ""
+            raise ConfigError(f"{path}: not valid YAML{at} ({getattr(error, 'problem', None) or error})") from error
         if not isinstance(data, dict):
-            raise ValueError(f"{path}: expected a mapping at the top level")
-    settings = Settings(**data)
+            raise ConfigError(f"{path}: expected a mapping at the top level")
+    try:
+        settings = Settings(**data)
+    except ValidationError as error:
+        problems = "; ".join(
+            f"{'.'.join(str(part) for part in e['loc']) or 'config'}: {e['msg']}" for e in error.errors(include_url=False)
+        )
+        raise ConfigError(f"{source}: {problems}") from error
     for dotted, value in overrides.items():
         if value is not None:
             section, _, key = dotted.partition(".")

@@ -29,6 +29,7 @@ import json
 import logging
 import os
 import shutil
+import sqlite3
 import threading
 import time
 from collections.abc import Sequence
@@ -140,13 +141,21 @@ class CorpusIndex:
                     "or set `create: true` to start empty and add passages with UpsertPassages"
                 )
             cls.create_empty(folder, identity, dimension)
-        manifest = json.loads((folder / MANIFEST).read_text(encoding="utf-8"))
+        try:
+            manifest = json.loads((folder / MANIFEST).read_text(encoding="utf-8"))
+        except (OSError, ValueError) as error:
+            raise ModelLoadError(f"index {config.name!r}: {folder / MANIFEST} is unreadable ({error}); "
+                                 "restore a backup or rebuild with `rankstream index build`") from error
         _check_identity(config.name, folder, manifest, identity, dimension)
         lock = IndexLock.acquire(folder, f"index {config.name!r}")
         try:
             store = DocStore(folder / DOCS, dimension)
             vectors, applied_version, saved_version = _load_or_rebuild(folder, config, store, dimension)
             vectors.place()
+        except sqlite3.DatabaseError as error:
+            lock.release()
+            raise ModelLoadError(f"index {config.name!r}: {folder / DOCS} is damaged ({error}); restore it with "
+                                 "`rankstream index backup` copies, or rebuild with `rankstream index build`") from error
         except BaseException:
             lock.release()
             raise

@@ -113,11 +113,18 @@ class ModelRegistry:
         return index, self._models[index.config.model]
 
     def save_indexes(self) -> None:
-        for index in self._indexes.values():
-            index.save()
+        """Saves each index; one failing (a rebuild that fails, say) does not skip the others."""
+        for name, index in self._indexes.items():
+            try:
+                index.save()
+            except Exception:  # noqa: BLE001 - logged; the store has the data, the next save retries
+                log.exception("index %s: save failed; the next save retries", name)
 
     def close(self) -> None:
         for model in self._models.values():
             model.batcher.close(timeout=30)
-        for index in self._indexes.values():
-            index.close()
+        for name, index in self._indexes.items():
+            try:
+                index.close()
+            except Exception:  # noqa: BLE001 - the other indexes still close (and release their locks)
+                log.exception("index %s: closing failed", name)
