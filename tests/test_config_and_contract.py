@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from pydantic import ValidationError
 
-from rankstream_server.config import load_settings
+from rankstream_server.config import ConfigError, load_settings
 from rankstream_server.ranking import rank
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -48,9 +48,11 @@ def test_yaml_then_env_then_cli_overrides(tmp_path, monkeypatch):
     ],
 )
 def test_bad_config_is_refused_with_the_reason(tmp_path, text, needle):
-    with pytest.raises(ValidationError) as caught:
-        load_settings(write(tmp_path, text))
-    assert needle in str(caught.value)
+    path = write(tmp_path, text)
+    with pytest.raises(ConfigError) as caught:
+        load_settings(path)
+    message = str(caught.value)
+    assert needle in message and message.startswith(f"{path}: ") and "\n" not in message
 
 
 def test_cli_override_is_validated(tmp_path):

@@ -505,7 +505,8 @@ class DynamicBatcher:
         """Learns seconds per token from well-filled passes only (lock held): a small pass is mostly
         fixed overhead and would make the per-token figure, and so every estimate, far too high."""
         padded = batch.rows * batch.width
-        if elapsed <= 0 or padded < self._shapes.max_tokens // 4:
+        full = padded >= self._shapes.max_tokens // 4 or batch.real >= self._shapes.max_rows
+        if elapsed <= 0 or not full:
             return
         if self._seconds_per_token is None:
             self._pass_seconds, self._pass_tokens = elapsed, float(padded)
