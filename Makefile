@@ -4,7 +4,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-stamp
 
-.PHONY: install demo test proto lint clean
+.PHONY: install demo test proto lint clean bench bench-gpu
 
 # CPU machines get torch==2.13.0 (a CPU build, from local disk where available) before anything
 # else can ask for torch; on a machine with CUDA the range in pyproject.toml takes a CUDA build.
@@ -33,6 +33,15 @@ $(NODE_STAMP): tests/node/package-lock.json
 test: $(STAMP)
 	-$(MAKE) --no-print-directory $(NODE_STAMP)
 	$(PY) -m pytest -q
+
+# Issue 7's benchmarks, printed as tables (see benchmarks/RESULTS.md). BENCH_ARGS passes flags,
+# e.g. `make bench BENCH_ARGS=--quick`. bench-gpu needs a CUDA machine whose Python already has the
+# server's packages (benchmarks/gpu.sh lists what is missing); it does not build .venv.
+bench: $(STAMP)
+	$(PY) benchmarks/bench.py $(BENCH_ARGS)
+
+bench-gpu:
+	benchmarks/gpu.sh $(BENCH_ARGS)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check server client/rankstream/*.py tests benchmarks

@@ -10,26 +10,24 @@ CONFIG names the index (path, bi-encoder); --data gives queries.jsonl (BEIR layo
 from __future__ import annotations
 
 import argparse
-import asyncio
 import os
 import platform
-import signal
 import statistics
-import subprocess
 import sys
 import time
-
-import grpc
-from grpc_health.v1 import health_pb2, health_pb2_grpc
+from pathlib import Path
 
 from rankstream.v1 import rankstream_pb2 as pb
-from rankstream.v1 import rankstream_pb2_grpc as pb_grpc
 from rankstream_server.config import load_settings
 from rankstream_server.corpus import read_queries
 from rankstream_server.docstore import DocStore
 from rankstream_server.model_loading import load_model
 from rankstream_server.offline import encode_texts
 from rankstream_server.vector_index import VectorIndex, exact_search
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import common  # noqa: E402
 
 
 def recall_table(settings, index_name: str, queries: list[str]) -> None:
@@ -54,22 +52,6 @@ def recall_table(settings, index_name: str, queries: list[str]) -> None:
         print(f"{built.built_type:6s} {built.parameters():40s} {build_s:8.2f} {per_query_ms:9.3f} {recall:10.3f}")
 
 
-async def retrieve_rate(address: str, queries: list[str], concurrency: int, top_k: int) -> float:
-    async with grpc.aio.insecure_channel(address) as channel:
-        stub = pb_grpc.RetrieverStub(channel)
-        pending = list(queries)
-
-        async def worker() -> None:
-            while pending:
-                query = pending.pop()
-                results = [r async for r in stub.Retrieve(pb.RetrieveRequest(query=query, top_k=top_k), timeout=60)]
-                assert len(results) == top_k
-
-        started = time.perf_counter()
-        await asyncio.gather(*(worker() for _ in range(concurrency)))
-        return len(queries) / (time.perf_counter() - started)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", required=True)
@@ -78,31 +60,21 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, default=4)
     parser.add_argument("--top-k", type=int, default=10)
     args = parser.parse_args()
+    common.quiet_libraries()
     settings = load_settings(args.config)
     queries = list(read_queries(args.data).values())
     print(f"machine: {platform.machine()}, {os.cpu_count()} cores; data: {args.data}\n")
     recall_table(settings, args.index, queries)
 
-    process = subprocess.Popen(
-        [sys.executable, "-m", "rankstream_server.cli", "--log-level", "WARNING", "serve", "--config", args.config,
-         "--port", "0", "--host", "127.0.0.1"],
-        stdout=subprocess.PIPE, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"},
-    )
-    try:
-        address = process.stdout.readline().strip().rsplit(" ", 1)[1]
-        with grpc.insecure_channel(address) as channel:
-            grpc.channel_ready_future(channel).result(timeout=120)
-            health = health_pb2_grpc.HealthStub(channel)
-            request = health_pb2.HealthCheckRequest(service="rankstream.v1.Retriever")
-            while health.Check(request).status != health_pb2.HealthCheckResponse.SERVING:
-                time.sleep(0.2)
-        asyncio.run(retrieve_rate(address, queries[:50], args.concurrency, args.top_k))  # warm-up
-        rate = asyncio.run(retrieve_rate(address, queries, args.concurrency, args.top_k))
-    finally:
-        process.send_signal(signal.SIGTERM)
-        process.wait(timeout=60)
+    with common.scratch_dir() as scratch, common.Server(settings.model_dump(mode="json"), scratch) as server:
+        warm = [pb.RetrieveRequest(query=q, top_k=args.top_k, index=args.index) for q in queries[:50]]
+        common.drive(server, "Retrieve", warm, args.concurrency, len(warm))
+        requests = [pb.RetrieveRequest(query=q, top_k=args.top_k, index=args.index) for q in queries]
+        load = common.drive(server, "Retrieve", requests, args.concurrency, len(requests), max_seconds=3600)
+    common.check(load, args.top_k)
     print(f"\nRetrieve over gRPC: {len(queries)} queries, top_k={args.top_k}, {args.concurrency} concurrent clients: "
-          f"{rate:.1f} queries/s (query encoding + {settings.indexes[0].type} search + store lookup)")
+          f"{load.rate:.1f} queries/s, p50 {load.percentile(50):.1f} ms (query encoding + "
+          f"{settings.indexes[0].type} search + store lookup)")
 
 
 if __name__ == "__main__":
