@@ -200,14 +200,7 @@ class DynamicBatcher:
         rows = np.argsort(-tokens.lengths, kind="stable").astype(np.int64)
         count = len(rows)
         with self._cond:
-            if self._closed:
-                raise Unavailable(f"model {self.name!r} is shutting down")
-            if self._in_flight + count > self.capacity:
-                self._refuse(
-                    f"model {self.name!r} queue is full: {self._in_flight} of {self.capacity} pairs in flight, "
-                    f"request adds {count}; retry later"
-                )
-            self._admit_by_time(job, tokens)
+            self._admit(count, tokens.token_count, job.deadline)
             job.stats.enqueued_at = time.perf_counter()
             job.queued = count
             self._in_flight += count
@@ -230,22 +223,23 @@ class DynamicBatcher:
             return None
         return (self._queued_tokens + tokens) * self._seconds_per_token * 1.1 + self._pass_seconds
 
-    def _admit_by_time(self, job: Job, tokens: Tokens) -> None:
-        """Refuses work that cannot finish in time (lock held)."""
-        self._check_time(tokens.token_count, job.deadline)
-
     def precheck(self, rows: int, tokens: int, deadline: float | None) -> None:
         """The admission checks on an estimate, before any tokenizing: a request that will be
         refused costs the server next to nothing (under overload most requests are refused)."""
         with self._cond:
-            if self._closed:
-                raise Unavailable(f"model {self.name!r} is shutting down")
-            if self._in_flight + rows > self.capacity:
-                self._refuse(
-                    f"model {self.name!r} queue is full: {self._in_flight} of {self.capacity} pairs in flight, "
-                    f"request adds {rows}; retry later"
-                )
-            self._check_time(tokens, deadline)
+            self._admit(rows, tokens, deadline)
+
+    def _admit(self, rows: int, tokens: int, deadline: float | None) -> None:
+        """Refuses work the queue cannot take: shutting down, over capacity, or unable to finish
+        in time (lock held)."""
+        if self._closed:
+            raise Unavailable(f"model {self.name!r} is shutting down")
+        if self._in_flight + rows > self.capacity:
+            self._refuse(
+                f"model {self.name!r} queue is full: {self._in_flight} of {self.capacity} pairs in flight, "
+                f"request adds {rows}; retry later"
+            )
+        self._check_time(tokens, deadline)
 
     def _check_time(self, tokens: int, deadline: float | None) -> None:
         """Interactive work waits only for the interactive work ahead of it, but counting all
