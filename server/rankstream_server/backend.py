@@ -68,12 +68,16 @@ class PendingResult:
 
 
 class _Staging:
-    """One set of pinned host buffers sized for the largest pass, viewed per shape."""
+    """One set of host buffers sized for the largest pass, viewed per shape: pinned on CUDA (for
+    copies that do not block), plain on the CPU (reused: CPU passes are synchronous)."""
 
-    def __init__(self, capacity: int, rows: int, with_types: bool):
-        self.input_ids = torch.empty(capacity, dtype=torch.int64, pin_memory=True)
-        self.attention_mask = torch.empty(capacity, dtype=torch.int64, pin_memory=True)
-        self.token_type_ids = torch.empty(capacity, dtype=torch.int64, pin_memory=True) if with_types else None
+    def __init__(self, capacity: int, rows: int, with_types: bool, pinned: bool = True):
+        def buffer() -> torch.Tensor:
+            return torch.empty(capacity, dtype=torch.int64, pin_memory=pinned)
+
+        self.input_ids = buffer()
+        self.attention_mask = buffer()
+        self.token_type_ids = buffer() if with_types else None
         self.output: torch.Tensor | None = None  # allocated at the first result, when its width is known
         self.rows = rows
         self.done: torch.cuda.Event | None = None
@@ -120,10 +124,7 @@ class TorchBackend:
                                  for _ in range(STAGING_SLOTS)]
                 self._stream = torch.cuda.current_stream(self._device)
         else:
-            self._cpu_buffers = _Staging.__new__(_Staging)  # plain (unpinned) memory, reused: CPU passes are synchronous
-            self._cpu_buffers.input_ids = torch.empty(capacity, dtype=torch.int64)
-            self._cpu_buffers.attention_mask = torch.empty(capacity, dtype=torch.int64)
-            self._cpu_buffers.token_type_ids = torch.empty(capacity, dtype=torch.int64) if self._uses_token_type_ids else None
+            self._cpu_buffers = _Staging(capacity, self.shapes.rows_for(1), self._uses_token_type_ids, pinned=False)
         self._next_slot = 0
         self._mask_4d = False
         self._mask_4d = self._takes_4d_mask()

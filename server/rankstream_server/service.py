@@ -191,7 +191,7 @@ class RerankerService(pb_grpc.RerankerServicer):
         model = registry.get(request.model)
         check_rerank(request, self._settings.limits)
         passages = request.passages
-        texts = [passage_text(p.text, p.title if p.HasField("title") else None) for p in passages]
+        texts = [passage_text(p.text, _optional(p, "title")) for p in passages]
 
         def source(index: int) -> tuple:
             passage = passages[index]

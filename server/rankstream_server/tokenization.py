@@ -182,7 +182,6 @@ class _RustTokenizer:
         row_slot = max(seq for kind, seq, _ in template.parts if kind == "seq")
         row_lengths = np.fromiter((min(len(r), room) for r in rows), dtype=np.int64, count=len(rows))
         count = len(rows)
-        fixed = 0  # tokens before the row sequence (same in every row)
         head_ids: list[int] = []
         head_types: list[int] = []
         tail: list[tuple[int, int]] = []
@@ -199,7 +198,7 @@ class _RustTokenizer:
             else:
                 head_ids.append(value)
                 head_types.append(type_id)
-        fixed = len(head_ids)
+        fixed = len(head_ids)  # tokens before the row sequence (the same in every row)
         lengths = fixed + row_lengths + len(tail)
         width = int(lengths.max()) if count else 0
         input_ids = np.full((count, width), self._pad_id, dtype=np.int64)
