@@ -86,7 +86,7 @@ def host_path(args, server: common.Server, model_dir: Path, text: common.Text, s
     load = common.best(loads)
     served = load.rate
     print(f"workload: {len(requests)} distinct requests of 100 passages = {len(pairs):,} pairs, "
-          f"{tokens:.1f} tokens a pair (max_length {common.max_length_of(model_dir)}); torch threads {args.threads}; "
+          f"{tokens:.1f} tokens a pair (max_length {common.max_length_of(model_dir)}); {common.cores_note(args.threads)}; "
           f"best of {args.rounds} alternated rounds (among those with others < {common.CONTENDED_PCT}%)")
     common.table(
         ["path", "pairs/s", "vs tokenizer", "vs CrossEncoder.predict", "others CPU %"],
@@ -150,7 +150,7 @@ def minilm(args, server: common.Server, model_dir: Path, text: common.Text, summ
         loads.append(load)
     del reference_model
     reference, load = common.best(references), common.best(loads)
-    print(f"workload: {len(pairs):,} pairs (the first {len(pairs):,} of part a's), torch threads {args.threads}; "
+    print(f"workload: {len(pairs):,} pairs (the first {len(pairs):,} of part a's), {common.cores_note(args.threads)}; "
           f"best of {min(args.rounds, 2)} alternated rounds (among those with others < {common.CONTENDED_PCT}%)")
     common.table(
         ["path", "pairs/s", "vs CrossEncoder.predict", "others CPU %"],
@@ -247,7 +247,8 @@ def main() -> int:
     parser.add_argument("--parts", default="host,minilm,index,retrieval",
                         help="comma-separated subset of host,minilm,index,retrieval (retrieval needs index)")
     parser.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)),
-                        help="torch threads, for the server and sentence-transformers alike (default: all cores)")
+                        help="cores for the model: sentence-transformers gets this many torch threads, the server "
+                             "this many one-thread passes side by side, its default (default: all cores)")
     parser.add_argument("--rounds", type=int, help="alternated rounds of part a, best kept (default 3; --quick 1); "
                                                    "part b runs at most 2")
     parser.add_argument("--client-procs", type=int, default=1, help="client processes sharing the concurrent calls")
@@ -298,7 +299,8 @@ def main() -> int:
         models = [{"name": "host", "weights": str(host_dir)}]
         if minilm_dir:
             models.append({"name": "minilm", "weights": str(minilm_dir)})
-        config: dict = {"server": {"torch_threads": args.threads}, "models": models, "default_model": "host"}
+        config: dict = {"server": {"torch_threads": 1}, "batching": {"cpu_passes": args.threads}, "models": models,
+                        "default_model": "host"}
         if "index" in parts:
             models.append({"name": "bi", "kind": "bi", "weights": "embedded:all-MiniLM-L6-v2"})
             config["indexes"] = [{"name": "bench", "path": str(scratch / "index"), "model": "bi"}]

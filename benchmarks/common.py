@@ -115,6 +115,11 @@ PRECISION_FLAGS = ("avx2", "fma", "f16c", "avx512f", "avx512_vnni", "avx512_bf16
                    "amx_tile", "amx_bf16", "amx_int8")
 
 
+def cores_note(cores: int) -> str:
+    return (f"model cores {cores}: CrossEncoder.predict with {cores} torch threads, the server with {cores} "
+            "one-thread passes side by side (its default)")
+
+
 def _cpuinfo() -> tuple[str, set[str]]:
     model, flags = platform.processor() or platform.machine(), set()
     with contextlib.suppress(OSError):

@@ -56,6 +56,17 @@ def _rankstream(*args: str, log: Path, env: dict[str, str] | None = None) -> sub
     return subprocess.Popen([str(script), *args], stdout=subprocess.PIPE, stderr=log.open("w"), text=True, env=env)
 
 
+def _wait_until_serving(channel: grpc.Channel):
+    """Polls the Reranker's health until SERVING; returns the stub and request for later checks."""
+    health = health_pb2_grpc.HealthStub(channel)
+    request = health_pb2.HealthCheckRequest(service="rankstream.v1.Reranker")
+    for _ in range(300):
+        if health.Check(request, timeout=5).status == health_pb2.HealthCheckResponse.SERVING:
+            return health, request
+        time.sleep(0.1)
+    pytest.fail("never SERVING")
+
+
 def test_console_script_serves_on_a_printed_port_and_drains_on_sigterm(models, tmp_path):
     config = tmp_path / "serve.yaml"
     config.write_text(f"server: {{host: 127.0.0.1, port: 50999}}\nmodels:\n  - {{name: tiny, weights: {models.bert}}}\n")
@@ -67,14 +78,7 @@ def test_console_script_serves_on_a_printed_port_and_drains_on_sigterm(models, t
         assert port != 50999, "--port overrides the file"
         with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
             grpc.channel_ready_future(channel).result(timeout=30)
-            health = health_pb2_grpc.HealthStub(channel)
-            request = health_pb2.HealthCheckRequest(service="rankstream.v1.Reranker")
-            for _ in range(300):
-                if health.Check(request, timeout=5).status == health_pb2.HealthCheckResponse.SERVING:
-                    break
-                time.sleep(0.1)
-            else:
-                pytest.fail("never SERVING")
+            health, request = _wait_until_serving(channel)
             results = [r for message in pb_grpc.RerankerStub(channel).Rerank(
                 pb.RerankRequest(query=QUERY, passages=passages(["a", "b"])), timeout=30
             ) for r in message.passages]
@@ -199,3 +203,64 @@ def test_a_damaged_document_store_is_one_line_and_exit_2(models, tmp_path):
     assert "Traceback" not in text, text[-2000:]
     last = text.strip().splitlines()[-1]
     assert last.startswith("rankstream: index 'demo'") and str(docs) in last and "damaged" in last, last
+
+
+def test_sigterm_drains_then_refuses_then_saves_and_exits_zero(models, tmp_path):
+    """Issue 9: on SIGTERM health turns NOT_SERVING at once while calls are still served for
+    drain_seconds; then the port closes (new calls: UNAVAILABLE), the index is saved, exit 0.
+    The log is JSON (--log-format json) with an access-log record per RPC."""
+    import json
+
+    tokens = tmp_path / "tokens"
+    tokens.write_text("write drain-test-token\n")
+    index = tmp_path / "index"
+    config = tmp_path / "serve.yaml"
+    config.write_text(
+        "server: {host: 127.0.0.1, port: 0, drain_seconds: 3, grace_seconds: 5}\n"
+        f"auth: {{tokens_file: {tokens}}}\n"
+        f"models:\n  - {{name: tiny, weights: {models.bert}}}\n  - {{name: bi, kind: bi, weights: {models.distilbert}}}\n"
+        f"indexes:\n  - {{name: docs, path: {index}, model: bi, create: true}}\n"
+    )
+    log = tmp_path / "serve.log"
+    process = _rankstream("--log-format", "json", "serve", "--config", str(config), log=log)
+    auth = (("authorization", "Bearer drain-test-token"),)
+    try:
+        port = int(process.stdout.readline().rsplit(":", 1)[1])
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+            health, request = _wait_until_serving(channel)
+            retriever = pb_grpc.RetrieverStub(channel)
+            retriever.UpsertPassages(pb.UpsertPassagesRequest(index="docs", passages=[pb.Passage(id="kept", text="kept text")]),
+                                     metadata=auth, timeout=30)
+            process.send_signal(signal.SIGTERM)
+            signalled = time.monotonic()
+            for _ in range(100):
+                if health.Check(request, timeout=5).status == health_pb2.HealthCheckResponse.NOT_SERVING:
+                    break
+                time.sleep(0.02)
+            else:
+                pytest.fail("health stayed SERVING after SIGTERM")
+            assert time.monotonic() - signalled < 1.5
+            during = [r for m in pb_grpc.RerankerStub(channel).Rerank(
+                pb.RerankRequest(query=QUERY, passages=passages(["a", "b"])), metadata=auth, timeout=30) for r in m.passages]
+            assert len(during) == 2, "a call during the drain is still served"
+            assert time.monotonic() - signalled < 3
+        time.sleep(max(0.0, signalled + 3.5 - time.monotonic()))
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as late:
+            with pytest.raises(grpc.RpcError) as caught:
+                list(pb_grpc.RerankerStub(late).Rerank(pb.RerankRequest(query=QUERY, passages=passages(["a"])),
+                                                       metadata=auth, timeout=5))
+            assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
+        assert process.wait(timeout=60) == 0
+    finally:
+        process.kill()
+        process.wait()
+    records = [json.loads(line) for line in log.read_text().splitlines() if line.startswith("{")]
+    access = [r for r in records if r.get("logger") == "rankstream.access"]
+    assert {"rpc", "code", "duration_ms", "request_id", "passages_in"} <= set(access[0])
+    assert any(r["rpc"] == "Rerank" and r["code"] == "OK" for r in access)
+    messages = [r["message"] for r in records]
+    closing = next(i for i, m in enumerate(messages) if m.startswith("closing the port"))
+    assert any(m.startswith("draining") for m in messages[:closing])
+    check = subprocess.run([str(Path(sys.executable).with_name("rankstream")), "index", "check", str(index)],
+                           capture_output=True, text=True, timeout=120)
+    assert check.returncode == 0 and "1 passages" in check.stdout, check.stdout + check.stderr

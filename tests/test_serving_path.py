@@ -292,3 +292,96 @@ def test_corpus_passages_are_tokenized_once_and_give_the_same_tokens(bert_tokeni
     small = PairTokenizer(bert_tokenizer, 48, "m", True, cache_passages=3)
     small.encode("q", HARD_TEXTS, reuse=True)
     assert len(small.cache._entries) == 3, "least recently used passages leave"
+
+
+async def test_cpu_passes_side_by_side_score_like_one_at_a_time(models):
+    """cpu_passes=2: passes run on two worker threads at once and every request still gets its
+    own exact scores, with the buffers of a running pass never overwritten by the next one."""
+    loaded = load_model(ModelConfig(name="m", weights=str(models.bert)))
+    tokenizer = PairTokenizer(loaded.tokenizer, loaded.max_length, "m", loaded.uses_token_type_ids)
+    requests = [tokenizer.encode(f"{QUERY} {i}", TEXTS[i % len(TEXTS):] + TEXTS[: i % len(TEXTS)]) for i in range(12)]
+
+    async def run(passes: int) -> list[np.ndarray]:
+        config = BatchingConfig(max_batch_size=3, max_batch_tokens=4096, max_wait_ms=0, cpu_passes=passes)
+        backend = backend_for(loaded, config)
+        assert backend.parallel_passes == passes and backend.asynchronous == (passes > 1)
+        subject = DynamicBatcher("m", backend, config)
+        jobs = [Job(size=len(tokens)) for tokens in requests]
+        for job, tokens in zip(jobs, requests):
+            subject.submit(job, tokens)
+        results = []
+        for job, tokens in zip(jobs, requests):
+            output = np.zeros(len(tokens), np.float32)
+            async for rows, scores in job.results():
+                output[rows] = scores
+            results.append(output)
+        subject.close()
+        assert subject.in_flight == 0
+        return results
+
+    one_at_a_time = await run(1)
+    side_by_side = await run(2)
+    for alone, parallel in zip(one_at_a_time, side_by_side):
+        np.testing.assert_allclose(parallel, alone, atol=1e-6)
+
+
+class _ParallelBackend:
+    """Passes on two worker threads; the first pass holds until a second one runs beside it."""
+
+    asynchronous = True
+    parallel_passes = 2
+
+    def __init__(self):
+        from concurrent.futures import ThreadPoolExecutor
+
+        self._pool = ThreadPoolExecutor(2)
+        self._lock = threading.Lock()
+        self.second_started = threading.Event()
+        self.passes = 0
+        self.running = 0
+        self.most_at_once = 0
+
+    def _run(self, batch):
+        with self._lock:
+            self.passes += 1
+            first = self.passes == 1
+            self.running += 1
+            self.most_at_once = max(self.most_at_once, self.running)
+        if first:
+            self.second_started.wait(5)
+        else:
+            self.second_started.set()
+        with self._lock:
+            self.running -= 1
+        scores = np.zeros(batch.real, np.float32)
+        for piece in batch.pieces:
+            scores[piece.slots] = piece.tokens.lengths[piece.rows]
+        return scores
+
+    def launch(self, batch):
+        future = self._pool.submit(self._run, batch)
+
+        class Pending:
+            def result(self):
+                return future.result()
+
+            def add_done_callback(self, callback):
+                future.add_done_callback(lambda _: callback())
+
+        return Pending()
+
+
+async def test_work_arriving_while_a_pass_runs_starts_beside_it():
+    """A second request must not wait for the first one's pass to end when a worker is free: the
+    first pass here only ends early once the second has started beside it."""
+    backend = _ParallelBackend()
+    subject = DynamicBatcher("m", backend, BatchingConfig(max_wait_ms=0, max_batch_size=4))
+    first, second = Job(size=2), Job(size=2)
+    subject.submit(first, _tokens([5, 6], 0))
+    while backend.running == 0:
+        await asyncio.sleep(0.001)
+    subject.submit(second, _tokens([7, 8], 0))
+    await _drain(second)
+    await _drain(first)
+    subject.close()
+    assert backend.second_started.is_set() and backend.most_at_once == 2

@@ -5,12 +5,14 @@ exponential backoff on UNAVAILABLE only (gRPC's own retry machinery, from the se
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass
 
 import grpc
 
 from rankstream.v1 import rankstream_pb2_grpc as pb_grpc
 
+TOKEN_ENV = "RANKSTREAM_TOKEN"  # the bearer token when none is passed
 SERVICES = ("rankstream.v1.Reranker", "rankstream.v1.Retriever", "rankstream.v1.Info")
 
 
@@ -65,7 +67,8 @@ class ClientBase:
     """What the sync and asyncio clients share: settings, the channel, the stubs.
 
     `target` is "host:port", or "dns:///name:port" to balance over every address of a headless
-    Kubernetes Service.
+    Kubernetes Service. `token` (default: the RANKSTREAM_TOKEN environment variable) is sent as
+    `authorization: Bearer <token>` on every call.
     """
 
     def __init__(
@@ -82,6 +85,8 @@ class ClientBase:
         initial_backoff: float = 0.2,
         max_backoff: float = 5.0,
     ):
+        if token is None:
+            token = os.environ.get(TOKEN_ENV) or None
         self.settings = ChannelSettings(
             target, timeout, tls, root_certificates, certificate_chain, private_key, token, max_attempts,
             initial_backoff, max_backoff,

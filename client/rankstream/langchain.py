@@ -45,8 +45,11 @@ class _RankstreamConnection(BaseModel):
     target: str = Field("localhost:50051", description="host:port, or dns:///service:port for a headless Service.")
     timeout: float | None = 30.0
     tls: bool = False
-    token: str | None = Field(None, description="Bearer token.")
-    root_certificates: bytes | None = None
+    token: str | None = Field(None, description="Bearer token; default: the RANKSTREAM_TOKEN environment variable.",
+                              repr=False)
+    root_certificates: bytes | None = Field(None, description="PEM roots for tls; default: the system's.")
+    certificate_chain: bytes | None = Field(None, description="PEM client certificate (mTLS).")
+    private_key: bytes | None = Field(None, description="PEM client key (mTLS).", repr=False)
 
     _clients: _Connected | None = PrivateAttr(None)
 
@@ -58,7 +61,8 @@ class _RankstreamConnection(BaseModel):
     def _connection_options(self) -> dict[str, Any]:
         return {
             "target": self.target, "timeout": self.timeout, "tls": self.tls, "token": self.token,
-            "root_certificates": self.root_certificates,
+            "root_certificates": self.root_certificates, "certificate_chain": self.certificate_chain,
+            "private_key": self.private_key,
         }
 
 

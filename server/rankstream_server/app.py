@@ -9,7 +9,6 @@ import signal
 import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import grpc
 import torch
@@ -19,10 +18,14 @@ from grpc_reflection.v1alpha import reflection
 from rankstream.v1 import rankstream_pb2 as pb
 from rankstream.v1 import rankstream_pb2_grpc as pb_grpc
 
-from .config import Settings, TlsConfig
+from .access import CallObserver
+from .auth import Authenticator, check_exposure, token_store, watch_files
+from .config import Settings
 from .interceptors import DecodeGuard
+from .metrics import Metrics
 from .registry import ModelRegistry
 from .service import InfoService, Readiness, RerankerService, RetrieverService
+from .tls import CertificateFiles
 
 log = logging.getLogger(__name__)
 
@@ -33,27 +36,37 @@ class RankstreamServer:
     """One gRPC server process: services, health, reflection and the model registry."""
 
     def __init__(self, settings: Settings):
+        check_exposure(settings.server, settings.auth)
         self.settings = settings
         self.port: int | None = None
+        self.metrics_port: int | None = None
         self._readiness = Readiness()
         self._health = health.aio.HealthServicer()
         self._tokenize_pool = ThreadPoolExecutor(settings.server.tokenizer_threads, thread_name_prefix="tokenize")
+        self._tokens = token_store(settings.auth)
+        self._certificates = CertificateFiles(settings.server.tls) if settings.server.tls else None
+        self.metrics = Metrics([m.name for m in settings.models]) if settings.server.metrics_port is not None else None
+        self.observer = CallObserver(settings.server.max_concurrent_rpcs, self.metrics)
+        interceptors = [self.observer, *([Authenticator(self._tokens)] if self._tokens else []), DecodeGuard()]
         self._server = grpc.aio.server(
-            interceptors=[DecodeGuard()],
+            interceptors=interceptors,
             options=[
-                ("grpc.max_receive_message_length", 64 * 1024 * 1024),
+                # Nothing larger than the limits admit is even read; results are split under max_message_bytes.
+                ("grpc.max_receive_message_length", settings.limits.max_request_bytes()),
+                ("grpc.max_send_message_length", settings.server.max_message_bytes + 64 * 1024),
                 ("grpc.so_reuseport", 0),
             ]
         )
         pb_grpc.add_RerankerServicer_to_server(
-            RerankerService(settings, self._readiness, self._tokenize_pool), self._server
+            RerankerService(settings, self._readiness, self._tokenize_pool, self.metrics), self._server
         )
         pb_grpc.add_RetrieverServicer_to_server(
-            RetrieverService(settings, self._readiness, self._tokenize_pool), self._server
+            RetrieverService(settings, self._readiness, self._tokenize_pool, self.metrics), self._server
         )
         pb_grpc.add_InfoServicer_to_server(InfoService(self._readiness), self._server)
         self._saver: asyncio.Task | None = None
         self._watcher: asyncio.Task | None = None
+        self._file_watcher: asyncio.Task | None = None
         health_pb2_grpc.add_HealthServicer_to_server(self._health, self._server)
         reflection.enable_server_reflection([*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME], self._server)
 
@@ -64,17 +77,22 @@ class RankstreamServer:
     async def start(self) -> int:
         """Binds and starts serving health (NOT_SERVING); returns the bound port."""
         server = self.settings.server
-        if server.torch_threads:
-            torch.set_num_threads(server.torch_threads)
+        torch.set_num_threads(server.torch_threads or 1)
         address = f"{server.host}:{server.port}"
-        if server.tls is None:
+        if self._certificates is None:
             self.port = self._server.add_insecure_port(address)
         else:
-            self.port = self._server.add_secure_port(address, _server_credentials(server.tls))
+            self.port = self._server.add_secure_port(address, self._certificates.credentials())
         if self.port == 0:
             raise OSError(f"cannot bind {server.host}:{server.port}")
         await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
         await self._server.start()
+        if self.metrics is not None:
+            self.metrics_port = self.metrics.serve(server.metrics_host or server.host, server.metrics_port)
+            log.info("metrics on http://%s:%d/metrics", server.metrics_host or server.host, self.metrics_port)
+        if self._tokens is not None:
+            self._file_watcher = asyncio.create_task(watch_files(self.settings.auth.reload_seconds,
+                                                                self._tokens.reload_if_changed))
         return self.port
 
     async def load_models(self) -> None:
@@ -82,6 +100,8 @@ class RankstreamServer:
         registry = ModelRegistry(self.settings)
         await _in_daemon_thread(registry.load_all)
         self._readiness.registry = registry
+        if self.metrics is not None:
+            self.metrics.attach(registry)
         if self.settings.indexes:
             self._saver = asyncio.create_task(self._save_periodically(registry))
         await self._set_health(health_pb2.HealthCheckResponse.SERVING)
@@ -114,16 +134,30 @@ class RankstreamServer:
             except Exception:  # noqa: BLE001 - a failed save is retried next time; the store has the data
                 log.exception("saving indexes failed")
 
+    async def drain(self) -> None:
+        """Health NOT_SERVING at once, while calls are still served for `server.drain_seconds`, so
+        load balancers and clients stop sending here before the port closes."""
+        if self._watcher is not None:
+            self._watcher.cancel()
+        await self._health.enter_graceful_shutdown()
+        drain = self.settings.server.drain_seconds
+        if drain > 0:
+            log.info("draining: health NOT_SERVING, still serving for %.1f s", drain)
+            await asyncio.sleep(drain)
+
     async def stop(self) -> None:
-        """Graceful: report NOT_SERVING, let in-flight calls finish within the grace period, stop
-        batchers, save indexes."""
-        for task in (self._saver, self._watcher):
+        """Graceful: report NOT_SERVING, refuse new calls, let in-flight calls finish within the
+        grace period, stop batchers, save indexes."""
+        for task in (self._saver, self._watcher, self._file_watcher):
             if task is not None:
                 task.cancel()
         await self._health.enter_graceful_shutdown()
+        log.info("closing the port: in-flight calls get up to %.1f s", self.settings.server.grace_seconds)
         await self._server.stop(self.settings.server.grace_seconds)
         if self._readiness.registry is not None:
             await asyncio.to_thread(self._readiness.registry.close)
+        if self.metrics is not None:
+            self.metrics.close()
         self._tokenize_pool.shutdown(wait=False, cancel_futures=True)
 
     async def wait(self) -> None:
@@ -159,34 +193,25 @@ async def _in_daemon_thread(function: Callable[[], object]) -> object:
     return await done
 
 
-def _server_credentials(tls: TlsConfig) -> grpc.ServerCredentials:
-    def read(path: str) -> bytes:
-        return Path(path).read_bytes()
-
-    client_ca = read(tls.client_ca_file) if tls.client_ca_file else None
-    return grpc.ssl_server_credentials(
-        [(read(tls.key_file), read(tls.cert_file))], root_certificates=client_ca, require_client_auth=client_ca is not None
-    )
-
-
 async def serve(settings: Settings, on_bound: Callable[[int], None] | None = None) -> None:
-    """Runs until SIGINT or SIGTERM."""
+    """Runs until SIGTERM (drains first: see RankstreamServer.drain) or SIGINT (stops at once,
+    still giving in-flight calls the grace period)."""
     server = RankstreamServer(settings)
-    stop = asyncio.Event()
+    received: asyncio.Future = asyncio.get_running_loop().create_future()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):  # before anyone is told the port: a signal is never missed
-        loop.add_signal_handler(sig, stop.set)
+        loop.add_signal_handler(sig, lambda sig=sig: received.done() or received.set_result(sig))
     port = await server.start()
     if on_bound is not None:
         on_bound(port)
     loader = asyncio.create_task(server.load_models())
-    stopper = asyncio.create_task(stop.wait())
-    done, _ = await asyncio.wait({loader, stopper}, return_when=asyncio.FIRST_COMPLETED)
+    done, _ = await asyncio.wait({loader, received}, return_when=asyncio.FIRST_COMPLETED)
     if loader in done and loader.exception() is not None:
-        stopper.cancel()
         await server.stop()
         raise loader.exception()
-    await stopper
-    log.info("shutting down: draining in-flight calls")
+    sig = await received
+    if loader.done() and sig == signal.SIGTERM:
+        await server.drain()
+    log.info("shutting down (%s)", signal.Signals(sig).name)
     loader.cancel()
     await server.stop()

@@ -14,7 +14,9 @@ On CUDA:
   a capture that fails, or whose output differs from the eager pass, turns graphs off for that
   model (logged) and serving goes on eagerly;
 - the SDPA attention kernel is chosen by timing the candidates at start-up.
-On CPU, launch computes at once, eagerly, in exact shapes.
+On CPU, passes run eagerly in exact shapes on `cpu_passes` worker threads side by side (one per
+core by default, each with torch's intra-op threads), so tokenizing, the event loop and passes
+share the cores without OpenMP threads spinning against each other.
 """
 
 from __future__ import annotations
@@ -22,8 +24,10 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
+import os
 import time
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 
 import numpy as np
 import torch
@@ -54,7 +58,7 @@ def shape_policy(loaded: LoadedModel, config: BatchingConfig) -> ShapePolicy:
 
 
 class PendingResult:
-    """Output of a launched pass; `result()` waits for it."""
+    """Output of a launched CUDA pass; `result()` waits for it."""
 
     def __init__(self, host: torch.Tensor, ready: torch.cuda.Event | None, rows: int):
         self._host = host
@@ -67,9 +71,27 @@ class PendingResult:
         return self._host[: self._rows].numpy().copy()  # the buffer is reused by a later pass
 
 
+class CpuPendingResult:
+    """Output of a CPU pass running on a worker thread."""
+
+    def __init__(self, future: Future, rows: int):
+        self._future = future
+        self._rows = rows
+
+    def result(self) -> np.ndarray:
+        return self._future.result()[: self._rows].numpy()
+
+    def add_done_callback(self, callback: Callable[[], None]) -> None:
+        self._future.add_done_callback(lambda _: callback())
+
+
+def available_cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
 class _Staging:
     """One set of host buffers sized for the largest pass, viewed per shape: pinned on CUDA (for
-    copies that do not block), plain on the CPU (reused: CPU passes are synchronous)."""
+    copies that do not block), plain on the CPU. `done` says when the pass using them has ended."""
 
     def __init__(self, capacity: int, rows: int, with_types: bool, pinned: bool = True):
         def buffer() -> torch.Tensor:
@@ -80,7 +102,7 @@ class _Staging:
         self.token_type_ids = buffer() if with_types else None
         self.output: torch.Tensor | None = None  # allocated at the first result, when its width is known
         self.rows = rows
-        self.done: torch.cuda.Event | None = None
+        self.done: torch.cuda.Event | Future | None = None
 
     def views(self, rows: int, width: int) -> dict[str, torch.Tensor]:
         count = rows * width
@@ -109,26 +131,35 @@ class TorchBackend:
         self._device = loaded.device
         self._pad_id = loaded.tokenizer.pad_token_id or 0
         self._uses_token_type_ids = loaded.uses_token_type_ids
-        self.asynchronous = loaded.device.type == "cuda"
+        self.cuda = loaded.device.type == "cuda"
+        threads = torch.get_num_threads()
+        # Passes in flight at once: on CUDA one running and one being launched; on CPU one per worker.
+        self.parallel_passes = 2 if self.cuda else (config.cpu_passes or max(1, available_cores() // threads))
+        self.asynchronous = self.cuda or self.parallel_passes > 1  # launch returns before the pass ends
         self.shapes = shape_policy(loaded, config)
-        self._use_graphs = self.asynchronous and config.cuda_graphs
+        self._use_graphs = self.cuda and config.cuda_graphs
         self._attention = config.attention
         self._sdpa_context: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext
         self._graphs: dict[tuple[int, int], _Graph] = {}
         self._graph_pool = None
         # Any pass fits: rows x width <= the token budget, or one row of up to max_length.
         capacity = max(self.shapes.max_tokens, self.shapes.max_length, *TUNED_BATCH_TOKENS) * 2
-        if self.asynchronous:
+        self._workers: ThreadPoolExecutor | None = None
+        if self.cuda:
             with torch.cuda.device(self._device):
                 self._staging = [_Staging(capacity, self.shapes.rows_for(1), self._uses_token_type_ids)
                                  for _ in range(STAGING_SLOTS)]
-                self._stream = torch.cuda.current_stream(self._device)
         else:
-            self._cpu_buffers = _Staging(capacity, self.shapes.rows_for(1), self._uses_token_type_ids, pinned=False)
+            # One buffer set per pass that can be in flight, plus the one being filled.
+            self._staging = [_Staging(capacity, self.shapes.rows_for(1), self._uses_token_type_ids, pinned=False)
+                             for _ in range(self.parallel_passes + 1)]
+            if self.parallel_passes > 1:
+                self._workers = ThreadPoolExecutor(self.parallel_passes, thread_name_prefix="forward",
+                                                   initializer=torch.set_num_threads, initargs=(threads,))
         self._next_slot = 0
         self._mask_4d = False
         self._mask_4d = self._takes_4d_mask()
-        self._tune_tokens = config.max_batch_tokens is None and not self.asynchronous
+        self._tune_tokens = config.max_batch_tokens is None and not self.cuda
 
     @property
     def graphs(self) -> int:
@@ -164,7 +195,7 @@ class TorchBackend:
         return bool(torch.allclose(plain, shaped, atol=1e-5, rtol=1e-4))
 
     def _probe_buffers(self) -> _Staging:
-        return self._staging[0] if self.asynchronous else self._cpu_buffers
+        return self._staging[0]
 
     def _collate_into(self, buffers: _Staging, batch: Batch) -> dict[str, torch.Tensor]:
         views = buffers.views(batch.rows, batch.width)
@@ -173,16 +204,35 @@ class TorchBackend:
                 types.numpy() if types is not None else None, self._pad_id)
         return views
 
-    @torch.inference_mode()
-    def launch(self, batch: Batch) -> PendingResult:
-        if not self.asynchronous:
-            output = self._forward(self._collate_into(self._cpu_buffers, batch)).float()
-            return PendingResult(output, None, batch.real)
+    def _next_buffers(self) -> _Staging:
         slot = self._staging[self._next_slot]
         self._next_slot = (self._next_slot + 1) % len(self._staging)
         if slot.done is not None:
-            slot.done.synchronize()  # its last pass has finished with the buffers
+            if self.cuda:
+                slot.done.synchronize()  # its last pass has finished with the buffers
+            else:
+                slot.done.exception()  # waits, whatever the outcome
+        return slot
+
+    @torch.inference_mode()
+    def _forward_cpu(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+        return self._forward(inputs).float()
+
+    @torch.inference_mode()
+    def launch(self, batch: Batch) -> PendingResult | CpuPendingResult:
+        slot = self._next_buffers()
         host = self._collate_into(slot, batch)
+        if not self.cuda:
+            if self._workers is None:
+                done: Future = Future()
+                try:
+                    done.set_result(self._forward_cpu(host))
+                except Exception as error:  # noqa: BLE001 - raised by result(), like a worker's
+                    done.set_exception(error)
+            else:
+                done = self._workers.submit(self._forward_cpu, host)
+            slot.done = done
+            return CpuPendingResult(done, batch.real)
         with torch.cuda.device(self._device), self._sdpa_context():
             graph = self._graphs.get((batch.rows, batch.width))
             if graph is not None:
@@ -213,7 +263,7 @@ class TorchBackend:
     @torch.inference_mode()
     def warm_up(self) -> None:
         """CUDA: choose the attention kernel, meet every shape once, capture graphs. CPU: one pass."""
-        if not self.asynchronous:
+        if not self.cuda:
             self.launch(self._dummy(2, 8)).result()
             if self._tune_tokens:
                 self._tune_batch_tokens()

@@ -39,7 +39,7 @@ import itertools
 import logging
 import threading
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -64,8 +64,9 @@ class PendingResult(Protocol):
 
 
 class Backend(Protocol):
-    asynchronous: bool
+    asynchronous: bool  # launch returns before the pass has ended
     shapes: ShapePolicy  # set by the batcher from its config when the backend has none of its own
+    # optional: parallel_passes, how many passes may be in flight (default 2 if asynchronous, else 1)
 
     def launch(self, batch: Batch) -> PendingResult: ...
 
@@ -76,7 +77,6 @@ class JobStats:
 
     enqueued_at: float = 0.0
     first_batch_at: float | None = None
-    inference_s: float = 0.0
     batches: int = 0
     max_batch_size: int = 0
     shared_batches: int = 0
@@ -185,6 +185,7 @@ class DynamicBatcher:
         self._in_flight = 0  # admitted rows not yet done or dropped
         self._closed = False
         self.counters = BatcherCounters()
+        self.on_pass: Callable[[int, int], None] | None = None  # (rows, padded tokens) of each pass run: metrics
         self._thread = threading.Thread(target=self._run, name=f"batcher-{name}", daemon=True)
         self._thread.start()
 
@@ -391,31 +392,47 @@ class DynamicBatcher:
                     self._finish(batch, None, 0.0, 0.0)
 
     def _serve(self) -> None:
-        running: tuple[Batch, PendingResult | None, float] | None = None
+        limit = getattr(self._backend, "parallel_passes", 2 if self._backend.asynchronous else 1)
+        running: collections.deque[tuple[Batch, PendingResult | None, float]] = collections.deque()
         ready: collections.deque[Batch] = collections.deque()
         while True:
             if not ready:
-                ready.extend(cut_batches(self._take_window(wait=running is None), self._shapes))
+                ready.extend(cut_batches(self._take_window(wait=not running), self._shapes))
             # What is cut or running is held, so an unexpected error can fail it rather than lose it.
-            self._held = [*ready, *([running[0]] if running else [])]
+            self._held = [*ready, *(launched[0] for launched in running)]
             batch = self._live(ready.popleft()) if ready else None
             if batch is None:
-                if running is not None:
-                    self._complete(*running)
-                    running = None
+                if running:
+                    if len(running) < limit and not self._oldest_done_or_work(running[0][1]):
+                        continue  # new work came while the others run: launch it beside them
+                    self._complete(*running.popleft())
                 elif not ready:
                     with self._cond:
                         if self._closed and not self._queued_rows:
                             return
                 continue
             self._held.append(batch)
-            launched = self._launch(batch)
-            if running is not None:
-                self._complete(*running)
-            running = launched
-            if not self._backend.asynchronous:
-                self._complete(*running)
-                running = None
+            running.append(self._launch(batch))
+            while len(running) >= limit:
+                self._complete(*running.popleft())
+
+    def _oldest_done_or_work(self, pending: PendingResult | None) -> bool:
+        """With a worker free: waits until the oldest running pass ends (True) or new work is
+        queued (False). A backend whose passes cannot call back (CUDA) just waits for the pass."""
+        if pending is None or not hasattr(pending, "add_done_callback"):
+            return True
+        ended = threading.Event()
+
+        def wake() -> None:
+            ended.set()
+            with self._cond:
+                self._cond.notify_all()
+
+        pending.add_done_callback(wake)
+        with self._cond:
+            while not ended.is_set() and not self._queued_rows and not self._closed:
+                self._cond.wait()
+            return ended.is_set() or not self._queued_rows
 
     def _launch(self, batch: Batch) -> tuple[Batch, PendingResult | None, float]:
         started = time.perf_counter()
@@ -480,12 +497,13 @@ class DynamicBatcher:
             counters.tokens += batch.tokens
             counters.padded_tokens += batch.rows * batch.width
             self._measure(batch, elapsed if outputs is not None else 0.0)
+        if outputs is not None and self.on_pass is not None:
+            self.on_pass(batch.real, batch.rows * batch.width)
         shared = len({piece.owner.group or piece.owner for piece in batch.pieces}) > 1
         for piece in batch.pieces:
             job = piece.owner
             stats = job.stats
             stats.batches += 1
-            stats.inference_s += elapsed
             stats.passes[started] = elapsed
             stats.max_batch_size = max(stats.max_batch_size, batch.real)
             stats.shared_batches += shared

@@ -63,7 +63,7 @@ def power_of_two_rows(max_rows: int) -> tuple[int, ...]:
     return (*rows, max_rows)
 
 
-@dataclass
+@dataclass(eq=False)  # identity: pieces and batches hold arrays, and are found by identity
 class Piece:
     """Rows of one request inside a batch: `rows` in the request's arrays go to `slots` in the batch."""
 
@@ -73,7 +73,7 @@ class Piece:
     slots: np.ndarray  # int64, rows of the batch
 
 
-@dataclass
+@dataclass(eq=False)
 class Batch:
     """One forward pass: `real` rows from `pieces`, padded to (rows, width)."""
 

@@ -106,9 +106,23 @@ def _index_backup(args: argparse.Namespace) -> int:
     return 0 if report.check.healthy else 1
 
 
+def _configure_logging(level: str, style: str) -> None:
+    handler = logging.StreamHandler()
+    if style == "json":
+        from pythonjsonlogger.json import JsonFormatter
+
+        handler.setFormatter(JsonFormatter("%(asctime)s %(levelname)s %(name)s %(message)s",
+                                           rename_fields={"levelname": "level", "name": "logger"}))
+    else:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logging.basicConfig(level=level, handlers=[handler])
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="rankstream", description="Retrieve-and-rerank over gRPC.")
     parser.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING, ...")
+    parser.add_argument("--log-format", choices=["text", "json"], default="text",
+                        help="json: one JSON object per line, for log pipelines (access-log fields as keys)")
     commands = parser.add_subparsers(dest="command", required=True)
     serve = commands.add_parser("serve", help="Run the gRPC server.")
     serve.add_argument("--config", required=True, help="YAML config file (env RANKSTREAM_* overrides it).")
@@ -151,7 +165,7 @@ def main(argv: list[str] | None = None) -> int:
     evaluation.add_argument("--json", help="Write the report as JSON here (default: print it).")
     evaluation.set_defaults(run=_eval)
     args = parser.parse_args(argv)
-    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    _configure_logging(args.log_level.upper(), args.log_format)
     logging.getLogger("faiss.loader").setLevel(logging.WARNING)  # which CPU build it picked: noise
     if args.run not in (_index_check, _index_backup):  # those load no model
         from transformers.utils import logging as hf_logging

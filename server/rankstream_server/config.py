@@ -103,15 +103,33 @@ class BatchingConfig(_Strict):
     attention: Literal["auto", "cudnn", "flash", "efficient", "math"] = Field(
         "auto", description="SDPA attention kernel on CUDA; auto = the fastest measured at start-up."
     )
+    cpu_passes: int | None = Field(
+        None, gt=0,
+        description="Forward passes a model runs side by side on CPU, each on its own thread with torch's intra-op "
+        "threads (Triton's instance count). Default: the cores divided by torch's intra-op threads.",
+    )
 
 
 class LimitsConfig(_Strict):
     """Request limits: past them a request gets INVALID_ARGUMENT naming the field and the limit."""
 
-    max_passages: int = Field(1000, gt=0)
+    max_passages: int = Field(1000, gt=0, description="Passages in a Rerank or Upsert request, ids in a Delete.")
     max_top_k: int = Field(1000, gt=0)
     max_query_chars: int = Field(2048, gt=0)
-    max_passage_chars: int = Field(20000, gt=0)
+    max_passage_chars: int = Field(20000, gt=0, description="Characters of a passage's title + text.")
+    max_id_bytes: int = Field(256, gt=0, description="UTF-8 bytes of a passage id.")
+    max_metadata_entries: int = Field(32, ge=0, description="Metadata entries of one passage.")
+    max_metadata_key_bytes: int = Field(128, gt=0, description="UTF-8 bytes of a metadata or filter key.")
+    max_metadata_value_bytes: int = Field(1024, gt=0, description="UTF-8 bytes of a metadata or filter value.")
+    max_filter_entries: int = Field(16, ge=0, description="Entries of a Retrieve filter.")
+
+    def max_request_bytes(self) -> int:
+        """The largest request these limits admit (UTF-8 at 4 bytes a character, protobuf framing
+        included), plus room: the server's receive limit, so nothing bigger is even read."""
+        entry = self.max_metadata_key_bytes + self.max_metadata_value_bytes + 16
+        passage = 4 * self.max_passage_chars + self.max_id_bytes + self.max_metadata_entries * entry + 32
+        query = 4 * self.max_query_chars + self.max_filter_entries * entry + 64
+        return self.max_passages * passage + query + 64 * 1024
 
 
 class TlsConfig(_Strict):
@@ -122,13 +140,48 @@ class TlsConfig(_Strict):
     client_ca_file: str | None = None
 
 
+class AuthConfig(_Strict):
+    """Bearer-token authentication with roles. `mode: none` turns it off on purpose (for example
+    behind a mesh that does mTLS); a server reachable from other machines needs one or the other."""
+
+    mode: Literal["tokens", "none"] = "tokens"
+    tokens_file: str | None = Field(
+        None, description="One `ROLE TOKEN` per line, ROLE read or write; blank lines and # comments allowed. "
+        "Re-read when it changes.",
+    )
+    reload_seconds: float = Field(2.0, gt=0, description="How often the tokens and TLS files are checked for changes.")
+
+    @model_validator(mode="after")
+    def _tokens_file_for_tokens(self) -> AuthConfig:
+        if self.mode == "tokens" and not self.tokens_file:
+            raise ValueError("auth.tokens_file is required (or auth.mode: none, on purpose)")
+        if self.mode == "none" and self.tokens_file:
+            raise ValueError("auth.tokens_file is set but auth.mode is none: remove one of them")
+        return self
+
+
 class ServerConfig(_Strict):
     host: str = "0.0.0.0"
     port: int = Field(50051, ge=0, le=65535)
-    torch_threads: int | None = Field(None, gt=0, description="torch intra-op threads; default: torch's own choice.")
+    torch_threads: int | None = Field(
+        None, gt=0,
+        description="torch intra-op threads per forward pass. Default 1: on CPU a model then runs one pass per core "
+        "side by side (batching.cpu_passes), which measured faster under load than passes split across cores, whose "
+        "OpenMP threads contend with tokenization.",
+    )
     tokenizer_threads: int = Field(2, gt=0)
     warmup: bool = True
-    grace_seconds: float = Field(10.0, ge=0, description="Drain time on shutdown.")
+    drain_seconds: float = Field(
+        0.0, ge=0,
+        description="On SIGTERM: seconds to keep serving while health reports NOT_SERVING, so load balancers "
+        "stop sending new calls before the port closes (Kubernetes: a few seconds).",
+    )
+    grace_seconds: float = Field(10.0, ge=0, description="After the drain: time in-flight calls get to finish.")
+    max_concurrent_rpcs: int = Field(
+        512, gt=0, description="RPCs in progress at once (health checks excepted); past it: RESOURCE_EXHAUSTED at once."
+    )
+    metrics_port: int | None = Field(None, ge=0, le=65535, description="Prometheus /metrics port; unset = off.")
+    metrics_host: str | None = Field(None, description="Address the metrics port binds; default: server.host.")
     passage_token_cache: int = Field(
         100_000, ge=0,
         description="Corpus passages whose cross-encoder tokens are kept (LRU) for RetrieveAndRerank; 0 = off. About 0.5 KB each.",
@@ -147,6 +200,7 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="RANKSTREAM_", env_nested_delimiter="__", extra="forbid")
 
     server: ServerConfig = ServerConfig()
+    auth: AuthConfig | None = None
     limits: LimitsConfig = LimitsConfig()
     batching: BatchingConfig = BatchingConfig()
     models: list[ModelConfig] = Field(min_length=1)

@@ -51,3 +51,22 @@ class DecodeGuard(grpc.aio.ServerInterceptor):
                 yield message
 
         return handler._replace(request_deserializer=safe_decode, unary_stream=unary_stream)
+
+
+def aborting_handler(handler: grpc.RpcMethodHandler, code: grpc.StatusCode, details: str) -> grpc.RpcMethodHandler:
+    """A handler of the same kind as `handler` that ends every call with `code` and `details`."""
+
+    async def refuse(request_or_iterator, context: grpc.aio.ServicerContext):
+        await context.abort(code, details)
+
+    async def refuse_stream(request_or_iterator, context: grpc.aio.ServicerContext):
+        await context.abort(code, details)
+        yield  # pragma: no cover - makes this an async generator; abort raises first
+
+    if handler.unary_unary is not None:
+        return handler._replace(unary_unary=refuse)
+    if handler.unary_stream is not None:
+        return handler._replace(unary_stream=refuse_stream)
+    if handler.stream_unary is not None:
+        return handler._replace(stream_unary=refuse)
+    return handler._replace(stream_stream=refuse_stream)

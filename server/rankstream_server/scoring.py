@@ -91,10 +91,21 @@ class ModelCall:
             "truncated": self.truncated,
             "tokenize_ms": round(self.tokenize_s * 1000, 3),
             "queue_ms": round(max(firsts, default=0.0) * 1000, 3),
-            # Passes, not jobs: a request's jobs can ride the same pass.
-            "inference_ms": round(sum({k: v for j in jobs for k, v in j.stats.passes.items()}.values()) * 1000, 3),
+            "inference_ms": round(busy_seconds({k: v for j in jobs for k, v in j.stats.passes.items()}) * 1000, 3),
             "batches": sum(j.stats.batches for j in jobs),
             "max_batch_size": max((j.stats.max_batch_size for j in jobs), default=0),
             "shared_batches": sum(j.stats.shared_batches for j in jobs),
             "tokens": sum(j.stats.tokens for j in jobs),
         }
+
+
+def busy_seconds(passes: dict[float, float]) -> float:
+    """Wall time some pass of the request was running: passes side by side (CPU workers) or
+    shared by several of its jobs count once."""
+    total, reached = 0.0, float("-inf")
+    for start, seconds in sorted(passes.items()):
+        end = start + seconds
+        if end > reached:
+            total += end - max(start, reached)
+            reached = end
+    return total

@@ -23,6 +23,7 @@ from .config import Settings
 from .corpus_index import Hit
 from .docstore import Document
 from .errors import RankstreamError, Unavailable
+from .metrics import Metrics
 from .pipeline import ScoredChunk, retrieved_chunk, scored_chunks
 from .registry import ModelRegistry
 from .scoring import ModelCall
@@ -157,8 +158,9 @@ class Messages:
 class _Trailer:
     """Collects a call's stats and sends them as trailing metadata however the call ends."""
 
-    def __init__(self, context: grpc.aio.ServicerContext, call: ModelCall, model_name: str):
+    def __init__(self, context: grpc.aio.ServicerContext, call: ModelCall, model_name: str, metrics: Metrics | None):
         self.arrived = time.perf_counter()
+        self._metrics = metrics
         self.messages: Messages | None = None
         self.retrieve_s = 0.0
         self.candidates = 0
@@ -176,11 +178,16 @@ class _Trailer:
             candidates=self.candidates,
             **self._call.stats(),
         )
-        self._context.set_trailing_metadata(((STATS_TRAILER, stats.SerializeToString()),))
+        self._context.set_trailing_metadata((*self._context.trailing_metadata(), (STATS_TRAILER, stats.SerializeToString())))
+        if self._metrics is not None and stats.scored:
+            self._metrics.observe_stages(self._model_name, stats.tokenize_ms / 1000, stats.queue_ms / 1000,
+                                         stats.inference_ms / 1000)
 
 
 class RerankerService(pb_grpc.RerankerServicer):
-    def __init__(self, settings: Settings, readiness: Readiness, tokenize_pool: ThreadPoolExecutor):
+    def __init__(self, settings: Settings, readiness: Readiness, tokenize_pool: ThreadPoolExecutor,
+                 metrics: Metrics | None = None):
+        self._metrics = metrics
         self._settings = settings
         self._readiness = readiness
         self._tokenize_pool = tokenize_pool
@@ -198,7 +205,7 @@ class RerankerService(pb_grpc.RerankerServicer):
             return passage.id, passage.text, _optional(passage, "title"), passage.metadata
 
         call = ModelCall(self._tokenize_pool, context.time_remaining())
-        trailer = _Trailer(context, call, model.name)
+        trailer = _Trailer(context, call, model.name, self._metrics)
         trailer.messages = messages = Messages(
             source, request.return_text, request.return_metadata, self._settings.server.max_message_bytes
         )
@@ -215,7 +222,9 @@ class RerankerService(pb_grpc.RerankerServicer):
 
 
 class RetrieverService(pb_grpc.RetrieverServicer):
-    def __init__(self, settings: Settings, readiness: Readiness, tokenize_pool: ThreadPoolExecutor):
+    def __init__(self, settings: Settings, readiness: Readiness, tokenize_pool: ThreadPoolExecutor,
+                 metrics: Metrics | None = None):
+        self._metrics = metrics
         self._settings = settings
         self._readiness = readiness
         self._tokenize_pool = tokenize_pool
@@ -235,7 +244,7 @@ class RetrieverService(pb_grpc.RetrieverServicer):
         _, encoder = registry.index(request.index)
         check_retrieve(request, self._settings.limits)
         call = ModelCall(self._tokenize_pool, context.time_remaining())
-        trailer = _Trailer(context, call, encoder.name)
+        trailer = _Trailer(context, call, encoder.name, self._metrics)
         try:
             hits = await self._retrieve(call, trailer, request.index, request.query, request.top_k, request.filter)
             scores = np.array([hit.score for hit in hits], dtype=np.float32)
@@ -260,7 +269,7 @@ class RetrieverService(pb_grpc.RetrieverServicer):
         reranker = registry.get(request.reranker)
         check_retrieve_and_rerank(request, self._settings.limits)
         call = ModelCall(self._tokenize_pool, context.time_remaining())
-        trailer = _Trailer(context, call, reranker.name)
+        trailer = _Trailer(context, call, reranker.name, self._metrics)
         try:
             hits = await self._retrieve(call, trailer, request.index, request.query, request.top_k, request.filter)
             trailer.messages = messages = Messages(

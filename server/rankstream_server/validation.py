@@ -20,26 +20,58 @@ def _has_content(text: str) -> bool:
 
 
 def check_query(query: str, limits: LimitsConfig) -> None:
-    if not _has_content(query):
-        raise InvalidArgument("query: must not be empty (or only spaces and control characters)")
     if len(query) > limits.max_query_chars:
         raise InvalidArgument(f"query: {len(query)} characters, limit is max_query_chars={limits.max_query_chars}")
+    if not _has_content(query):
+        raise InvalidArgument("query: must not be empty (or only spaces and control characters)")
+
+
+def _utf8_over(text: str, limit: int) -> int | None:
+    """The text's UTF-8 size when it is over `limit` bytes, else None (encoded only when it could be)."""
+    if len(text) * 4 <= limit:
+        return None
+    size = len(text.encode("utf-8", "surrogatepass"))
+    return size if size > limit else None
+
+
+def _check_metadata(entries, field: str, count_limit: int, count_name: str, limits: LimitsConfig) -> None:
+    if len(entries) > count_limit:
+        raise InvalidArgument(f"{field}: {len(entries)} entries, limit is {count_name}={count_limit}")
+    for key, value in entries.items():
+        if not key:
+            raise InvalidArgument(f"{field}: keys must not be empty")
+        if (size := _utf8_over(key, limits.max_metadata_key_bytes)) is not None:
+            raise InvalidArgument(f"{field}: a key of {size} bytes, limit is max_metadata_key_bytes={limits.max_metadata_key_bytes}")
+        if (size := _utf8_over(value, limits.max_metadata_value_bytes)) is not None:
+            raise InvalidArgument(f"{field}[{key[:40]!r}]: {size} bytes, limit is max_metadata_value_bytes="
+                                  f"{limits.max_metadata_value_bytes}")
+
+
+def _check_id(value: str, field: str, limits: LimitsConfig) -> None:
+    if (size := _utf8_over(value, limits.max_id_bytes)) is not None:
+        raise InvalidArgument(f"{field}: {size} bytes, limit is max_id_bytes={limits.max_id_bytes}")
 
 
 def _check_passages(passages, limits: LimitsConfig) -> None:
+    """Sizes first, for every passage (cheap), then content (a scan of the text)."""
     count = len(passages)
     if count == 0:
         raise InvalidArgument("passages: at least one passage is required")
     if count > limits.max_passages:
         raise InvalidArgument(f"passages: {count} passages, limit is max_passages={limits.max_passages}")
     for i, passage in enumerate(passages):
-        if not _has_content(passage.text):
-            raise InvalidArgument(f"passages[{i}].text: must not be empty (or only spaces and control characters)")
         length = len(passage.text) + len(passage.title)
         if length > limits.max_passage_chars:
             raise InvalidArgument(
                 f"passages[{i}]: {length} characters (title + text), limit is max_passage_chars={limits.max_passage_chars}"
             )
+        _check_id(passage.id, f"passages[{i}].id", limits)
+        if passage.metadata:
+            _check_metadata(passage.metadata, f"passages[{i}].metadata", limits.max_metadata_entries,
+                            "max_metadata_entries", limits)
+    for i, passage in enumerate(passages):
+        if not _has_content(passage.text):
+            raise InvalidArgument(f"passages[{i}].text: must not be empty (or only spaces and control characters)")
 
 
 def _check_top_n(request) -> None:
@@ -57,10 +89,8 @@ def _check_top_k(request, limits: LimitsConfig) -> None:
         raise InvalidArgument(f"top_k: must be between 1 and max_top_k={limits.max_top_k}, got {request.top_k}")
 
 
-def _check_filter(request) -> None:
-    for key in request.filter:
-        if not key:
-            raise InvalidArgument("filter: keys must not be empty")
+def _check_filter(request, limits: LimitsConfig) -> None:
+    _check_metadata(request.filter, "filter", limits.max_filter_entries, "max_filter_entries", limits)
 
 
 def _check_order(request) -> None:
@@ -80,7 +110,7 @@ def check_rerank(request, limits: LimitsConfig) -> None:
 def check_retrieve(request, limits: LimitsConfig) -> None:
     check_query(request.query, limits)
     _check_top_k(request, limits)
-    _check_filter(request)
+    _check_filter(request, limits)
     _check_threshold(request)
 
 
@@ -106,5 +136,7 @@ def check_delete(request, limits: LimitsConfig) -> None:
         raise InvalidArgument("ids: at least one id is required")
     if len(request.ids) > limits.max_passages:
         raise InvalidArgument(f"ids: {len(request.ids)} ids, limit is max_passages={limits.max_passages}")
-    if any(not i for i in request.ids):
-        raise InvalidArgument("ids: ids must not be empty")
+    for i, value in enumerate(request.ids):
+        if not value:
+            raise InvalidArgument("ids: ids must not be empty")
+        _check_id(value, f"ids[{i}]", limits)

@@ -1,5 +1,7 @@
 // A Node.js client of rankstream: it loads protos/rankstream/v1/rankstream.proto directly (the
-// contract) and calls a running server. Usage: node client.mjs HOST:PORT
+// contract) and calls a running server. Usage: node client.mjs HOST:PORT [TOKEN]
+// The bearer token comes from the argument, else from RANKSTREAM_TOKEN; it is sent on every call
+// as `authorization: Bearer <token>`.
 // Prints one JSON object with what it saw; the Python test suite checks it.
 import path from "node:path";
 import { fileURLToPath } from "node:url";
@@ -19,6 +21,9 @@ const RerankStats = definition["rankstream.v1.RerankStats"];
 const health = grpc.loadPackageDefinition(protoLoader.loadSync(healthProto, options)).grpc.health.v1;
 
 const target = process.argv[2];
+const token = process.argv[3] || process.env.RANKSTREAM_TOKEN || "";
+const auth = new grpc.Metadata();
+if (token) auth.set("authorization", `Bearer ${token}`);
 const credentials = grpc.credentials.createInsecure();
 const deadline = () => new Date(Date.now() + 30_000);
 
@@ -64,24 +69,35 @@ const passages = [
 ];
 
 const reranked = await collect(
-  reranker.Rerank({ query, passages, model: "minilm", return_text: true }, { deadline: deadline() }),
+  reranker.Rerank({ query, passages, model: "minilm", return_text: true }, auth, { deadline: deadline() }),
 );
 
 const manyPassages = Array.from({ length: 24 }, (_, i) => ({ id: `p${i}`, text: `${passages[i % 2].text} (${i})` }));
 const asScored = await collect(
-  reranker.Rerank({ query, passages: manyPassages, model: "tiny-bert", order: "AS_SCORED" }, { deadline: deadline() }),
+  reranker.Rerank({ query, passages: manyPassages, model: "tiny-bert", order: "AS_SCORED" }, auth, { deadline: deadline() }),
 );
 
 const retrieved = await collect(
-  retriever.Retrieve({ query: "what should I do with leftover bones", top_k: 3, return_text: true }, { deadline: deadline() }),
+  retriever.Retrieve({ query: "what should I do with leftover bones", top_k: 3, return_text: true }, auth, { deadline: deadline() }),
 );
 
 let invalid;
 try {
-  await collect(reranker.Rerank({ query: "", passages: [{ id: "x", text: "x" }] }, { deadline: deadline() }));
+  await collect(reranker.Rerank({ query: "", passages: [{ id: "x", text: "x" }] }, auth, { deadline: deadline() }));
   invalid = { code: "OK" };
 } catch (error) {
   invalid = { code: grpc.status[error.code], details: error.details };
+}
+
+// Without the token (only checked when a token was given): the server must refuse the call.
+let withoutToken = null;
+if (token) {
+  try {
+    await collect(reranker.Rerank({ query: "q", passages: [{ id: "x", text: "x" }] }, { deadline: deadline() }));
+    withoutToken = { code: "OK" };
+  } catch (error) {
+    withoutToken = { code: grpc.status[error.code], details: error.details };
+  }
 }
 
 const shape = ({ batches, passages: all, stats }) => ({ messages: batches.length, passages: all, stats });
@@ -92,6 +108,7 @@ console.log(
     as_scored: shape(asScored),
     retrieved: shape(retrieved),
     invalid,
+    without_token: withoutToken,
   }),
 );
 for (const client of [reranker, retriever, healthClient]) client.close();

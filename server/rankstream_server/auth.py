@@ -1,0 +1,198 @@
+"""Bearer-token authentication with two roles, read and write.
+
+The tokens file has one `ROLE TOKEN` per line (blank lines and `#` comments allowed). Only the
+SHA-256 digests of the tokens are kept, and a presented token is compared with every digest in
+constant time. The file is re-read when it changes (a mounted Kubernetes Secret is updated in
+place), and a file that turns bad keeps the tokens already loaded. Every RPC except
+grpc.health.v1 needs `authorization: Bearer <token>`: a missing or unknown token gets
+UNAUTHENTICATED, a read token on a write RPC PERMISSION_DENIED; no message echoes the token.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import hmac
+import ipaddress
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+
+from .config import AuthConfig, ConfigError, ServerConfig
+from .interceptors import aborting_handler
+
+log = logging.getLogger(__name__)
+
+READ, WRITE = "read", "write"
+ROLES = {READ: 1, WRITE: 2}
+UNGUARDED_PREFIX = "/grpc.health.v1.Health/"
+READ_METHODS = frozenset({
+    "/rankstream.v1.Reranker/Rerank",
+    "/rankstream.v1.Retriever/Retrieve",
+    "/rankstream.v1.Retriever/RetrieveAndRerank",
+    "/rankstream.v1.Info/ListModels",
+    "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo",
+    "/grpc.reflection.v1.ServerReflection/ServerReflectionInfo",
+})
+# Everything else (UpsertPassages, DeletePassages, any method added later) needs write.
+
+
+class TokensFileError(ValueError):
+    pass
+
+
+def _digest(token: str) -> bytes:
+    return hashlib.sha256(token.encode()).digest()
+
+
+def parse_tokens(text: str, source: str) -> list[tuple[bytes, str]]:
+    """(digest, role) per token line; errors name the line, never the token."""
+    entries: list[tuple[bytes, str]] = []
+    for number, line in enumerate(text.splitlines(), start=1):
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        parts = line.split()
+        if len(parts) != 2:
+            raise TokensFileError(f"{source} line {number}: expected `ROLE TOKEN` (two fields), got {len(parts)}")
+        role, token = parts
+        if role not in ROLES:
+            raise TokensFileError(f"{source} line {number}: role must be read or write, got {role[:20]!r}")
+        entries.append((_digest(token), role))
+    return entries
+
+
+@dataclass(frozen=True)
+class _Stamp:
+    inode: int
+    mtime_ns: int
+    size: int
+
+
+def _stamp(path: Path) -> _Stamp:
+    stat = path.stat()  # follows symlinks: a Secret's ..data swap changes it
+    return _Stamp(stat.st_ino, stat.st_mtime_ns, stat.st_size)
+
+
+class TokenStore:
+    """The digests of the tokens file, reloaded when the file changes."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        self._stamp: _Stamp | None = None
+        self._entries: list[tuple[bytes, str]] = []
+        self.reloads = 0
+        self._load()
+
+    def _load(self) -> None:
+        try:
+            stamp = _stamp(self.path)
+            text = self.path.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as error:
+            raise TokensFileError(f"auth.tokens_file {self.path}: cannot read it ({type(error).__name__})") from None
+        entries = parse_tokens(text, f"auth.tokens_file {self.path}")
+        if not entries:
+            raise TokensFileError(f"auth.tokens_file {self.path}: holds no tokens")
+        self._entries, self._stamp = entries, stamp
+
+    def reload_if_changed(self) -> bool:
+        """Re-reads the file if it changed; a file now missing or invalid keeps the old tokens."""
+        try:
+            if _stamp(self.path) == self._stamp:
+                return False
+            self._load()
+        except (OSError, TokensFileError) as error:
+            log.error("tokens file not reloaded, keeping the %d tokens loaded before: %s", len(self._entries), error)
+            return False
+        self.reloads += 1
+        log.info("tokens file reloaded: %d tokens", len(self._entries))
+        return True
+
+    def role_of(self, token: str) -> str | None:
+        """The token's role, or None. Compares with every digest, so time does not depend on which matched."""
+        presented = _digest(token)
+        role = None
+        for digest, entry_role in self._entries:
+            if hmac.compare_digest(presented, digest):
+                role = entry_role
+        return role
+
+
+def bearer_token(metadata) -> str | None:
+    for key, value in metadata or ():
+        if key == "authorization" and isinstance(value, str):
+            scheme, _, token = value.partition(" ")
+            if scheme.lower() == "bearer" and token.strip():
+                return token.strip()
+            return None
+    return None
+
+
+def required_role(method: str) -> str | None:
+    if method.startswith(UNGUARDED_PREFIX):
+        return None
+    return READ if method in READ_METHODS else WRITE
+
+
+class Authenticator(grpc.aio.ServerInterceptor):
+    def __init__(self, tokens: TokenStore):
+        self._tokens = tokens
+
+    async def intercept_service(self, continuation, handler_call_details):
+        needed = required_role(handler_call_details.method)
+        handler = await continuation(handler_call_details)
+        if needed is None or handler is None:
+            return handler
+        token = bearer_token(handler_call_details.invocation_metadata)
+        role = self._tokens.role_of(token) if token is not None else None
+        if role is None:
+            reason = "unknown bearer token" if token is not None else "missing bearer token"
+            return aborting_handler(handler, grpc.StatusCode.UNAUTHENTICATED,
+                                    f"{reason}: send metadata `authorization: Bearer <token>` with a token from the server's tokens file")
+        if ROLES[role] < ROLES[needed]:
+            rpc = handler_call_details.method.rsplit("/", 1)[-1]
+            return aborting_handler(handler, grpc.StatusCode.PERMISSION_DENIED,
+                                    f"{rpc} needs a {needed} token; this token's role is {role}")
+        return handler
+
+
+async def watch_files(interval: float, *checks) -> None:
+    """Calls each check (a blocking stat-and-reload) every `interval` seconds, off the event loop."""
+    while True:
+        await asyncio.sleep(interval)
+        for check in checks:
+            try:
+                await asyncio.to_thread(check)
+            except Exception:  # noqa: BLE001 - a failed check is retried next time
+                log.exception("checking %s for changes failed", check)
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def check_exposure(server: ServerConfig, auth: AuthConfig | None) -> None:
+    """Secure by default: a port other machines can reach needs auth, or `auth: {mode: none}` said on purpose."""
+    if auth is None and not is_loopback(server.host):
+        raise ConfigError(
+            f"server.host {server.host} is reachable from other machines and the config has no auth section: set "
+            "auth.tokens_file (or RANKSTREAM_AUTH__TOKENS_FILE), or write `auth: {mode: none}` on purpose "
+            "(for example behind a mesh that does mTLS)"
+        )
+
+
+def token_store(auth: AuthConfig | None) -> TokenStore | None:
+    if auth is None or auth.mode == "none":
+        return None
+    try:
+        return TokenStore(auth.tokens_file)
+    except TokensFileError as error:
+        raise ConfigError(str(error)) from None
