@@ -12,7 +12,7 @@ $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	if ! command -v nvidia-smi >/dev/null 2>&1; then $(PY) -m pip install --quiet torch==2.13.0; fi
-	$(PY) -m pip install --quiet -e '.[server,langchain,dev]'
+	$(PY) -m pip install --quiet -e '.[cpu,langchain,dev]'
 	touch $(STAMP)
 
 install: $(STAMP)

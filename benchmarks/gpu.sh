@@ -49,7 +49,7 @@ for module, package in NEEDED.items():
         missing.append(package)
 if missing:
     print(f"benchmarks/gpu.sh: {sys.executable} lacks: " + "; ".join(missing), file=sys.stderr)
-    print("install them (e.g. pip install -e '.[server,dev]', or the carried wheels) and run again", file=sys.stderr)
+    print("install them (e.g. pip install -e '.[gpu,dev]', or the carried wheels) and run again", file=sys.stderr)
     sys.exit(3)
 if "--smoke" not in sys.argv[1:]:
     import torch
