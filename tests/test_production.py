@@ -145,7 +145,7 @@ def _tokens_at(folder: Path) -> Path:
     return path
 
 
-def test_a_reachable_port_without_auth_refuses_to_start(models, tmp_path):
+async def test_a_reachable_port_without_auth_refuses_to_start(models, tmp_path):
     entries = [{"name": "tiny-bert", "weights": str(models.bert)}]
     with pytest.raises(ConfigError, match="reachable from other machines and the config has no auth section"):
         RankstreamServer(make_settings(entries, server={"host": "0.0.0.0"}))

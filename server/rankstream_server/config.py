@@ -59,11 +59,27 @@ class IvfConfig(_Strict):
     nprobe: int = Field(32, gt=0, description="Clusters searched per query.")
 
 
+class MilvusConfig(_Strict):
+    """Where a `backend: milvus` index lives. Milvus holds passages, metadata and vectors; rankstream
+    still embeds with its own bi-encoder."""
+
+    uri: str = Field(min_length=1, description="http://host:19530 for a Milvus server, or a milvus-lite file path (one process only).")
+    collection: str = Field(min_length=1, pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")
+    db_name: str = ""
+    token: str | None = Field(None, description="`user:password` or an API key; prefer token_file.", repr=False)
+    token_file: str | None = Field(None, description="File holding the token (a mounted Secret).")
+    index_type: Literal["FLAT", "IVF_FLAT", "HNSW", "AUTOINDEX"] = Field("FLAT", description="FLAT = exact top_k.")
+    timeout_seconds: float = Field(10.0, gt=0)
+
+
 class IndexConfig(_Strict):
-    """One searchable corpus: an index folder built by `rankstream index build` (or created empty)."""
+    """One searchable corpus: an index folder built by `rankstream index build` (or created empty),
+    or a Milvus collection (`backend: milvus`)."""
 
     name: str = Field(min_length=1)
-    path: str = Field(min_length=1, description="The index folder.")
+    backend: Literal["local", "milvus"] = Field("local", description="local: SQLite + FAISS in `path`; milvus: a collection.")
+    path: str = Field("", description="The index folder (backend local).")
+    milvus: MilvusConfig | None = None
     model: str = Field(min_length=1, description="Name of the bi-encoder (kind: bi) that embeds it.")
     type: Literal["flat", "hnsw", "ivf"] = Field("flat", description="flat = exact inner product.")
     hnsw: HnswConfig = HnswConfig()
@@ -72,6 +88,16 @@ class IndexConfig(_Strict):
     gpu_fp16: bool = Field(False, description="Store vectors as float16 on the GPU.")
     create: bool = Field(False, description="Create an empty index at `path` when there is none.")
     save_interval_seconds: float = Field(60.0, gt=0, description="How often changed vectors are saved (the store is durable at once).")
+
+    @model_validator(mode="after")
+    def _backend_settings(self) -> IndexConfig:
+        if self.backend == "local" and not self.path:
+            raise ValueError(f"index {self.name!r}: path is required (the index folder) for backend local")
+        if self.backend == "milvus" and self.milvus is None:
+            raise ValueError(f"index {self.name!r}: backend milvus needs a milvus section (uri, collection)")
+        if self.backend == "local" and self.milvus is not None:
+            raise ValueError(f"index {self.name!r}: a milvus section is set but backend is local")
+        return self
 
 
 class BatchingConfig(_Strict):
@@ -238,7 +264,7 @@ class Settings(BaseSettings):
                 raise ValueError(f"index {index.name!r}: model {index.model!r} must be a bi-encoder (kind: bi) among {bi}")
         if len(set(index_names)) != len(index_names):
             raise ValueError(f"indexes: duplicate names {index_names}")
-        paths = [str(Path(i.path).resolve()) for i in self.indexes]
+        paths = [str(Path(i.path).resolve()) for i in self.indexes if i.backend == "local"]
         if len(set(paths)) != len(paths):
             raise ValueError(f"indexes: two indexes share one folder ({sorted(p for p in paths if paths.count(p) > 1)[0]}); "
                              "a folder has one writer")

@@ -13,6 +13,7 @@ from .batches import cut_batches
 from .config import Settings
 from .corpus_index import CorpusIndex
 from .errors import NotFound
+from .milvus_index import MilvusIndex
 from .model_loading import LoadedModel, dtype_name, load_model
 from .tokenization import PairTokenizer, TextTokenizer
 
@@ -54,7 +55,7 @@ class ModelRegistry:
     def __init__(self, settings: Settings):
         self._settings = settings
         self._models: dict[str, ServedModel] = {}
-        self._indexes: dict[str, CorpusIndex] = {}
+        self._indexes: dict[str, CorpusIndex | MilvusIndex] = {}
         self.default_name = settings.default_model or settings.models[0].name
         self.default_index = settings.default_index or ""
 
@@ -86,14 +87,15 @@ class ModelRegistry:
             self._models[cfg.name] = ServedModel(cfg.name, loaded, tokenizer, batcher)
         for index_cfg in self._settings.indexes:
             model = self._models[index_cfg.model].loaded
-            self._indexes[index_cfg.name] = CorpusIndex.open(index_cfg, model.identity(), model.dimension)
+            opener = MilvusIndex.open if index_cfg.backend == "milvus" else CorpusIndex.open
+            self._indexes[index_cfg.name] = opener(index_cfg, model.identity(), model.dimension)
 
     @property
     def models(self) -> list[ServedModel]:
         return list(self._models.values())
 
     @property
-    def indexes(self) -> list[CorpusIndex]:
+    def indexes(self) -> list[CorpusIndex | MilvusIndex]:
         return list(self._indexes.values())
 
     def get(self, name: str) -> ServedModel:
@@ -103,7 +105,7 @@ class ModelRegistry:
         except KeyError:
             raise NotFound(f"model: {name!r} is not loaded; loaded models: {sorted(self._models)}") from None
 
-    def index(self, name: str) -> tuple[CorpusIndex, ServedModel]:
+    def index(self, name: str) -> tuple[CorpusIndex | MilvusIndex, ServedModel]:
         """The index and the bi-encoder that embeds for it."""
         name = name or self.default_index
         try:
