@@ -4,6 +4,7 @@ balances over all three with round_robin, as over a headless Service's addresses
 
 from __future__ import annotations
 
+import asyncio
 import concurrent.futures
 import os
 import signal
@@ -119,3 +120,29 @@ def test_stopping_a_replica_mid_run_loses_no_retried_request(replicas):
             results = [f.result() for f in pending]
     assert results == [len(PASSAGES)] * 60
     assert processes[1].wait(timeout=60) == 0
+
+
+async def test_connections_are_recycled_so_clients_rebalance(models, caplog):
+    """With max_connection_age_seconds the server sends GOAWAY; the channel reconnects by itself
+    (round_robin then re-resolves and picks up new replicas) and calls keep working. Each new
+    connection shows as a new client address in the access log."""
+    import logging
+
+    from conftest import make_settings, running
+
+    settings = make_settings([{"name": "tiny", "weights": str(models.bert)}],
+                             server={"max_connection_age_seconds": 0.5, "grace_seconds": 1})
+    async with running(settings) as harness:
+        channel = grpc.aio.insecure_channel(f"127.0.0.1:{harness.server.port}")
+        try:
+            stub = pb_grpc.RerankerStub(channel)
+            with caplog.at_level(logging.INFO, logger="rankstream.access"):
+                for _ in range(12):
+                    call = stub.Rerank(pb.RerankRequest(query=QUERY, passages=[pb.Passage(text=p) for p in PASSAGES[:2]]),
+                                       timeout=10, wait_for_ready=True)
+                    assert len([p async for m in call for p in m.passages]) == 2
+                    await asyncio.sleep(0.2)
+        finally:
+            await channel.close()
+    peers = {r.peer for r in caplog.records if r.name == "rankstream.access" and r.rpc == "Rerank"}
+    assert len(peers) >= 2, f"one connection for 2.4 s despite a 0.5 s connection age: {peers}"

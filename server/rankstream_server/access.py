@@ -6,7 +6,8 @@ access-log line and its request metrics.
 - Past `server.max_concurrent_rpcs` RPCs in progress, a new one gets RESOURCE_EXHAUSTED at once.
   Health checks are neither capped nor logged at INFO: probes must get through a busy server.
 - The access-log line (logger `rankstream.access`, INFO) names the RPC, its status code, duration,
-  passages in and out and the request id, and never any query or document text. Its fields are
+  passages in and out and the request id (and, as a field, the client's address), and never any
+  query or document text. Its fields are
   also log-record attributes, so `--log-format json` writes them as JSON keys.
 """
 
@@ -47,9 +48,10 @@ def _count_in(request) -> int:
 class _Call:
     """What one RPC's log line and metrics need."""
 
-    __slots__ = ("rpc", "request_id", "started", "passages_in", "passages_out", "code")
+    __slots__ = ("rpc", "request_id", "started", "passages_in", "passages_out", "code", "peer")
 
-    def __init__(self, rpc: str, request_id: str):
+    def __init__(self, rpc: str, request_id: str, peer: str = ""):
+        self.peer = peer
         self.rpc = rpc
         self.request_id = request_id
         self.started = time.perf_counter()
@@ -76,7 +78,7 @@ class CallObserver(grpc.aio.ServerInterceptor):
 
         async def begin(context, request) -> _Call:
             context.set_trailing_metadata(((REQUEST_ID, request_id),))
-            call = _Call(rpc, request_id)
+            call = _Call(rpc, request_id, context.peer())
             if request is not None:
                 call.passages_in = _count_in(request)
             if not quiet:
@@ -162,5 +164,6 @@ class CallObserver(grpc.aio.ServerInterceptor):
             "%s %s %.1f ms passages %d in, %d out request_id=%s",
             call.rpc, call.code, seconds * 1000, call.passages_in, call.passages_out, call.request_id,
             extra={"rpc": call.rpc, "code": call.code, "duration_ms": round(seconds * 1000, 3),
-                   "passages_in": call.passages_in, "passages_out": call.passages_out, "request_id": call.request_id},
+                   "passages_in": call.passages_in, "passages_out": call.passages_out, "request_id": call.request_id,
+                   "peer": call.peer},
         )

@@ -55,6 +55,7 @@ class RankstreamServer:
                 ("grpc.max_receive_message_length", settings.limits.max_request_bytes()),
                 ("grpc.max_send_message_length", settings.server.max_message_bytes + 64 * 1024),
                 ("grpc.so_reuseport", 0),
+                *_connection_age(settings.server),
             ]
         )
         pb_grpc.add_RerankerServicer_to_server(
@@ -162,6 +163,14 @@ class RankstreamServer:
 
     async def wait(self) -> None:
         await self._server.wait_for_termination()
+
+
+def _connection_age(server) -> list[tuple[str, int]]:
+    """GOAWAY after max_connection_age_seconds (calls in progress get grace_seconds to finish)."""
+    if server.max_connection_age_seconds is None:
+        return []
+    return [("grpc.max_connection_age_ms", int(server.max_connection_age_seconds * 1000)),
+            ("grpc.max_connection_age_grace_ms", int(max(server.grace_seconds, 1.0) * 1000))]
 
 
 async def _in_daemon_thread(function: Callable[[], object]) -> object:

@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import logging
 import sys
+from pathlib import Path
 
 from .config import ConfigError, load_settings
 from .errors import ModelLoadError
@@ -106,6 +107,21 @@ def _index_backup(args: argparse.Namespace) -> int:
     return 0 if report.check.healthy else 1
 
 
+def _models_fetch(args: argparse.Namespace) -> int:
+    from .model_fetch import FetchFailed, fetch_models
+
+    settings = load_settings(args.config)
+    Path(args.to).mkdir(parents=True, exist_ok=True)
+    try:
+        lines = fetch_models(settings, args.to)
+    except FetchFailed as exc:
+        print(f"rankstream: {exc}", file=sys.stderr)
+        return 1
+    for line in lines:
+        print(line)
+    return 0
+
+
 def _configure_logging(level: str, style: str) -> None:
     handler = logging.StreamHandler()
     if style == "json":
@@ -152,6 +168,15 @@ def main(argv: list[str] | None = None) -> int:
     backup.add_argument("out", help="Where the copy goes (must not exist).")
     backup.set_defaults(run=_index_backup)
 
+    fetch_models = commands.add_parser("models", help="Manage model files.").add_subparsers(dest="models_command", required=True)
+    fetch = fetch_models.add_parser(
+        "fetch", help="Download every configured model and tokenizer from the hub into DIR (a hub cache: serve "
+        "with HF_HUB_CACHE=DIR HF_HUB_OFFLINE=1), for an init container or an image build.",
+    )
+    fetch.add_argument("--config", required=True)
+    fetch.add_argument("--to", required=True, help="Cache folder to fill (created if missing).")
+    fetch.set_defaults(run=_models_fetch)
+
     evaluation = commands.add_parser("eval", help="nDCG@10, RR@10, R@100 on a BEIR-layout folder.")
     evaluation.add_argument("--config", required=True)
     evaluation.add_argument("--data", required=True, help="BEIR folder: corpus.jsonl, queries.jsonl, qrels/<split>.tsv")
@@ -167,7 +192,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     _configure_logging(args.log_level.upper(), args.log_format)
     logging.getLogger("faiss.loader").setLevel(logging.WARNING)  # which CPU build it picked: noise
-    if args.run not in (_index_check, _index_backup):  # those load no model
+    if args.run not in (_index_check, _index_backup, _models_fetch):  # those load no model
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()  # our own progress bars say what is going on

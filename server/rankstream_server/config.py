@@ -206,6 +206,11 @@ class ServerConfig(_Strict):
     max_concurrent_rpcs: int = Field(
         512, gt=0, description="RPCs in progress at once (health checks excepted); past it: RESOURCE_EXHAUSTED at once."
     )
+    max_connection_age_seconds: float | None = Field(
+        300.0, gt=0,
+        description="Connections are closed gracefully (GOAWAY) after this long, so round_robin clients of a headless "
+        "Service reconnect and spread over replicas added since; null = never.",
+    )
     metrics_port: int | None = Field(None, ge=0, le=65535, description="Prometheus /metrics port; unset = off.")
     metrics_host: str | None = Field(None, description="Address the metrics port binds; default: server.host.")
     passage_token_cache: int = Field(
