@@ -154,3 +154,21 @@ async def test_bad_requests_get_the_same_statuses(both):
         with pytest.raises(grpc.aio.AioRpcError) as caught:
             await _retrieve(both, index, query="q", top_k=3, filter={"": "x"})
         assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
+def test_index_build_fills_a_milvus_collection(milvus_uri, tmp_path):
+    """`rankstream index build --index NAME` with a backend: milvus index upserts the corpus."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import yaml
+
+    corpus = corpus_factory.write_beir(tmp_path / "corpus", DOCS[:40])
+    config = tmp_path / "c.yaml"
+    config.write_text(yaml.safe_dump({"models": MODELS, "indexes": [
+        {"name": "built", "backend": "milvus", "model": "minilm", "milvus": {"uri": milvus_uri, "collection": "built_by_cli"}}]}))
+    done = subprocess.run([str(Path(sys.executable).with_name("rankstream")), "index", "build", "--config", str(config),
+                           "--corpus", str(corpus), "--index", "built"], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert "40 passages there now" in done.stdout

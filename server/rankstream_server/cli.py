@@ -36,7 +36,7 @@ def _index_config(settings, args: argparse.Namespace):
     name = getattr(args, "index", None)
     out = getattr(args, "out", None)
     for index in settings.indexes:
-        if index.name == name or (out and Path(index.path).resolve() == Path(out).resolve()):
+        if index.name == name or (out and index.backend == "local" and Path(index.path).resolve() == Path(out).resolve()):
             return index
     if name:
         raise SystemExit(f"rankstream: --index {name!r} is not in the config (indexes: {[i.name for i in settings.indexes]})")
@@ -49,12 +49,21 @@ def _index_build(args: argparse.Namespace) -> int:
 
     settings = load_settings(args.config)
     index = _index_config(settings, args)
+    if index is not None and index.backend == "milvus":
+        from .index_build import build_into_milvus
+
+        report = build_into_milvus(settings, args.corpus, index)
+        print(f"upserted into Milvus collection {report.folder}: {report.count} passages there now, dimension "
+              f"{report.dimension}, encoded at {report.passages_per_second:.1f} passages/s, {report.total_seconds:.1f} s in all")
+        return 0
+    if not args.out and index is None:
+        raise SystemExit("rankstream: index build needs --out FOLDER (or --index NAME of an index in the config)")
     if index is None:
         index = IndexConfig(name="built", path=args.out, model=pick_model(settings, args.model), type=args.type or "flat")
     elif args.type:
         index = index.model_copy(update={"type": args.type})
     try:
-        report = build_index(settings, args.corpus, args.out, index=index, force=args.force)
+        report = build_index(settings, args.corpus, args.out or index.path, index=index, force=args.force)
     except IndexLocked as exc:
         print(f"rankstream: {exc}", file=sys.stderr)
         return 2
@@ -150,7 +159,8 @@ def main(argv: list[str] | None = None) -> int:
     build = index.add_parser("build", help="Encode a corpus and write an index folder atomically.")
     build.add_argument("--config", required=True)
     build.add_argument("--corpus", required=True, help="BEIR folder or corpus.jsonl, or plain JSONL (id, text, title, metadata).")
-    build.add_argument("--out", required=True, help="Index folder to write.")
+    build.add_argument("--out", help="Index folder to write (backend local).")
+    build.add_argument("--index", help="The config's index to fill: its folder, or its Milvus collection (backend milvus).")
     build.add_argument("--model", help="Bi-encoder name from the config (default: the index's, else the first bi-encoder).")
     build.add_argument("--type", choices=["flat", "hnsw", "ivf"], help="Index type (default: the config's for this folder, else flat).")
     build.add_argument("--force", action="store_true", help="Replace an existing folder.")

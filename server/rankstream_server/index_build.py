@@ -113,3 +113,29 @@ def _build(settings: Settings, corpus: str | Path, out: Path, model: str | None,
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return BuildReport(out, len(docs), dimension, built.built_type, encode_seconds, time.perf_counter() - started)
+
+
+def build_into_milvus(settings: Settings, corpus: str | Path, index: IndexConfig, progress: bool = True) -> BuildReport:
+    """`index build --index NAME` for a `backend: milvus` index: encode the corpus and upsert it
+    into the collection (created when missing); passages already there with other ids stay."""
+    from .milvus_index import MilvusIndex
+
+    started = time.perf_counter()
+    documents: dict[str, Document] = {}
+    for document in read_corpus(corpus):
+        documents[document.id] = document
+    docs = list(documents.values())
+    loaded = load_model(settings.model(index.model))
+    encode_started = time.perf_counter()
+    embeddings = encode_texts(loaded, [passage_text(d.text, d.title) for d in docs], "passage", progress=progress)
+    encode_seconds = time.perf_counter() - encode_started
+    dimension = embeddings.shape[1] if len(docs) else dimension_of(loaded)
+    target = MilvusIndex.open(index, loaded.identity(), dimension)
+    try:
+        for start in range(0, len(docs), STORE_CHUNK):
+            target.upsert(docs[start:start + STORE_CHUNK], embeddings[start:start + STORE_CHUNK])
+        count = target.count
+    finally:
+        target.close()
+    return BuildReport(Path(index.milvus.collection), count, dimension, target.index_type, encode_seconds,
+                       time.perf_counter() - started)
