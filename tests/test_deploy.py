@@ -11,17 +11,16 @@
 from __future__ import annotations
 
 import fnmatch
+import os
 import re
 import shlex
 import shutil
 import subprocess
 import sys
-import tomllib
 from pathlib import Path, PurePosixPath
 
 import pytest
 import yaml
-from dockerfile_parse import DockerfileParser
 
 from rankstream_server import config as config_module
 from rankstream_server.app import SERVICE_NAMES
@@ -63,10 +62,11 @@ def _pairs(value: str) -> dict[str, str]:
 
 def dockerfile_stages() -> tuple[dict[str, str], dict[str, dict]]:
     """Global ARGs, and per stage: its FROM and its instructions."""
+    parser = pytest.importorskip("dockerfile_parse", reason="dockerfile-parse (a dev extra) is not installed")
     global_args: dict[str, str] = {}
     stages: dict[str, dict] = {}
     current = None
-    for item in DockerfileParser(str(DOCKERFILE)).structure:
+    for item in parser.DockerfileParser(str(DOCKERFILE)).structure:
         instruction, value = item["instruction"], item["value"]
         if instruction == "COMMENT":
             continue
@@ -110,6 +110,10 @@ def variables(variant: str, target: str) -> dict[str, str]:
 
 
 def pyproject() -> dict:
+    try:
+        import tomllib
+    except ModuleNotFoundError:  # Python 3.10
+        tomllib = pytest.importorskip("tomli")
     return tomllib.loads((ROOT / "pyproject.toml").read_text())
 
 
@@ -182,7 +186,7 @@ def test_final_stage_is_slim_non_root_and_labelled(variant):
     assert {"/models", "/var/lib/rankstream"} <= volumes
     exposed = {p for value in instructions(variant, final_name, "EXPOSE") for p in value.split()}
     assert {"50051", "9090"} <= exposed
-    assert env["HF_HOME"] == "/models" and env["HF_HUB_OFFLINE"] == "1"
+    assert env["HF_HOME"] == env["HF_HUB_CACHE"] == "/models" and env["HF_HUB_OFFLINE"] == "1"
     assert yaml.safe_load(instructions(variant, final_name, "ENTRYPOINT")[-1]) == ["rankstream"]
     assert "rankstream" in pyproject()["project"]["scripts"]
     assert yaml.safe_load(instructions(variant, final_name, "CMD")[-1]) == ["serve", "--config", "/etc/rankstream/config.yaml"]
@@ -230,7 +234,7 @@ def test_overlays_exist():
 
 @needs_kubectl
 @pytest.mark.parametrize("version", ["1.30.0", None], ids=["k8s-1.30", "k8s-newest-known"])
-def test_rendered_objects_pass_strict_schema_validation(rendered, version, tmp_path):
+def test_rendered_objects_pass_strict_schema_validation(rendered, version):
     validate = BIN / "kubernetes-validate"
     if not validate.exists():
         pytest.skip("kubernetes-validate (a dev extra) is not installed")
@@ -301,7 +305,7 @@ def shipped(rendered, tmp_path_factory) -> dict:
 
 
 def settings_of(entry: dict, monkeypatch):
-    for name in [n for n in __import__("os").environ if n.startswith("RANKSTREAM_")]:
+    for name in [n for n in os.environ if n.startswith("RANKSTREAM_")]:
         monkeypatch.delenv(name)
     return load_settings(entry["config_path"])
 
