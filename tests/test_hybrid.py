@@ -223,3 +223,16 @@ os.kill(os.getpid(), signal.SIGKILL)
         index.close()
     assert check_index(folder).healthy
 
+
+
+async def test_python_client_takes_the_mode(served):
+    from rankstream import AsyncRankstreamClient
+
+    async with AsyncRankstreamClient(f"127.0.0.1:{served.server.port}") as client:
+        sparse = await client.retrieve("saffron rice", top_k=4, index="docs", mode="sparse")
+        assert all(p.sparse_rank == p.rank and p.dense_score is None for p in sparse)
+        hybrid = await client.retrieve_and_rerank("saffron rice", top_k=6, top_n=3, index="docs", reranker="tiny-bert",
+                                                  mode="hybrid")
+        assert len(hybrid) == 3 and all(p.dense_rank or p.sparse_rank for p in hybrid)
+        with pytest.raises(ValueError, match="mode must be one of"):
+            await client.retrieve("q", mode="fuzzy")
