@@ -38,4 +38,8 @@ def test_node_client_streams_batches_reads_stats_and_sees_statuses(demo_server):
     assert retrieved["passages"][0]["id"] == "food-02" and retrieved["passages"][0]["stage"] == "STAGE_RETRIEVE"
     assert retrieved["stats"]["candidates"] == 3 and retrieved["stats"]["returned"] == 3
 
+    hybrid = seen["hybrid"]["passages"]  # mode HYBRID: fused, with each side's rank
+    assert len(hybrid) == 3 and all(p["dense_rank"] or p["sparse_rank"] for p in hybrid)
+    assert any(p["sparse_rank"] > 0 for p in hybrid)
+
     assert seen["invalid"]["code"] == "INVALID_ARGUMENT" and "query" in seen["invalid"]["details"]

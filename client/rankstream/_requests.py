@@ -10,6 +10,14 @@ from .types import PassageLike, to_passage
 
 STATS_TRAILER = "rankstream-stats-bin"  # trailing metadata: a serialized rankstream.v1.RerankStats
 _ORDERS = {"ranked": pb.RANKED, "as_scored": pb.AS_SCORED}
+_MODES = {"": pb.MODE_DEFAULT, "dense": pb.DENSE, "sparse": pb.SPARSE, "hybrid": pb.HYBRID}
+
+
+def mode_of(mode: str) -> int:
+    try:
+        return _MODES[mode.lower()]
+    except KeyError:
+        raise ValueError(f"mode must be one of dense, sparse, hybrid (or '' for the index's default), got {mode!r}") from None
 
 
 def order_of(order: str) -> int:
@@ -29,20 +37,20 @@ def rerank(query: str, passages: Iterable[PassageLike], *, top_n: int, model: st
 
 
 def retrieve(query: str, *, top_k: int, filter: Mapping[str, str] | None, index: str, score_threshold: float | None,
-             return_text: bool, return_metadata: bool) -> pb.RetrieveRequest:
+             return_text: bool, return_metadata: bool, mode: str = "") -> pb.RetrieveRequest:
     return pb.RetrieveRequest(
         query=query, top_k=top_k, filter=dict(filter or {}), index=index, score_threshold=score_threshold,
-        return_text=return_text, return_metadata=return_metadata,
+        return_text=return_text, return_metadata=return_metadata, mode=mode_of(mode),
     )
 
 
 def retrieve_and_rerank(query: str, *, top_k: int, top_n: int, reranker: str, filter: Mapping[str, str] | None,
                         index: str, raw_scores: bool, score_threshold: float | None, return_text: bool,
-                        return_metadata: bool, order: str) -> pb.RetrieveAndRerankRequest:
+                        return_metadata: bool, order: str, mode: str = "") -> pb.RetrieveAndRerankRequest:
     return pb.RetrieveAndRerankRequest(
         query=query, top_k=top_k, top_n=top_n, reranker=reranker, filter=dict(filter or {}), index=index,
         raw_scores=raw_scores, score_threshold=score_threshold, return_text=return_text,
-        return_metadata=return_metadata, order=order_of(order),
+        return_metadata=return_metadata, order=order_of(order), mode=mode_of(mode),
     )
 
 

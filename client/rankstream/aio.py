@@ -93,46 +93,47 @@ class AsyncRankstreamClient(ClientBase):
     def retrieve_stream(
         self, query: str, *, top_k: int = 10, filter: Mapping[str, str] | None = None, index: str = "",
         score_threshold: float | None = None, return_text: bool = True, return_metadata: bool = True,
-        timeout: float | None = None,
+        mode: str = "", timeout: float | None = None,
     ) -> AsyncScoredStream:
         request = _requests.retrieve(
             query, top_k=top_k, filter=filter, index=index, score_threshold=score_threshold,
-            return_text=return_text, return_metadata=return_metadata,
+            return_text=return_text, return_metadata=return_metadata, mode=mode,
         )
         return AsyncScoredStream(self._retriever.Retrieve(request, **self._kwargs(timeout)))
 
     async def retrieve(
         self, query: str, *, top_k: int = 10, filter: Mapping[str, str] | None = None, index: str = "",
         score_threshold: float | None = None, return_text: bool = True, return_metadata: bool = True,
-        timeout: float | None = None,
+        mode: str = "", timeout: float | None = None,
     ) -> Ranking:
         """The `top_k` nearest passages of an index, best first."""
         return await self._collect(self.retrieve_stream(
             query, top_k=top_k, filter=filter, index=index, score_threshold=score_threshold,
-            return_text=return_text, return_metadata=return_metadata, timeout=timeout,
+            return_text=return_text, return_metadata=return_metadata, mode=mode, timeout=timeout,
         ))
 
     def retrieve_and_rerank_stream(
         self, query: str, *, top_k: int = 50, top_n: int = 5, reranker: str = "", filter: Mapping[str, str] | None = None,
         index: str = "", raw_scores: bool = False, score_threshold: float | None = None, return_text: bool = True,
-        return_metadata: bool = True, order: str = "as_scored", timeout: float | None = None,
+        return_metadata: bool = True, order: str = "as_scored", mode: str = "", timeout: float | None = None,
     ) -> AsyncScoredStream:
         request = _requests.retrieve_and_rerank(
             query, top_k=top_k, top_n=top_n, reranker=reranker, filter=filter, index=index, raw_scores=raw_scores,
             score_threshold=score_threshold, return_text=return_text, return_metadata=return_metadata, order=order,
+            mode=mode,
         )
         return AsyncScoredStream(self._retriever.RetrieveAndRerank(request, **self._kwargs(timeout)))
 
     async def retrieve_and_rerank(
         self, query: str, *, top_k: int = 50, top_n: int = 5, reranker: str = "", filter: Mapping[str, str] | None = None,
         index: str = "", raw_scores: bool = False, score_threshold: float | None = None, return_text: bool = True,
-        return_metadata: bool = True, timeout: float | None = None,
+        return_metadata: bool = True, mode: str = "", timeout: float | None = None,
     ) -> Ranking:
         """Retrieve `top_k` candidates, rerank them, return the best `top_n`: one round trip."""
         return await self._collect(self.retrieve_and_rerank_stream(
             query, top_k=top_k, top_n=top_n, reranker=reranker, filter=filter, index=index, raw_scores=raw_scores,
             score_threshold=score_threshold, return_text=return_text, return_metadata=return_metadata,
-            order="ranked", timeout=timeout,
+            order="ranked", mode=mode, timeout=timeout,
         ))
 
     # -- corpus changes and info ----------------------------------------------------------

@@ -5,12 +5,12 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, Literal
 
 from langchain_core.callbacks import AsyncCallbackManagerForRetrieverRun, CallbackManagerForRetrieverRun, Callbacks
 from langchain_core.documents import BaseDocumentCompressor, Document
 from langchain_core.retrievers import BaseRetriever
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, model_validator
 
 from .aio import AsyncRankstreamClient
 from .client import RankstreamClient
@@ -113,22 +113,56 @@ class RankstreamRerank(_RankstreamConnection, BaseDocumentCompressor):
 class RankstreamRetriever(_RankstreamConnection, BaseRetriever):
     """Documents from a rankstream index: Retrieve, or RetrieveAndRerank when `reranker` is set.
 
+    `k` documents come back (LangChain's convention: a constructor parameter, and a keyword of
+    `invoke(query, k=...)`); `top_k` is accepted as another name for it. With a reranker,
+    `candidates` passages are retrieved and the best `k` of them returned. `mode` picks dense,
+    sparse (BM25) or hybrid retrieval; empty = the index's default.
+
     Each Document has the passage's id, text as page_content, its metadata (and title), plus
-    `relevance_score`, `rank`, `stage` and `retrieval_score`.
+    `relevance_score`, `rank`, `stage` and `retrieval_score`, and in sparse or hybrid mode each
+    side's `dense_score`/`dense_rank` and `sparse_score`/`sparse_rank` where that side found it.
     """
 
     model_config = ConfigDict(arbitrary_types_allowed=True)
 
     index: str = Field("", description="Index name; empty = the server's default.")
-    top_k: int = Field(10, description="Passages to retrieve (candidates, when reranking).")
+    k: int = Field(10, gt=0, description="Documents to return.")
     filter: dict[str, str] = Field(default_factory=dict, description="Exact-match metadata filter.")
+    mode: Literal["", "dense", "sparse", "hybrid"] = Field("", description="Retrieval mode; empty = the index's default.")
     reranker: str | None = Field(None, description="Cross-encoder to rerank with, in the same call.")
-    top_n: int = Field(5, description="Passages to return after reranking.")
+    candidates: int = Field(50, gt=0, description="With a reranker: passages retrieved to rerank (at least k).")
 
-    def _call_arguments(self) -> dict[str, Any]:
-        arguments: dict[str, Any] = {"top_k": self.top_k, "filter": self.filter, "index": self.index}
-        if self.reranker is not None:
-            arguments.update(top_n=self.top_n, reranker=self.reranker)
+    @model_validator(mode="before")
+    @classmethod
+    def _earlier_names(cls, data: Any) -> Any:
+        """`top_k` is another name for `k`. Before `k`, a reranking retriever took `top_k`
+        candidates and returned `top_n`: those still mean that."""
+        if not isinstance(data, dict):
+            return data
+        data = dict(data)
+        if "top_n" in data:
+            top_n = data.pop("top_n")
+            if data.get("reranker") is None:
+                top_n = None  # without a reranker, top_n never applied
+            elif "top_k" in data:
+                data.setdefault("candidates", data.pop("top_k"))
+            if top_n is not None:
+                data.setdefault("k", top_n)
+        if "top_k" in data:
+            data.setdefault("k", data.pop("top_k"))
+        return data
+
+    @property
+    def top_k(self) -> int:
+        return self.k
+
+    def _call_arguments(self, k: int | None) -> dict[str, Any]:
+        k = k or self.k
+        arguments: dict[str, Any] = {"filter": self.filter, "index": self.index, "mode": self.mode}
+        if self.reranker is None:
+            arguments.update(top_k=k)
+        else:
+            arguments.update(top_k=max(k, self.candidates), top_n=k, reranker=self.reranker)
         return arguments
 
     @staticmethod
@@ -139,16 +173,21 @@ class RankstreamRetriever(_RankstreamConnection, BaseRetriever):
         metadata.update(
             relevance_score=scored.score, rank=scored.rank, stage=scored.stage, retrieval_score=scored.retrieval_score
         )
+        for side in ("dense", "sparse"):
+            if getattr(scored, f"{side}_rank"):
+                metadata[f"{side}_score"] = getattr(scored, f"{side}_score")
+                metadata[f"{side}_rank"] = getattr(scored, f"{side}_rank")
         return Document(page_content=scored.text, metadata=metadata, id=scored.id)
 
-    def _get_relevant_documents(self, query: str, *, run_manager: CallbackManagerForRetrieverRun) -> list[Document]:
+    def _get_relevant_documents(self, query: str, *, run_manager: CallbackManagerForRetrieverRun,
+                                k: int | None = None) -> list[Document]:
         client = self._connected().sync
         call = client.retrieve if self.reranker is None else client.retrieve_and_rerank
-        return [self._document(s) for s in call(query, **self._call_arguments())]
+        return [self._document(s) for s in call(query, **self._call_arguments(k))]
 
     async def _aget_relevant_documents(
-        self, query: str, *, run_manager: AsyncCallbackManagerForRetrieverRun
+        self, query: str, *, run_manager: AsyncCallbackManagerForRetrieverRun, k: int | None = None
     ) -> list[Document]:
         client = self._connected().aio
         call = client.retrieve if self.reranker is None else client.retrieve_and_rerank
-        return [self._document(s) for s in await call(query, **self._call_arguments())]
+        return [self._document(s) for s in await call(query, **self._call_arguments(k))]

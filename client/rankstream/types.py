@@ -31,6 +31,11 @@ class ScoredPassage:
     text: str = ""
     title: str | None = None
     metadata: Mapping[str, str] = field(default_factory=dict)
+    # Retrieved passages: each side's score and 1-based rank (None / 0 where it did not find it).
+    dense_score: float | None = None
+    sparse_score: float | None = None
+    dense_rank: int = 0
+    sparse_rank: int = 0
 
 
 @dataclass(frozen=True)
@@ -140,6 +145,9 @@ def from_scored(message: pb.ScoredPassages) -> list[ScoredPassage]:
             "retrieval_score": p.retrieval_score, "text": p.text,
             "title": p.title if p.HasField("title") else None,
             "metadata": dict(p.metadata) if p.metadata else {},  # dict() of an empty map costs more than the rest
+            "dense_score": p.dense_score if p.dense_rank else None,
+            "sparse_score": p.sparse_score if p.sparse_rank else None,
+            "dense_rank": p.dense_rank, "sparse_rank": p.sparse_rank,
         })
         batch.append(scored)
     return batch

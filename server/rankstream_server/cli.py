@@ -77,22 +77,23 @@ def _index_build(args: argparse.Namespace) -> int:
 def _eval(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from .evaluate import evaluate, to_json
+    from .evaluate import MODES, evaluate, tables, to_json
 
     settings = load_settings(args.config)
+    modes = list(MODES) if args.mode == "all" else [args.mode] if args.mode else None
     try:
-        report = evaluate(
+        reports = evaluate(
             settings, args.data, args.pipeline, index=_index_config(settings, args), model=args.model,
-            reranker=args.reranker, top_k=args.top_k, rerank_k=args.rerank_k, split=args.split,
+            reranker=args.reranker, top_k=args.top_k, rerank_k=args.rerank_k, split=args.split, modes=modes,
         )
     except IndexLocked as exc:
         print(f"rankstream: {exc}", file=sys.stderr)
         return 2
-    print(report.table())
+    print(tables(reports))
     if args.json:
-        Path(args.json).write_text(to_json(report))
+        Path(args.json).write_text(to_json(reports))
     else:
-        print(to_json(report))
+        print(to_json(reports))
     return 0
 
 
@@ -197,6 +198,8 @@ def main(argv: list[str] | None = None) -> int:
     evaluation.add_argument("--top-k", type=int, default=100)
     evaluation.add_argument("--rerank-k", type=int, default=100, help="Candidates per query to rerank.")
     evaluation.add_argument("--split", default="test")
+    evaluation.add_argument("--mode", choices=["dense", "sparse", "hybrid", "all"],
+                            help="Retrieval mode; all = one row each (default: the index's configured mode).")
     evaluation.add_argument("--json", help="Write the report as JSON here (default: print it).")
     evaluation.set_defaults(run=_eval)
     args = parser.parse_args(argv)

@@ -72,6 +72,21 @@ class MilvusConfig(_Strict):
     timeout_seconds: float = Field(10.0, gt=0)
 
 
+class SparseConfig(_Strict):
+    """The keyword (BM25) side of a local index: built with the index, kept in its docs.sqlite."""
+
+    enabled: bool = Field(True, description="Keep a BM25 side (SPARSE and HYBRID modes need it).")
+    stemmer: str | None = Field("english", description="Snowball stemmer language (PyStemmer); null = no stemming.")
+    stopwords: str | None = Field("en", description="Stop-word list removed before indexing (bm25s's); null = none.")
+
+
+class HybridConfig(_Strict):
+    """Reciprocal rank fusion of the dense and sparse sides."""
+
+    rrf_k: float = Field(60.0, gt=0, description="RRF constant: a passage scores sum(1 / (rrf_k + rank)) over the sides.")
+    depth: int = Field(1000, gt=0, description="Candidates each side contributes (at least top_k).")
+
+
 class IndexConfig(_Strict):
     """One searchable corpus: an index folder built by `rankstream index build` (or created empty),
     or a Milvus collection (`backend: milvus`)."""
@@ -88,6 +103,9 @@ class IndexConfig(_Strict):
     gpu_fp16: bool = Field(False, description="Store vectors as float16 on the GPU.")
     create: bool = Field(False, description="Create an empty index at `path` when there is none.")
     save_interval_seconds: float = Field(60.0, gt=0, description="How often changed vectors are saved (the store is durable at once).")
+    mode: Literal["dense", "sparse", "hybrid"] = Field("dense", description="Retrieve's mode when a request names none.")
+    sparse: SparseConfig = SparseConfig()
+    hybrid: HybridConfig = HybridConfig()
 
     @model_validator(mode="after")
     def _backend_settings(self) -> IndexConfig:
@@ -97,7 +115,13 @@ class IndexConfig(_Strict):
             raise ValueError(f"index {self.name!r}: backend milvus needs a milvus section (uri, collection)")
         if self.backend == "local" and self.milvus is not None:
             raise ValueError(f"index {self.name!r}: a milvus section is set but backend is local")
+        if self.mode != "dense" and self.backend == "local" and not self.sparse.enabled:
+            raise ValueError(f"index {self.name!r}: mode {self.mode} needs the keyword side (sparse.enabled: true)")
         return self
+
+    @property
+    def has_sparse(self) -> bool:
+        return self.backend == "local" and self.sparse.enabled
 
 
 class BatchingConfig(_Strict):

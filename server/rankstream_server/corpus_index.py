@@ -44,6 +44,8 @@ from .docstore import DocStore, Document, StoredDocument
 from .errors import ModelLoadError, RankstreamError
 from .index_lock import IndexLock
 from .rwlock import ReadWriteLock
+from .sparse import FTS_TOKENIZER, BM25Tokenizer, reciprocal_rank_fusion, robertson_score
+from .tokenization import passage_text
 from .vector_index import SearchResult, VectorIndex, exact_search
 
 log = logging.getLogger(__name__)
@@ -93,8 +95,15 @@ def fsync_dir(path: Path) -> None:
 
 @dataclass
 class Hit:
+    """One retrieved passage. `score` is the mode's (similarity, BM25, or fused); each side's own
+    score and 1-based rank are kept where that side found it (rank 0: it did not)."""
+
     document: StoredDocument
     score: float
+    dense_score: float | None = None
+    dense_rank: int = 0
+    sparse_score: float | None = None
+    sparse_rank: int = 0
 
 
 class CorpusIndex:
@@ -115,6 +124,7 @@ class CorpusIndex:
         self._write_mutex = threading.Lock()  # one writer or rebuild at a time (searches go on)
         self._save_mutex = threading.Lock()  # one save at a time
         self._closed = False
+        self._keywords = BM25Tokenizer(config.sparse.stemmer, config.sparse.stopwords) if config.has_sparse else None
 
     # -- opening and creating ------------------------------------------------------------
 
@@ -160,10 +170,39 @@ class CorpusIndex:
             lock.release()
             raise
         index = cls(folder, config, manifest, store, vectors, applied_version, saved_version, lock)
+        try:
+            index._prepare_keywords()
+        except BaseException:
+            index.close(save=False)
+            raise
         if saved_version < 0:  # rebuilt: save now, so the next start only catches up
             index.save()
         log.info("index %s: %d passages, %s on %s", config.name, vectors.count, vectors.built_type, vectors.device)
         return index
+
+    def _prepare_keywords(self) -> None:
+        """The keyword side as configured: built (or rebuilt) when missing, made with other
+        tokenizer settings, or not holding every passage; dropped when turned off."""
+        store = self.store
+        if self._keywords is None:
+            if store.sparse_settings() is not None:
+                store.drop_sparse()
+            return
+        wanted = self._keywords.identity()
+        if store.sparse_settings() == wanted and store.sparse_count() == store.count():
+            return
+        started = time.perf_counter()
+        with self._write_mutex, self._rw.write():
+            caught_up = self._applied_version == store.version
+            count, version = store.rebuild_sparse(wanted, self._keywords.documents, FTS_TOKENIZER)
+            if caught_up:  # no passage changed: the vectors are as current as before
+                self._applied_version = version
+        log.info("index %s: keyword side built for %d passages in %.1f s", self.config.name, count,
+                 time.perf_counter() - started)
+
+    @property
+    def has_sparse(self) -> bool:
+        return self._keywords is not None
 
     # -- reading ---------------------------------------------------------------------
 
@@ -197,21 +236,61 @@ class CorpusIndex:
         wherever the index is exact, and never fewer than min(k, matches). The store and FAISS
         are read under one shared lock, so no write lands in between."""
         with self._rw.read():
-            if not metadata_filter:
-                return self._hits(self._vectors.search(query, k))
-            allowed = self.store.keys_matching(metadata_filter)
-            if len(allowed) == 0:
-                return []
-            result = self._vectors.search(query, k, allowed)
-            if len(result.keys) < min(k, len(allowed)):
-                # An approximate index found too few: search the matching passages exactly.
-                result = exact_search(query, allowed, self.store.vectors_for(allowed), k)
-            return self._hits(result)
+            result = self._dense(query, k, metadata_filter)
+            hits = self._hits(result.keys.tolist(), result.scores.tolist())
+        for rank, hit in enumerate(hits, start=1):
+            hit.dense_score, hit.dense_rank = hit.score, rank
+        return hits
 
-    def _hits(self, result: SearchResult) -> list[Hit]:
-        documents = self.store.documents(result.keys.tolist())
+    def _dense(self, query: np.ndarray, k: int, metadata_filter: dict[str, str] | None) -> SearchResult:
+        if not metadata_filter:
+            return self._vectors.search(query, k)
+        allowed = self.store.keys_matching(metadata_filter)
+        if len(allowed) == 0:
+            return SearchResult(np.zeros(0, np.float32), np.zeros(0, np.int64))
+        result = self._vectors.search(query, k, allowed)
+        if len(result.keys) < min(k, len(allowed)):
+            # An approximate index found too few: search the matching passages exactly.
+            result = exact_search(query, allowed, self.store.vectors_for(allowed), k)
+        return result
+
+    def keyword_candidates(self, query: str, k: int, metadata_filter: dict[str, str] | None = None) -> list[tuple[int, float]]:
+        """(key, BM25 score) of the k best keyword matches, best first (needs the keyword side)."""
+        match = self._keywords.match_expression(query)
+        if match is None:
+            return []
+        return [(key, robertson_score(rank)) for key, rank in self.store.sparse_search(match, k, metadata_filter)]
+
+    def sparse_search(self, query: str, k: int, metadata_filter: dict[str, str] | None = None) -> list[Hit]:
+        """The k best passages by BM25 among those matching the filter."""
+        candidates = self.keyword_candidates(query, k, metadata_filter)
+        hits = self._hits([key for key, _ in candidates], [score for _, score in candidates])
+        for rank, hit in enumerate(hits, start=1):
+            hit.sparse_score, hit.sparse_rank = hit.score, rank
+        return hits
+
+    def hybrid_search(self, query: np.ndarray, keywords: list[tuple[int, float]], k: int,
+                      metadata_filter: dict[str, str] | None = None) -> list[Hit]:
+        """Reciprocal rank fusion of the dense side's top `hybrid.depth` and the given keyword
+        candidates (keyword_candidates, run beside the query's embedding)."""
+        settings = self.config.hybrid
+        with self._rw.read():
+            dense = self._dense(query, max(k, settings.depth), metadata_filter)
+        fused = reciprocal_rank_fusion(list(zip(dense.keys.tolist(), dense.scores.tolist())), keywords, settings.rrf_k, k)
+        hits = self._hits(fused.keys.tolist(), fused.scores.tolist())
+        sides = {int(key): i for i, key in enumerate(fused.keys.tolist())}
+        for hit in hits:
+            i = sides[hit.document.key]
+            if fused.dense_ranks[i]:
+                hit.dense_score, hit.dense_rank = float(fused.dense_scores[i]), int(fused.dense_ranks[i])
+            if fused.sparse_ranks[i]:
+                hit.sparse_score, hit.sparse_rank = float(fused.sparse_scores[i]), int(fused.sparse_ranks[i])
+        return hits
+
+    def _hits(self, keys: list[int], scores: list[float]) -> list[Hit]:
+        documents = self.store.documents(keys)
         hits, seen = [], set()
-        for score, key in zip(result.scores.tolist(), result.keys.tolist()):
+        for score, key in zip(scores, keys):
             # Only while a rebuild is pending can FAISS name a key the store no longer has.
             if key in documents and key not in seen:
                 seen.add(key)
@@ -222,8 +301,9 @@ class CorpusIndex:
 
     def upsert(self, documents: Sequence[Document], embeddings: np.ndarray) -> int:
         """Durable in the store first, then visible in the index. Returns the new version."""
+        terms = self._keywords.documents([passage_text(d.text, d.title) for d in documents]) if self._keywords else None
         with self._write_mutex, self._rw.write():
-            keys, replaced, version = self.store.upsert(documents, embeddings)
+            keys, replaced, version = self.store.upsert(documents, embeddings, terms)
             self._apply(version, replaced, keys, embeddings)
         return version
 

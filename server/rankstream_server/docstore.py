@@ -6,6 +6,10 @@ saved at version V is brought up to date by replaying the keys added and removed
 Writes commit with synchronous=FULL in WAL mode: once a write returns, it survives kill -9.
 Reads that must agree with each other (the keys, vectors and version a FAISS index is built or
 caught up from) are taken in one call, under the store's lock.
+
+The keyword side (sparse.py) lives here too: an FTS5 table `sparse_terms` whose rowid is the
+passage's key, written in the same transaction as the passage, and the tokenizer settings it
+was built with (table `settings`).
 """
 
 from __future__ import annotations
@@ -33,7 +37,9 @@ CREATE INDEX IF NOT EXISTS documents_version ON documents(version);
 CREATE TABLE IF NOT EXISTS removed_keys (key INTEGER PRIMARY KEY, version INTEGER NOT NULL);
 CREATE TABLE IF NOT EXISTS counters (name TEXT PRIMARY KEY, value INTEGER NOT NULL);
 INSERT OR IGNORE INTO counters VALUES ('version', 0), ('next_key', 0);
+CREATE TABLE IF NOT EXISTS settings (name TEXT PRIMARY KEY, value TEXT NOT NULL);
 """
+SPARSE_TABLE = "sparse_terms"
 
 
 @dataclass
@@ -110,8 +116,9 @@ class DocStore:
         with self._lock:
             return self._db.execute("SELECT COUNT(*) FROM documents").fetchone()[0]
 
-    def upsert(self, documents: Sequence[Document], embeddings: np.ndarray) -> tuple[np.ndarray, np.ndarray, int]:
-        """Writes documents in one durable transaction.
+    def upsert(self, documents: Sequence[Document], embeddings: np.ndarray,
+               sparse_terms: Sequence[str] | None = None) -> tuple[np.ndarray, np.ndarray, int]:
+        """Writes documents (and, when given, their keyword tokens) in one durable transaction.
 
         Returns (new keys, keys they replaced, version after the write).
         """
@@ -140,6 +147,10 @@ class DocStore:
                         for i, (d, k) in enumerate(zip(documents, keys))
                     ],
                 )
+                if sparse_terms is not None:
+                    _delete_terms(db, replaced)
+                    db.executemany(f"INSERT INTO {SPARSE_TABLE}(rowid, terms) VALUES (?, ?)",
+                                   [(int(k), terms) for k, terms in zip(keys, sparse_terms)])
                 db.execute("UPDATE counters SET value = ? WHERE name = 'version'", (version,))
                 db.execute("UPDATE counters SET value = ? WHERE name = 'next_key'", (first_key + len(documents),))
                 db.execute("COMMIT")
@@ -162,6 +173,8 @@ class DocStore:
                 version += 1
                 db.executemany("INSERT OR IGNORE INTO removed_keys VALUES (?, ?)", [(int(k), version) for k in removed])
                 db.executemany("DELETE FROM documents WHERE id = ?", [(i,) for i in ids])
+                if self._has_sparse_table(db):
+                    _delete_terms(db, removed)
                 db.execute("UPDATE counters SET value = ? WHERE name = 'version'", (version,))
                 db.execute("COMMIT")
             except BaseException:
@@ -254,6 +267,90 @@ class DocStore:
             problems.append(f"{wrong_size} embeddings are not {self.dimension} float32 values")
         return problems
 
+    # -- the keyword side -------------------------------------------------------------------
+
+    @staticmethod
+    def _has_sparse_table(db: sqlite3.Connection) -> bool:
+        return db.execute("SELECT 1 FROM sqlite_master WHERE name = ?", (SPARSE_TABLE,)).fetchone() is not None
+
+    def drop_sparse(self) -> None:
+        with self._lock:
+            self._db.execute(f"DROP TABLE IF EXISTS {SPARSE_TABLE}")
+            self._db.execute("DELETE FROM settings WHERE name = 'sparse'")
+
+    def sparse_settings(self) -> dict | None:
+        """The tokenizer settings the keyword table was built with; None when there is none."""
+        with self._lock:
+            if not self._has_sparse_table(self._db):
+                return None
+            row = self._db.execute("SELECT value FROM settings WHERE name = 'sparse'").fetchone()
+        return json.loads(row[0]) if row else None
+
+    def sparse_count(self) -> int:
+        with self._lock:
+            return self._db.execute(f"SELECT COUNT(*) FROM {SPARSE_TABLE}").fetchone()[0]
+
+    def rebuild_sparse(self, settings: dict, tokenize, tokenizer: str, chunk: int = 2000) -> tuple[int, int]:
+        """The keyword table afresh from every passage, in one transaction (writers wait).
+        `tokenize(texts) -> token strings`. It is a write: the version goes up (so the manifest's
+        checksum of this file is no longer expected to hold). Returns (passages indexed, version)."""
+        from .tokenization import passage_text
+
+        with self._lock:
+            db = self._db
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                db.execute(f"DROP TABLE IF EXISTS {SPARSE_TABLE}")
+                db.execute(f"CREATE VIRTUAL TABLE {SPARSE_TABLE} USING fts5(terms, tokenize=\"{tokenizer}\")")
+                rows = db.execute("SELECT key, title, text FROM documents ORDER BY key").fetchall()
+                for start in range(0, len(rows), chunk):
+                    part = rows[start:start + chunk]
+                    terms = tokenize([passage_text(text, title) for _, title, text in part])
+                    db.executemany(f"INSERT INTO {SPARSE_TABLE}(rowid, terms) VALUES (?, ?)",
+                                   [(key, t) for (key, _, _), t in zip(part, terms)])
+                db.execute("INSERT OR REPLACE INTO settings VALUES ('sparse', ?)", (json.dumps(settings, sort_keys=True),))
+                version = self._counter("version") + 1
+                db.execute("UPDATE counters SET value = ? WHERE name = 'version'", (version,))
+                db.execute("COMMIT")
+            except BaseException:
+                _roll_back(db)
+                raise
+        return len(rows), version
+
+    def sparse_search(self, match: str, k: int, metadata_filter: dict[str, str] | None = None) -> list[tuple[int, float]]:
+        """(key, FTS5 bm25 rank) of the k best keyword matches, best (lowest rank) first, among
+        passages matching the filter when one is given."""
+        sql = f"SELECT rowid, bm25({SPARSE_TABLE}) AS r FROM {SPARSE_TABLE} WHERE {SPARSE_TABLE} MATCH ?"
+        params: list = [match]
+        if metadata_filter:
+            clauses = " AND ".join("json_extract(metadata, ?) = ?" for _ in metadata_filter)
+            sql += f" AND rowid IN (SELECT key FROM documents WHERE {clauses})"
+            for name, value in metadata_filter.items():
+                params += [f'$."{name}"', value]
+        sql += " ORDER BY r, rowid LIMIT ?"
+        params.append(k)
+        with self._lock:
+            return [(int(key), float(rank)) for key, rank in self._db.execute(sql, params).fetchall()]
+
+    def sparse_problems(self) -> list[str]:
+        """The keyword table against the passages: FTS5's integrity check and the row counts."""
+        with self._lock:
+            if not self._has_sparse_table(self._db):
+                return []
+            problems = []
+            try:
+                self._db.execute(f"INSERT INTO {SPARSE_TABLE}({SPARSE_TABLE}) VALUES ('integrity-check')")
+            except sqlite3.OperationalError as error:
+                if "readonly" not in str(error):  # a read-only connection cannot run it; the counts can
+                    problems.append(f"keyword table: {error}")
+            except sqlite3.DatabaseError as error:
+                problems.append(f"keyword table: {error}")
+            terms = self._db.execute(f"SELECT COUNT(*) FROM {SPARSE_TABLE}").fetchone()[0]
+            documents = self._db.execute("SELECT COUNT(*) FROM documents").fetchone()[0]
+        if terms != documents:
+            problems.append(f"keyword table holds {terms} passages, the store {documents}")
+        return problems
+
     def backup_to(self, path: str | Path) -> None:
         """A consistent copy of the whole database at `path`, with SQLite's online backup API
         (in one step: one read transaction, so writers in other processes carry on)."""
@@ -288,6 +385,10 @@ def _roll_back(db: sqlite3.Connection) -> None:
             db.execute("ROLLBACK")
         except sqlite3.Error:
             pass  # the error being raised is the one that matters
+
+
+def _delete_terms(db: sqlite3.Connection, keys: np.ndarray) -> None:
+    db.executemany(f"DELETE FROM {SPARSE_TABLE} WHERE rowid = ?", [(int(k),) for k in keys])
 
 
 def _keys_of(db: sqlite3.Connection, ids: Sequence[str]) -> np.ndarray:

@@ -18,6 +18,7 @@ from .docstore import DocStore, Document
 from .index_lock import IndexLock
 from .model_loading import load_model
 from .offline import dimension_of, encode_texts
+from .sparse import FTS_TOKENIZER, BM25Tokenizer
 from .tokenization import passage_text
 from .vector_index import VectorIndex
 
@@ -95,6 +96,9 @@ def _build(settings: Settings, corpus: str | Path, out: Path, model: str | None,
         store = DocStore(staging / DOCS, dimension)
         for start in range(0, len(docs), STORE_CHUNK):
             store.upsert(docs[start : start + STORE_CHUNK], embeddings[start : start + STORE_CHUNK])
+        if index.has_sparse:
+            keywords = BM25Tokenizer(index.sparse.stemmer, index.sparse.stopwords)
+            store.rebuild_sparse(keywords.identity(), keywords.documents, FTS_TOKENIZER)
         keys, vectors, version = store.snapshot_vectors()
         store.close()
         built = VectorIndex.build(dimension, keys, vectors, index, place=False)

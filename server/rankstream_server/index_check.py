@@ -5,6 +5,7 @@ It verifies
 - the checksums: vectors.faiss against vectors.json (which every save rewrites), and
   docs.sqlite against the manifest while the store is still at the manifest's version;
 - docs.sqlite: SQLite's `PRAGMA integrity_check`, and every embedding of the right size;
+  the keyword (BM25) table holding exactly the store's passages;
 - agreement: the saved vectors, caught up with the store's later changes the way a server
   opens them, hold exactly the store's keys, once each, each with its own embedding.
 
@@ -172,6 +173,13 @@ def _check_store(store: DocStore, folder: Path, manifest: dict, report: CheckRep
     report.problems += [f"{DOCS}: {p}" for p in problems]
     if not problems:
         report.verified.append("SQLite integrity")
+    try:
+        keyword_problems = store.sparse_problems()
+    except Exception as error:  # noqa: BLE001
+        keyword_problems = [f"keyword table cannot be read: {error}"]
+    report.problems += [f"{DOCS}: {p}" for p in keyword_problems]
+    if not keyword_problems and store.sparse_settings() is not None:
+        report.verified.append("keyword side")
     if problem:
         report.problems.append(problem)
     checksum = (manifest.get("checksums") or {}).get(DOCS)

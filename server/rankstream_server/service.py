@@ -22,7 +22,7 @@ from rankstream.v1 import rankstream_pb2_grpc as pb_grpc
 from .config import Settings
 from .corpus_index import Hit
 from .docstore import Document
-from .errors import RankstreamError, Unavailable
+from .errors import InvalidArgument, RankstreamError, Unavailable
 from .metrics import Metrics
 from .pipeline import ScoredChunk, retrieved_chunk, scored_chunks
 from .registry import ModelRegistry
@@ -74,6 +74,21 @@ def unary_errors(method: Callable) -> Callable:
     return wrapper
 
 
+MODES = {pb.DENSE: "dense", pb.SPARSE: "sparse", pb.HYBRID: "hybrid"}
+MODE_VALUES = {name: value for value, name in MODES.items()}
+
+
+def retrieval_mode(requested: int, index) -> str:
+    """The request's mode, else the index's default; sparse and hybrid need a keyword side."""
+    if requested != pb.MODE_DEFAULT and requested not in MODES:
+        raise InvalidArgument(f"mode: unknown value {requested}; use DENSE (1), SPARSE (2) or HYBRID (3)")
+    mode = MODES.get(requested, index.config.mode)
+    if mode != "dense" and not getattr(index, "has_sparse", False):
+        raise InvalidArgument(f"mode: {mode.upper()} needs a keyword side, and index {index.config.name!r} has none "
+                              "(local backend with indexes[].sparse.enabled: true)")
+    return mode
+
+
 class Readiness:
     """Set once models are loaded and warm; RPCs before that get UNAVAILABLE."""
 
@@ -110,8 +125,10 @@ class Messages:
     out only when asked for."""
 
     def __init__(self, source: Callable[[int], tuple], want_text: bool, want_metadata: bool, max_bytes: int,
-                 stage: int = pb.STAGE_UNSPECIFIED, retrieval_scores: np.ndarray | None = None):
+                 stage: int = pb.STAGE_UNSPECIFIED, retrieval_scores: np.ndarray | None = None,
+                 hits: list[Hit] | None = None):
         self._source = source
+        self._hits = hits  # retrieved passages: each side's score and rank go out with them
         self._want_text = want_text
         self._want_metadata = want_metadata
         self._max_bytes = max_bytes
@@ -142,6 +159,12 @@ class Messages:
                     out.title = title
             if want_metadata:
                 out.metadata.update(metadata)
+            if self._hits is not None:
+                hit = self._hits[index]
+                if hit.dense_rank:
+                    out.dense_score, out.dense_rank = hit.dense_score, hit.dense_rank
+                if hit.sparse_rank:
+                    out.sparse_score, out.sparse_rank = hit.sparse_score, hit.sparse_rank
             item = out.ByteSize() + 6  # field tag and length prefix
             if size + item > limit and len(current.passages) > 1:
                 moved = current.passages.pop()
@@ -229,11 +252,27 @@ class RetrieverService(pb_grpc.RetrieverServicer):
         self._readiness = readiness
         self._tokenize_pool = tokenize_pool
 
-    async def _retrieve(self, call: ModelCall, trailer: _Trailer, index_name: str, query: str, top_k: int, metadata_filter) -> list[Hit]:
-        index, encoder = self._readiness.require().index(index_name)
+    async def _retrieve(self, call: ModelCall, trailer: _Trailer, request) -> list[Hit]:
+        """Candidates by the request's mode: dense (embed, then search), sparse (BM25 only, no
+        embedding), or hybrid (the BM25 search runs while the query is embedded, then fusion)."""
+        index, encoder = self._readiness.require().index(request.index)
+        mode = retrieval_mode(request.mode, index)
+        metadata_filter = dict(request.filter) or None
         started = time.perf_counter()
-        query_vector = await call.embed(encoder, [query], "query")
-        hits = await asyncio.to_thread(index.search, query_vector[0], top_k, dict(metadata_filter) or None)
+        if mode == "sparse":
+            hits = await asyncio.to_thread(index.sparse_search, request.query, request.top_k, metadata_filter)
+        elif mode == "hybrid":
+            depth = max(request.top_k, index.config.hybrid.depth)
+            keywords = asyncio.ensure_future(asyncio.to_thread(index.keyword_candidates, request.query, depth, metadata_filter))
+            try:
+                query_vector = await call.embed(encoder, [request.query], "query")
+            except BaseException:
+                keywords.cancel()
+                raise
+            hits = await asyncio.to_thread(index.hybrid_search, query_vector[0], await keywords, request.top_k, metadata_filter)
+        else:
+            query_vector = await call.embed(encoder, [request.query], "query")
+            hits = await asyncio.to_thread(index.search, query_vector[0], request.top_k, metadata_filter)
         trailer.retrieve_s = time.perf_counter() - started
         trailer.candidates = len(hits)
         return hits
@@ -246,11 +285,11 @@ class RetrieverService(pb_grpc.RetrieverServicer):
         call = ModelCall(self._tokenize_pool, context.time_remaining())
         trailer = _Trailer(context, call, encoder.name, self._metrics)
         try:
-            hits = await self._retrieve(call, trailer, request.index, request.query, request.top_k, request.filter)
+            hits = await self._retrieve(call, trailer, request)
             scores = np.array([hit.score for hit in hits], dtype=np.float32)
             trailer.messages = messages = Messages(
                 _hit_source(hits), request.return_text, request.return_metadata, self._settings.server.max_message_bytes,
-                stage=pb.STAGE_RETRIEVE, retrieval_scores=scores,
+                stage=pb.STAGE_RETRIEVE, retrieval_scores=scores, hits=hits,
             )
             chunk = retrieved_chunk(scores, _optional(request, "score_threshold"))
             if len(chunk):
@@ -271,10 +310,10 @@ class RetrieverService(pb_grpc.RetrieverServicer):
         call = ModelCall(self._tokenize_pool, context.time_remaining())
         trailer = _Trailer(context, call, reranker.name, self._metrics)
         try:
-            hits = await self._retrieve(call, trailer, request.index, request.query, request.top_k, request.filter)
+            hits = await self._retrieve(call, trailer, request)
             trailer.messages = messages = Messages(
                 _hit_source(hits), request.return_text, request.return_metadata, self._settings.server.max_message_bytes,
-                stage=pb.STAGE_RERANK, retrieval_scores=np.array([hit.score for hit in hits], dtype=np.float32),
+                stage=pb.STAGE_RERANK, retrieval_scores=np.array([hit.score for hit in hits], dtype=np.float32), hits=hits,
             )
             if hits:
                 texts = [passage_text(hit.document.text, hit.document.title) for hit in hits]
@@ -339,6 +378,7 @@ class InfoService(pb_grpc.InfoServicer):
                 pb.IndexInfo(
                     name=index.config.name, model=index.config.model, count=index.count, dimension=index.dimension,
                     similarity=index.similarity, index_type=index.index_type, device=index.device, version=index.version,
+                    sparse=getattr(index, "has_sparse", False), default_mode=MODE_VALUES[index.config.mode],
                 )
             )
         for model in registry.models:

@@ -81,6 +81,11 @@ const retrieved = await collect(
   retriever.Retrieve({ query: "what should I do with leftover bones", top_k: 3, return_text: true }, auth, { deadline: deadline() }),
 );
 
+// Hybrid mode: BM25 and dense candidates fused; each passage says where each side ranked it.
+const hybrid = await collect(
+  retriever.Retrieve({ query: "leftover bones stock", top_k: 3, mode: "HYBRID" }, auth, { deadline: deadline() }),
+);
+
 let invalid;
 try {
   await collect(reranker.Rerank({ query: "", passages: [{ id: "x", text: "x" }] }, auth, { deadline: deadline() }));
@@ -107,6 +112,7 @@ console.log(
     reranked: shape(reranked),
     as_scored: shape(asScored),
     retrieved: shape(retrieved),
+    hybrid: shape(hybrid),
     invalid,
     without_token: withoutToken,
   }),

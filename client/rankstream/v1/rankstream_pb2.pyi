@@ -18,6 +18,13 @@ class Stage(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     STAGE_RETRIEVE: _ClassVar[Stage]
     STAGE_RERANK: _ClassVar[Stage]
 
+class Mode(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    MODE_DEFAULT: _ClassVar[Mode]
+    DENSE: _ClassVar[Mode]
+    SPARSE: _ClassVar[Mode]
+    HYBRID: _ClassVar[Mode]
+
 class ModelKind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
     MODEL_KIND_UNSPECIFIED: _ClassVar[ModelKind]
@@ -28,6 +35,10 @@ AS_SCORED: Order
 STAGE_UNSPECIFIED: Stage
 STAGE_RETRIEVE: Stage
 STAGE_RERANK: Stage
+MODE_DEFAULT: Mode
+DENSE: Mode
+SPARSE: Mode
+HYBRID: Mode
 MODEL_KIND_UNSPECIFIED: ModelKind
 MODEL_KIND_CROSS: ModelKind
 MODEL_KIND_BI: ModelKind
@@ -74,7 +85,7 @@ class RerankRequest(_message.Message):
     def __init__(self, query: _Optional[str] = ..., passages: _Optional[_Iterable[_Union[Passage, _Mapping]]] = ..., top_n: _Optional[int] = ..., model: _Optional[str] = ..., raw_scores: _Optional[bool] = ..., order: _Optional[_Union[Order, str]] = ..., return_text: _Optional[bool] = ..., score_threshold: _Optional[float] = ..., return_metadata: _Optional[bool] = ...) -> None: ...
 
 class ScoredPassage(_message.Message):
-    __slots__ = ("id", "index", "score", "rank", "text", "title", "metadata", "stage", "retrieval_score")
+    __slots__ = ("id", "index", "score", "rank", "text", "title", "metadata", "stage", "retrieval_score", "dense_score", "sparse_score", "dense_rank", "sparse_rank")
     class MetadataEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -91,6 +102,10 @@ class ScoredPassage(_message.Message):
     METADATA_FIELD_NUMBER: _ClassVar[int]
     STAGE_FIELD_NUMBER: _ClassVar[int]
     RETRIEVAL_SCORE_FIELD_NUMBER: _ClassVar[int]
+    DENSE_SCORE_FIELD_NUMBER: _ClassVar[int]
+    SPARSE_SCORE_FIELD_NUMBER: _ClassVar[int]
+    DENSE_RANK_FIELD_NUMBER: _ClassVar[int]
+    SPARSE_RANK_FIELD_NUMBER: _ClassVar[int]
     id: str
     index: int
     score: float
@@ -100,7 +115,11 @@ class ScoredPassage(_message.Message):
     metadata: _containers.ScalarMap[str, str]
     stage: Stage
     retrieval_score: float
-    def __init__(self, id: _Optional[str] = ..., index: _Optional[int] = ..., score: _Optional[float] = ..., rank: _Optional[int] = ..., text: _Optional[str] = ..., title: _Optional[str] = ..., metadata: _Optional[_Mapping[str, str]] = ..., stage: _Optional[_Union[Stage, str]] = ..., retrieval_score: _Optional[float] = ...) -> None: ...
+    dense_score: float
+    sparse_score: float
+    dense_rank: int
+    sparse_rank: int
+    def __init__(self, id: _Optional[str] = ..., index: _Optional[int] = ..., score: _Optional[float] = ..., rank: _Optional[int] = ..., text: _Optional[str] = ..., title: _Optional[str] = ..., metadata: _Optional[_Mapping[str, str]] = ..., stage: _Optional[_Union[Stage, str]] = ..., retrieval_score: _Optional[float] = ..., dense_score: _Optional[float] = ..., sparse_score: _Optional[float] = ..., dense_rank: _Optional[int] = ..., sparse_rank: _Optional[int] = ...) -> None: ...
 
 class ScoredPassages(_message.Message):
     __slots__ = ("passages",)
@@ -109,7 +128,7 @@ class ScoredPassages(_message.Message):
     def __init__(self, passages: _Optional[_Iterable[_Union[ScoredPassage, _Mapping]]] = ...) -> None: ...
 
 class RetrieveRequest(_message.Message):
-    __slots__ = ("query", "top_k", "filter", "return_text", "return_metadata", "index", "score_threshold")
+    __slots__ = ("query", "top_k", "filter", "return_text", "return_metadata", "index", "score_threshold", "mode")
     class FilterEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -124,6 +143,7 @@ class RetrieveRequest(_message.Message):
     RETURN_METADATA_FIELD_NUMBER: _ClassVar[int]
     INDEX_FIELD_NUMBER: _ClassVar[int]
     SCORE_THRESHOLD_FIELD_NUMBER: _ClassVar[int]
+    MODE_FIELD_NUMBER: _ClassVar[int]
     query: str
     top_k: int
     filter: _containers.ScalarMap[str, str]
@@ -131,10 +151,11 @@ class RetrieveRequest(_message.Message):
     return_metadata: bool
     index: str
     score_threshold: float
-    def __init__(self, query: _Optional[str] = ..., top_k: _Optional[int] = ..., filter: _Optional[_Mapping[str, str]] = ..., return_text: _Optional[bool] = ..., return_metadata: _Optional[bool] = ..., index: _Optional[str] = ..., score_threshold: _Optional[float] = ...) -> None: ...
+    mode: Mode
+    def __init__(self, query: _Optional[str] = ..., top_k: _Optional[int] = ..., filter: _Optional[_Mapping[str, str]] = ..., return_text: _Optional[bool] = ..., return_metadata: _Optional[bool] = ..., index: _Optional[str] = ..., score_threshold: _Optional[float] = ..., mode: _Optional[_Union[Mode, str]] = ...) -> None: ...
 
 class RetrieveAndRerankRequest(_message.Message):
-    __slots__ = ("query", "top_k", "top_n", "reranker", "filter", "return_text", "return_metadata", "index", "raw_scores", "order", "score_threshold")
+    __slots__ = ("query", "top_k", "top_n", "reranker", "filter", "return_text", "return_metadata", "index", "raw_scores", "order", "score_threshold", "mode")
     class FilterEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -153,6 +174,7 @@ class RetrieveAndRerankRequest(_message.Message):
     RAW_SCORES_FIELD_NUMBER: _ClassVar[int]
     ORDER_FIELD_NUMBER: _ClassVar[int]
     SCORE_THRESHOLD_FIELD_NUMBER: _ClassVar[int]
+    MODE_FIELD_NUMBER: _ClassVar[int]
     query: str
     top_k: int
     top_n: int
@@ -164,7 +186,8 @@ class RetrieveAndRerankRequest(_message.Message):
     raw_scores: bool
     order: Order
     score_threshold: float
-    def __init__(self, query: _Optional[str] = ..., top_k: _Optional[int] = ..., top_n: _Optional[int] = ..., reranker: _Optional[str] = ..., filter: _Optional[_Mapping[str, str]] = ..., return_text: _Optional[bool] = ..., return_metadata: _Optional[bool] = ..., index: _Optional[str] = ..., raw_scores: _Optional[bool] = ..., order: _Optional[_Union[Order, str]] = ..., score_threshold: _Optional[float] = ...) -> None: ...
+    mode: Mode
+    def __init__(self, query: _Optional[str] = ..., top_k: _Optional[int] = ..., top_n: _Optional[int] = ..., reranker: _Optional[str] = ..., filter: _Optional[_Mapping[str, str]] = ..., return_text: _Optional[bool] = ..., return_metadata: _Optional[bool] = ..., index: _Optional[str] = ..., raw_scores: _Optional[bool] = ..., order: _Optional[_Union[Order, str]] = ..., score_threshold: _Optional[float] = ..., mode: _Optional[_Union[Mode, str]] = ...) -> None: ...
 
 class UpsertPassagesRequest(_message.Message):
     __slots__ = ("index", "passages")
@@ -257,7 +280,7 @@ class ListModelsResponse(_message.Message):
     def __init__(self, models: _Optional[_Iterable[_Union[ModelInfo, _Mapping]]] = ..., default_model: _Optional[str] = ..., indexes: _Optional[_Iterable[_Union[IndexInfo, _Mapping]]] = ..., default_index: _Optional[str] = ...) -> None: ...
 
 class IndexInfo(_message.Message):
-    __slots__ = ("name", "model", "count", "dimension", "similarity", "index_type", "device", "version")
+    __slots__ = ("name", "model", "count", "dimension", "similarity", "index_type", "device", "version", "sparse", "default_mode")
     NAME_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     COUNT_FIELD_NUMBER: _ClassVar[int]
@@ -266,6 +289,8 @@ class IndexInfo(_message.Message):
     INDEX_TYPE_FIELD_NUMBER: _ClassVar[int]
     DEVICE_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
+    SPARSE_FIELD_NUMBER: _ClassVar[int]
+    DEFAULT_MODE_FIELD_NUMBER: _ClassVar[int]
     name: str
     model: str
     count: int
@@ -274,7 +299,9 @@ class IndexInfo(_message.Message):
     index_type: str
     device: str
     version: int
-    def __init__(self, name: _Optional[str] = ..., model: _Optional[str] = ..., count: _Optional[int] = ..., dimension: _Optional[int] = ..., similarity: _Optional[str] = ..., index_type: _Optional[str] = ..., device: _Optional[str] = ..., version: _Optional[int] = ...) -> None: ...
+    sparse: bool
+    default_mode: Mode
+    def __init__(self, name: _Optional[str] = ..., model: _Optional[str] = ..., count: _Optional[int] = ..., dimension: _Optional[int] = ..., similarity: _Optional[str] = ..., index_type: _Optional[str] = ..., device: _Optional[str] = ..., version: _Optional[int] = ..., sparse: _Optional[bool] = ..., default_mode: _Optional[_Union[Mode, str]] = ...) -> None: ...
 
 class ModelInfo(_message.Message):
     __slots__ = ("name", "kind", "weights", "tokenizer", "max_length", "dtype", "device", "activation", "batcher", "pooling", "similarity")
