@@ -129,12 +129,15 @@ class CorpusIndex:
     # -- opening and creating ------------------------------------------------------------
 
     @staticmethod
-    def create_empty(folder: Path, identity: dict, dimension: int) -> None:
-        """A new, empty index folder, made atomically."""
+    def create_empty(folder: Path, identity: dict, dimension: int, keywords: BM25Tokenizer | None = None) -> None:
+        """A new, empty index folder (with its empty keyword side when it has one), made atomically."""
         staging = folder.with_name(folder.name + ".partial")
         shutil.rmtree(staging, ignore_errors=True)
         staging.mkdir(parents=True)
-        DocStore(staging / DOCS, dimension).close()
+        store = DocStore(staging / DOCS, dimension)
+        if keywords is not None:
+            store.rebuild_sparse(keywords.identity(), keywords.documents, FTS_TOKENIZER, bump_version=False)
+        store.close()
         write_manifest(staging, identity, dimension, count=0, index_type="flat", index_params={}, version=0)
         os.rename(staging, folder)
         fsync_dir(folder.parent)
@@ -150,7 +153,8 @@ class CorpusIndex:
                     f"`rankstream index build --config FILE --corpus CORPUS.jsonl --out {folder}`, "
                     "or set `create: true` to start empty and add passages with UpsertPassages"
                 )
-            cls.create_empty(folder, identity, dimension)
+            keywords = BM25Tokenizer(config.sparse.stemmer, config.sparse.stopwords) if config.has_sparse else None
+            cls.create_empty(folder, identity, dimension, keywords)
         try:
             manifest = json.loads((folder / MANIFEST).read_text(encoding="utf-8"))
         except (OSError, ValueError) as error:

@@ -290,10 +290,13 @@ class DocStore:
         with self._lock:
             return self._db.execute(f"SELECT COUNT(*) FROM {SPARSE_TABLE}").fetchone()[0]
 
-    def rebuild_sparse(self, settings: dict, tokenize, tokenizer: str, chunk: int = 2000) -> tuple[int, int]:
+    def rebuild_sparse(self, settings: dict, tokenize, tokenizer: str, chunk: int = 2000,
+                       bump_version: bool = True) -> tuple[int, int]:
         """The keyword table afresh from every passage, in one transaction (writers wait).
-        `tokenize(texts) -> token strings`. It is a write: the version goes up (so the manifest's
-        checksum of this file is no longer expected to hold). Returns (passages indexed, version)."""
+        `tokenize(texts) -> token strings`. On a live index it is a write: the version goes up,
+        so the manifest's checksum of this file is no longer expected to hold. A folder being
+        made (its manifest written afterwards) passes bump_version=False. Returns (passages
+        indexed, version)."""
         from .tokenization import passage_text
 
         with self._lock:
@@ -309,7 +312,7 @@ class DocStore:
                     db.executemany(f"INSERT INTO {SPARSE_TABLE}(rowid, terms) VALUES (?, ?)",
                                    [(key, t) for (key, _, _), t in zip(part, terms)])
                 db.execute("INSERT OR REPLACE INTO settings VALUES ('sparse', ?)", (json.dumps(settings, sort_keys=True),))
-                version = self._counter("version") + 1
+                version = self._counter("version") + (1 if bump_version else 0)
                 db.execute("UPDATE counters SET value = ? WHERE name = 'version'", (version,))
                 db.execute("COMMIT")
             except BaseException:

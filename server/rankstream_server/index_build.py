@@ -98,7 +98,7 @@ def _build(settings: Settings, corpus: str | Path, out: Path, model: str | None,
             store.upsert(docs[start : start + STORE_CHUNK], embeddings[start : start + STORE_CHUNK])
         if index.has_sparse:
             keywords = BM25Tokenizer(index.sparse.stemmer, index.sparse.stopwords)
-            store.rebuild_sparse(keywords.identity(), keywords.documents, FTS_TOKENIZER)
+            store.rebuild_sparse(keywords.identity(), keywords.documents, FTS_TOKENIZER, bump_version=False)
         keys, vectors, version = store.snapshot_vectors()
         store.close()
         built = VectorIndex.build(dimension, keys, vectors, index, place=False)
