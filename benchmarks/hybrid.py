@@ -49,8 +49,8 @@ def corpus(passages: int, seed: int = 5) -> tuple[list[str], list[str]]:
 
 def build(folder: Path, texts: list[str], identity: dict, dimension: int) -> float:
     from rankstream_server.config import IndexConfig
-    from rankstream_server.corpus_index import CorpusIndex
-    from rankstream_server.docstore import Document
+    from rankstream_server.index.local import CorpusIndex
+    from rankstream_server.index.store import Document
 
     config = IndexConfig(name="bench", path=str(folder), model="bi", create=True)
     started = time.perf_counter()
@@ -99,8 +99,8 @@ def main() -> None:
     common.quiet_libraries()
     common.print_machine()
     from rankstream_server.config import ModelConfig
-    from rankstream_server.model_loading import load_model
-    from rankstream_server.offline import dimension_of
+    from rankstream_server.inference.model_loading import load_model
+    from rankstream_server.inference.offline import dimension_of
 
     encoder = load_model(ModelConfig(name="bi", kind="bi", weights="embedded:all-MiniLM-L6-v2"))
     identity, dimension = encoder.identity(), dimension_of(encoder)

@@ -163,8 +163,8 @@ class Load:
 def reference_scores(model: str, pool: list[str]) -> dict[tuple[int, int], float]:
     """Raw scores of every (query, passage) pair computed in-process, without the server."""
     from rankstream_server.config import ModelConfig
-    from rankstream_server.model_loading import load_model
-    from rankstream_server.offline import score_pairs
+    from rankstream_server.inference.model_loading import load_model
+    from rankstream_server.inference.offline import score_pairs
 
     loaded = load_model(ModelConfig(name="reference", weights=model, kind="cross" if not model.startswith("embedded:all") else "bi"))
     pairs = [(query, passage) for query in QUERIES for passage in pool]

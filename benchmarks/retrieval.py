@@ -19,11 +19,11 @@ from pathlib import Path
 
 from rankstream.v1 import rankstream_pb2 as pb
 from rankstream_server.config import load_settings
-from rankstream_server.corpus import read_queries
-from rankstream_server.docstore import DocStore
-from rankstream_server.model_loading import load_model
-from rankstream_server.offline import encode_texts
-from rankstream_server.vector_index import VectorIndex, exact_search
+from rankstream_server.index.corpus import read_queries
+from rankstream_server.index.store import DocStore
+from rankstream_server.index.vectors import VectorIndex, exact_search
+from rankstream_server.inference.model_loading import load_model
+from rankstream_server.inference.offline import encode_texts
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 

@@ -16,10 +16,10 @@ import pytest_asyncio
 from rankstream import STATS_TRAILER
 from rankstream.v1 import rankstream_pb2 as pb
 from rankstream.v1 import rankstream_pb2_grpc as pb_grpc
-from rankstream_server.app import RankstreamServer
+from rankstream_server.cli.demo import DEMO_CORPUS
 from rankstream_server.config import Settings
-from rankstream_server.demo import DEMO_CORPUS
-from rankstream_server.index_build import build_index
+from rankstream_server.index.build import build_index
+from rankstream_server.serving.app import RankstreamServer
 
 import model_factory
 

@@ -14,8 +14,8 @@ from __future__ import annotations
 import faiss
 import numpy as np
 
-from rankstream_server import vector_index
 from rankstream_server.config import IndexConfig
+from rankstream_server.index import vectors as vector_index
 
 
 class GpuRuleBroken(AssertionError):

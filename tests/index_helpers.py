@@ -7,8 +7,8 @@ from pathlib import Path
 import numpy as np
 
 from rankstream_server.config import IndexConfig
-from rankstream_server.corpus_index import CorpusIndex
-from rankstream_server.docstore import Document
+from rankstream_server.index.local import CorpusIndex
+from rankstream_server.index.store import Document
 
 DIMENSION = 8
 IDENTITY = {"weights": "random-unit-vectors", "similarity": "dot"}  # what a model's identity() gives

@@ -17,7 +17,7 @@ from transformers import (
     DistilBertTokenizerFast,
 )
 
-from rankstream_server.embedded import build_minilm_cross_encoder, embedded_model_path
+from rankstream_server.inference.embedded import build_minilm_cross_encoder, embedded_model_path
 
 VOCAB = 30522  # BERT uncased, the tokenizer of the MS MARCO cross-encoders and TAS-B
 

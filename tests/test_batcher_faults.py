@@ -12,10 +12,10 @@ import numpy as np
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from rankstream_server.batcher import DynamicBatcher, Job
 from rankstream_server.config import BatchingConfig
 from rankstream_server.errors import InferenceFailed, ResourceExhausted
-from rankstream_server.tokenization import Tokens
+from rankstream_server.inference.batcher import DynamicBatcher, Job
+from rankstream_server.inference.tokenization import Tokens
 
 from conftest import QUERY, make_settings, passages, running
 

@@ -8,10 +8,10 @@ import threading
 import numpy as np
 import pytest
 
-from rankstream_server.batcher import DynamicBatcher, Job
 from rankstream_server.config import BatchingConfig
 from rankstream_server.errors import InferenceFailed, ResourceExhausted
-from rankstream_server.tokenization import Tokens
+from rankstream_server.inference.batcher import DynamicBatcher, Job
+from rankstream_server.inference.tokenization import Tokens
 
 
 class RecordingBackend:

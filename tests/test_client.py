@@ -19,8 +19,8 @@ from rankstream import AsyncRankstreamClient, Passage, RankstreamClient, ScoredP
 from rankstream.types import from_scored
 from rankstream.v1 import rankstream_pb2 as pb
 from rankstream.v1 import rankstream_pb2_grpc as pb_grpc
-from rankstream_server.demo import DEMO_CORPUS
-from rankstream_server.index_build import build_index
+from rankstream_server.cli.demo import DEMO_CORPUS
+from rankstream_server.index.build import build_index
 
 from conftest import ThreadedServer, demo_settings, make_settings
 

@@ -12,7 +12,7 @@ import pytest
 from pydantic import ValidationError
 
 from rankstream_server.config import ConfigError, load_settings
-from rankstream_server.ranking import rank
+from rankstream_server.inference.ranking import rank
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -23,8 +23,8 @@ import pytest
 import yaml
 
 from rankstream_server import config as config_module
-from rankstream_server.app import SERVICE_NAMES
 from rankstream_server.config import load_settings
+from rankstream_server.serving.app import SERVICE_NAMES
 
 ROOT = Path(__file__).resolve().parents[1]
 DEPLOY = ROOT / "deploy"
@@ -311,7 +311,7 @@ def settings_of(entry: dict, monkeypatch):
 
 
 def exported_metrics() -> set[str]:
-    source = (ROOT / "server" / "rankstream_server" / "metrics.py").read_text()
+    source = (ROOT / "server" / "rankstream_server" / "serving" / "metrics.py").read_text()
     return set(re.findall(r"""(?:MetricFamily|Counter|Gauge|Histogram|Info|Summary)\(\s*["'](rankstream_\w+)["']""", source))
 
 

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from rankstream_server.config import IndexConfig
-from rankstream_server.vector_index import VectorIndex, exact_search
+from rankstream_server.index.vectors import VectorIndex, exact_search
 
 import gpu_standin
 from index_helpers import documents, fill, open_index, unit_vectors

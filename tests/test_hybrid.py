@@ -19,13 +19,13 @@ import pytest_asyncio
 from rankstream.v1 import rankstream_pb2 as pb
 from rankstream.v1 import rankstream_pb2_grpc as pb_grpc
 from rankstream_server.config import IndexConfig
-from rankstream_server.corpus_index import CorpusIndex
-from rankstream_server.index_build import build_index
-from rankstream_server.index_check import check_index
-from rankstream_server.model_loading import load_model
-from rankstream_server.offline import encode_texts
-from rankstream_server.sparse import BM25Tokenizer, reciprocal_rank_fusion
-from rankstream_server.tokenization import passage_text
+from rankstream_server.index.build import build_index
+from rankstream_server.index.check import check_index
+from rankstream_server.index.local import CorpusIndex
+from rankstream_server.index.sparse import BM25Tokenizer, reciprocal_rank_fusion
+from rankstream_server.inference.model_loading import load_model
+from rankstream_server.inference.offline import encode_texts
+from rankstream_server.inference.tokenization import passage_text
 
 import corpus_factory
 from conftest import make_settings, running
@@ -202,8 +202,8 @@ def test_keyword_writes_survive_kill_9(built, tmp_path):
     script = f"""
 import os, signal, numpy as np
 from rankstream_server.config import IndexConfig
-from rankstream_server.corpus_index import CorpusIndex
-from rankstream_server.docstore import Document
+from rankstream_server.index.local import CorpusIndex
+from rankstream_server.index.store import Document
 index = CorpusIndex.open(IndexConfig(name="crash", path={str(folder)!r}, model="minilm"), {encoder.identity()!r}, 384)
 index.upsert([Document(id="tapir", text="a tapir named quillon")], np.load({str(tmp_path / "vector.npy")!r}))
 index.delete(["{DOCS[0]['_id']}"])

@@ -17,9 +17,9 @@ import faiss
 import numpy as np
 import pytest
 
-from rankstream_server.docstore import DocStore
-from rankstream_server.index_backup import BackupFailed, backup_index
-from rankstream_server.index_check import check_index
+from rankstream_server.index.backup import BackupFailed, backup_index
+from rankstream_server.index.check import check_index
+from rankstream_server.index.store import DocStore
 
 from index_helpers import DIMENSION, documents, fill, open_index, unit_vectors, vector_of
 

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import numpy as np
 import pytest
 
-from rankstream_server.docstore import Document
+from rankstream_server.index.store import Document
 
 import gpu_standin
 from index_helpers import COLORS, DIMENSION, open_index

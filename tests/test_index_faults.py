@@ -13,9 +13,9 @@ import pytest
 
 from rankstream.v1 import rankstream_pb2 as pb
 from rankstream.v1 import rankstream_pb2_grpc as pb_grpc
-from rankstream_server.corpus_index import VectorsBehind
-from rankstream_server.docstore import DocStore
-from rankstream_server.vector_index import VectorIndex
+from rankstream_server.index.local import VectorsBehind
+from rankstream_server.index.store import DocStore
+from rankstream_server.index.vectors import VectorIndex
 
 import gpu_standin
 import model_factory

@@ -15,10 +15,10 @@ from pathlib import Path
 import pytest
 
 from rankstream_server.config import IndexConfig, ModelConfig, Settings
-from rankstream_server.corpus_index import CorpusIndex
-from rankstream_server.index_build import build_index
-from rankstream_server.index_lock import IndexLocked
-from rankstream_server.model_loading import load_model
+from rankstream_server.index.build import build_index
+from rankstream_server.index.local import CorpusIndex
+from rankstream_server.index.lock import IndexLocked
+from rankstream_server.inference.model_loading import load_model
 
 import corpus_factory
 import model_factory

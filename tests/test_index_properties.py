@@ -26,10 +26,10 @@ from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule, run_state_machine_as_test
 
-from rankstream_server.corpus_index import DOCS, MANIFEST, VECTORS, VECTORS_STATE
-from rankstream_server.docstore import Document
-from rankstream_server.index_backup import backup_index
-from rankstream_server.index_check import check_index
+from rankstream_server.index.backup import backup_index
+from rankstream_server.index.check import check_index
+from rankstream_server.index.local import DOCS, MANIFEST, VECTORS, VECTORS_STATE
+from rankstream_server.index.store import Document
 
 import gpu_standin
 from index_helpers import COLORS, DIMENSION, open_index

@@ -8,8 +8,8 @@ import threading
 
 import numpy as np
 
-from rankstream_server import corpus_index as corpus_index_module
-from rankstream_server.vector_index import VectorIndex
+from rankstream_server.index import local as corpus_index_module
+from rankstream_server.index.vectors import VectorIndex
 
 from index_helpers import documents, fill, open_index, vector_of
 

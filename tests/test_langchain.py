@@ -15,8 +15,8 @@ from langchain_core.runnables import RunnableLambda, RunnablePassthrough
 
 from rankstream import RankstreamClient
 from rankstream.langchain import RankstreamRerank, RankstreamRetriever
-from rankstream_server.demo import DEMO_CORPUS
-from rankstream_server.index_build import build_index
+from rankstream_server.cli.demo import DEMO_CORPUS
+from rankstream_server.index.build import build_index
 
 from conftest import ThreadedServer, demo_settings
 

@@ -176,8 +176,8 @@ def test_a_bad_config_is_one_line_naming_the_file_and_exit_2(tmp_path, content, 
 
 
 def test_a_damaged_document_store_is_one_line_and_exit_2(models, tmp_path):
-    from rankstream_server.demo import DEMO_CORPUS
-    from rankstream_server.index_build import build_index
+    from rankstream_server.cli.demo import DEMO_CORPUS
+    from rankstream_server.index.build import build_index
 
     from conftest import demo_settings
 

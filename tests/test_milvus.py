@@ -14,8 +14,8 @@ from milvus_helpers import milvus_lite_server
 from rankstream.v1 import rankstream_pb2 as pb
 from rankstream.v1 import rankstream_pb2_grpc as pb_grpc
 from rankstream_server.config import IndexConfig
-from rankstream_server.index_build import build_index
-from rankstream_server.milvus_index import filter_expression
+from rankstream_server.index.build import build_index
+from rankstream_server.index.milvus import filter_expression
 
 import corpus_factory
 from conftest import make_settings, running
@@ -134,7 +134,7 @@ async def test_list_models_describes_the_milvus_index(both):
 
 async def test_an_unreachable_milvus_fails_start_up_with_one_line(models):
     from rankstream_server.errors import ModelLoadError
-    from rankstream_server.milvus_index import MilvusIndex
+    from rankstream_server.index.milvus import MilvusIndex
 
     config = IndexConfig(name="gone", backend="milvus", model="minilm",
                          milvus={"uri": "http://127.0.0.1:1", "collection": "x", "timeout_seconds": 2})

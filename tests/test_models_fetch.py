@@ -14,7 +14,7 @@ import yaml
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from rankstream_server.config import Settings
-from rankstream_server.model_fetch import hub_sources
+from rankstream_server.inference.model_fetch import hub_sources
 
 RANKSTREAM = str(Path(sys.executable).with_name("rankstream"))
 

@@ -21,12 +21,12 @@ import rankstream
 from rankstream import RankstreamClient
 from rankstream.v1 import rankstream_pb2 as pb
 from rankstream.v1 import rankstream_pb2_grpc as pb_grpc
-from rankstream_server.access import CallObserver
-from rankstream_server.app import RankstreamServer
-from rankstream_server.auth import TokensFileError, TokenStore, parse_tokens
+from rankstream_server.cli.demo import DEMO_CORPUS
 from rankstream_server.config import ConfigError, LimitsConfig
-from rankstream_server.demo import DEMO_CORPUS
-from rankstream_server.index_build import build_index
+from rankstream_server.index.build import build_index
+from rankstream_server.serving.access import CallObserver
+from rankstream_server.serving.app import RankstreamServer
+from rankstream_server.serving.auth import TokensFileError, TokenStore, parse_tokens
 from test_client import _certificates
 
 from conftest import QUERY, TEXTS, ThreadedServer, demo_settings, make_settings, passages

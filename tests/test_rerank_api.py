@@ -138,7 +138,7 @@ async def test_bad_input_gets_a_clear_status(served, fields, code, needles):
 def test_query_too_long_for_the_model_is_a_token_check_not_truncation(models):
     from transformers import AutoTokenizer
 
-    from rankstream_server.tokenization import PairTokenizer
+    from rankstream_server.inference.tokenization import PairTokenizer
 
     tokenizer = PairTokenizer(AutoTokenizer.from_pretrained(models.bert), 32, "tiny-bert", True)
     pairs = tokenizer.encode("a short query", ["word " * 100, "tiny"])
@@ -157,7 +157,7 @@ def test_concurrent_tokenization_never_exceeds_max_length(models):
 
     from transformers import AutoTokenizer
 
-    from rankstream_server.tokenization import PairTokenizer
+    from rankstream_server.inference.tokenization import PairTokenizer
 
     tokenizer = PairTokenizer(AutoTokenizer.from_pretrained(models.bert), 64, "tiny-bert", True)
     long_passages = ["many words in a long passage " * 40] * 4

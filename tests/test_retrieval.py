@@ -18,14 +18,14 @@ from sentence_transformers import SentenceTransformer
 from rankstream.v1 import rankstream_pb2 as pb
 from rankstream.v1 import rankstream_pb2_grpc as pb_grpc
 from rankstream_server.config import IndexConfig, ModelConfig, load_settings
-from rankstream_server.corpus_index import CorpusIndex, IndexMismatch
-from rankstream_server.docstore import DocStore
-from rankstream_server.embedded import embedded_model_path
 from rankstream_server.errors import ModelLoadError
-from rankstream_server.index_build import build_index
-from rankstream_server.model_loading import load_model
-from rankstream_server.offline import encode_texts
-from rankstream_server.tokenization import passage_text
+from rankstream_server.index.build import build_index
+from rankstream_server.index.local import CorpusIndex, IndexMismatch
+from rankstream_server.index.store import DocStore
+from rankstream_server.inference.embedded import embedded_model_path
+from rankstream_server.inference.model_loading import load_model
+from rankstream_server.inference.offline import encode_texts
+from rankstream_server.inference.tokenization import passage_text
 
 import corpus_factory
 import model_factory
@@ -276,7 +276,7 @@ async def test_bad_upserts_are_refused(retrieval, passages, needle):
 
 
 def test_manifest_records_model_settings_and_checksums(built):
-    from rankstream_server.corpus_index import sha256_of
+    from rankstream_server.index.local import sha256_of
 
     manifest = json.loads((built / "docs" / "manifest.json").read_text())
     assert manifest["model"] == {
@@ -344,8 +344,8 @@ def test_eval_cli_reports_ir_measures(tmp_path, bi_models):
 
 
 def test_shipped_demo_corpus_is_valid():
-    from rankstream_server.corpus import read_corpus
-    from rankstream_server.demo import DEMO_CORPUS
+    from rankstream_server.cli.demo import DEMO_CORPUS
+    from rankstream_server.index.corpus import read_corpus
 
     documents = list(read_corpus(DEMO_CORPUS))
     assert len(documents) >= 20 and len({d.id for d in documents}) == len(documents)

@@ -12,15 +12,15 @@ import pytest
 from transformers import AutoTokenizer
 
 from rankstream.v1 import rankstream_pb2 as pb
-from rankstream_server.backend import backend_for
-from rankstream_server.batcher import BULK, INTERACTIVE, DynamicBatcher, Job
-from rankstream_server.batches import ShapePolicy, collate, cut_batches, power_of_two_rows
 from rankstream_server.config import BatchingConfig, ModelConfig
-from rankstream_server.embedded import embedded_model_path
-from rankstream_server.model_loading import load_model
-from rankstream_server.pipeline import ScoredChunk
-from rankstream_server.service import Messages
-from rankstream_server.tokenization import CHARACTERS_PER_TOKEN_CUT, PairTokenizer, TextTokenizer, Tokens
+from rankstream_server.inference.backend import backend_for
+from rankstream_server.inference.batcher import BULK, INTERACTIVE, DynamicBatcher, Job
+from rankstream_server.inference.batches import ShapePolicy, collate, cut_batches, power_of_two_rows
+from rankstream_server.inference.embedded import embedded_model_path
+from rankstream_server.inference.model_loading import load_model
+from rankstream_server.inference.tokenization import CHARACTERS_PER_TOKEN_CUT, PairTokenizer, TextTokenizer, Tokens
+from rankstream_server.serving.pipeline import ScoredChunk
+from rankstream_server.serving.service import Messages
 
 from conftest import QUERY, TEXTS
 
@@ -243,7 +243,7 @@ def test_results_go_in_one_message_and_split_only_past_the_size_limit():
 
 
 def test_cpu_token_budget_is_measured_unless_configured(models):
-    from rankstream_server.backend import TUNED_BATCH_TOKENS
+    from rankstream_server.inference.backend import TUNED_BATCH_TOKENS
 
     loaded = load_model(ModelConfig(name="m", weights=str(models.bert)))
     tuned = backend_for(loaded, BatchingConfig())

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from rankstream_server.config import IndexConfig
-from rankstream_server.vector_index import VectorIndex
+from rankstream_server.index.vectors import VectorIndex
 
 DIMENSION = 16
 
@@ -81,7 +81,7 @@ def test_delete_on_a_reopened_ivf_does_not_abort_the_process(tmp_path):
         f"""
         import numpy as np
         from rankstream_server.config import IndexConfig
-        from rankstream_server.vector_index import VectorIndex
+        from rankstream_server.index.vectors import VectorIndex
         rng = np.random.default_rng(0)
         vectors = rng.standard_normal((400, 16)).astype(np.float32)
         config = IndexConfig(name="ivf", path="-", model="m", type="ivf")

@@ -45,10 +45,10 @@ from typing import Protocol
 
 import numpy as np
 
-from .batches import Batch, ShapePolicy, cut_batches
-from .config import BatchingConfig
-from .errors import DeadlineExceeded, InferenceFailed, ResourceExhausted, Unavailable
-from .tokenization import Tokens
+from rankstream_server.config import BatchingConfig
+from rankstream_server.errors import DeadlineExceeded, InferenceFailed, ResourceExhausted, Unavailable
+from rankstream_server.inference.batches import Batch, ShapePolicy, cut_batches
+from rankstream_server.inference.tokenization import Tokens
 
 log = logging.getLogger(__name__)
 

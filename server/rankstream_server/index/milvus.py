@@ -23,10 +23,10 @@ from pathlib import Path
 
 import numpy as np
 
-from .config import IndexConfig
-from .corpus_index import Hit
-from .docstore import Document, StoredDocument
-from .errors import ModelLoadError, Unavailable
+from rankstream_server.config import IndexConfig
+from rankstream_server.errors import ModelLoadError, Unavailable
+from rankstream_server.index.local import Hit
+from rankstream_server.index.store import Document, StoredDocument
 
 log = logging.getLogger(__name__)
 

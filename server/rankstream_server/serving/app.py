@@ -17,15 +17,14 @@ from grpc_reflection.v1alpha import reflection
 
 from rankstream.v1 import rankstream_pb2 as pb
 from rankstream.v1 import rankstream_pb2_grpc as pb_grpc
-
-from .access import CallObserver
-from .auth import Authenticator, check_exposure, token_store, watch_files
-from .config import Settings
-from .interceptors import DecodeGuard
-from .metrics import Metrics
-from .registry import ModelRegistry
-from .service import InfoService, Readiness, RerankerService, RetrieverService
-from .tls import CertificateFiles
+from rankstream_server.config import Settings
+from rankstream_server.serving.access import CallObserver
+from rankstream_server.serving.auth import Authenticator, check_exposure, token_store, watch_files
+from rankstream_server.serving.interceptors import DecodeGuard
+from rankstream_server.serving.metrics import Metrics
+from rankstream_server.serving.registry import ModelRegistry
+from rankstream_server.serving.service import InfoService, Readiness, RerankerService, RetrieverService
+from rankstream_server.serving.tls import CertificateFiles
 
 log = logging.getLogger(__name__)
 

@@ -8,13 +8,13 @@ import logging
 import sys
 from pathlib import Path
 
-from .config import ConfigError, load_settings
-from .errors import ModelLoadError
-from .index_lock import IndexLocked
+from rankstream_server.config import ConfigError, load_settings
+from rankstream_server.errors import ModelLoadError
+from rankstream_server.index.lock import IndexLocked
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from .app import serve  # imports torch: only for the commands that need it
+    from rankstream_server.serving.app import serve  # imports torch: only for the commands that need it
 
     settings = load_settings(args.config, **{"server.port": args.port, "server.host": args.host})
 
@@ -44,13 +44,13 @@ def _index_config(settings, args: argparse.Namespace):
 
 
 def _index_build(args: argparse.Namespace) -> int:
-    from .config import IndexConfig
-    from .index_build import build_index, pick_model
+    from rankstream_server.config import IndexConfig
+    from rankstream_server.index.build import build_index, pick_model
 
     settings = load_settings(args.config)
     index = _index_config(settings, args)
     if index is not None and index.backend == "milvus":
-        from .index_build import build_into_milvus
+        from rankstream_server.index.build import build_into_milvus
 
         report = build_into_milvus(settings, args.corpus, index)
         print(f"upserted into Milvus collection {report.folder}: {report.count} passages there now, dimension "
@@ -77,7 +77,7 @@ def _index_build(args: argparse.Namespace) -> int:
 def _eval(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from .evaluate import MODES, evaluate, tables, to_json
+    from rankstream_server.cli.evaluate import MODES, evaluate, tables, to_json
 
     settings = load_settings(args.config)
     modes = list(MODES) if args.mode == "all" else [args.mode] if args.mode else None
@@ -98,7 +98,7 @@ def _eval(args: argparse.Namespace) -> int:
 
 
 def _index_check(args: argparse.Namespace) -> int:
-    from .index_check import check_index
+    from rankstream_server.index.check import check_index
 
     report = check_index(args.folder)
     print(report.verdict())
@@ -106,7 +106,7 @@ def _index_check(args: argparse.Namespace) -> int:
 
 
 def _index_backup(args: argparse.Namespace) -> int:
-    from .index_backup import BackupFailed, backup_index
+    from rankstream_server.index.backup import BackupFailed, backup_index
 
     try:
         report = backup_index(args.folder, args.out)
@@ -118,7 +118,7 @@ def _index_backup(args: argparse.Namespace) -> int:
 
 
 def _models_fetch(args: argparse.Namespace) -> int:
-    from .model_fetch import FetchFailed, fetch_models
+    from rankstream_server.inference.model_fetch import FetchFailed, fetch_models
 
     settings = load_settings(args.config)
     Path(args.to).mkdir(parents=True, exist_ok=True)

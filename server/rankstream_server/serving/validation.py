@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import math
 
-from .config import LimitsConfig
-from .errors import InvalidArgument
+from rankstream_server.config import LimitsConfig
+from rankstream_server.errors import InvalidArgument
 
 KNOWN_ORDERS = (0, 1)  # rankstream.v1.Order: RANKED, AS_SCORED
 

@@ -10,9 +10,9 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
-from .batcher import BULK, INTERACTIVE, Job
-from .registry import ServedModel
-from .tokenization import Tokens
+from rankstream_server.inference.batcher import BULK, INTERACTIVE, Job
+from rankstream_server.inference.tokenization import Tokens
+from rankstream_server.serving.registry import ServedModel
 
 
 class ModelCall:

@@ -25,10 +25,10 @@ from typing import TypeVar
 
 import numpy as np
 
-from .config import IndexConfig
-from .corpus_index import DOCS, FORMAT, MANIFEST, VECTORS, VECTORS_STATE, sha256_of
-from .docstore import DocStore
-from .vector_index import VectorIndex
+from rankstream_server.config import IndexConfig
+from rankstream_server.index.local import DOCS, FORMAT, MANIFEST, VECTORS, VECTORS_STATE, sha256_of
+from rankstream_server.index.store import DocStore
+from rankstream_server.index.vectors import VectorIndex
 
 T = TypeVar("T")
 

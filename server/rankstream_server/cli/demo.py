@@ -19,10 +19,9 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from rankstream import STATS_TRAILER
 from rankstream.v1 import rankstream_pb2 as pb
 from rankstream.v1 import rankstream_pb2_grpc as pb_grpc
+from rankstream_server.inference.embedded import SCHEME, UNTRAINED_CROSS_ENCODER
 
-from .embedded import SCHEME, UNTRAINED_CROSS_ENCODER
-
-DEMO_CORPUS = Path(__file__).with_name("data") / "demo_corpus.jsonl"  # written for this demo
+DEMO_CORPUS = Path(__file__).resolve().parent.parent / "data" / "demo_corpus.jsonl"  # written for this demo
 QUERY = "How do I keep a retrieval-augmented chatbot from citing irrelevant passages?"
 BI, CROSS = "all-MiniLM-L6-v2", UNTRAINED_CROSS_ENCODER
 
@@ -144,13 +143,13 @@ def main() -> int:
         config.write_text(CONFIG.replace("INDEX_PATH", str(Path(scratch) / "demo-index")))
         print(f"building an index of {DEMO_CORPUS.name} with {BI} ...")
         built = subprocess.run(
-            [sys.executable, "-m", "rankstream_server.cli", "--log-level", "WARNING", "index", "build",
+            [sys.executable, "-m", "rankstream_server.cli.main", "--log-level", "WARNING", "index", "build",
              "--config", str(config), "--corpus", str(DEMO_CORPUS), "--out", str(Path(scratch) / "demo-index")],
             env={**os.environ, "HF_HUB_OFFLINE": "1"}, stdout=subprocess.PIPE, text=True, check=True,
         )
         print(built.stdout.strip())
         server = subprocess.Popen(
-            [sys.executable, "-m", "rankstream_server.cli", "--log-level", "WARNING", "serve", "--config", str(config)],
+            [sys.executable, "-m", "rankstream_server.cli.main", "--log-level", "WARNING", "serve", "--config", str(config)],
             stdout=subprocess.PIPE, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"},
         )
         try:

@@ -21,8 +21,8 @@ from pathlib import Path
 
 import grpc
 
-from .config import AuthConfig, ConfigError, ServerConfig
-from .interceptors import aborting_handler
+from rankstream_server.config import AuthConfig, ConfigError, ServerConfig
+from rankstream_server.serving.interceptors import aborting_handler
 
 log = logging.getLogger(__name__)
 

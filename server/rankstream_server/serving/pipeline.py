@@ -9,9 +9,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .ranking import activate, passing, rank
-from .registry import ServedModel
-from .scoring import ModelCall
+from rankstream_server.inference.ranking import activate, passing, rank
+from rankstream_server.inference.scoring import ModelCall
+from rankstream_server.serving.registry import ServedModel
 
 
 @dataclass(frozen=True)

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import grpc
 
-from .config import ConfigError, TlsConfig
+from rankstream_server.config import ConfigError, TlsConfig
 
 log = logging.getLogger(__name__)
 

@@ -7,15 +7,15 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .backend import backend_for
-from .batcher import DynamicBatcher
-from .batches import cut_batches
-from .config import Settings
-from .corpus_index import CorpusIndex
-from .errors import NotFound
-from .milvus_index import MilvusIndex
-from .model_loading import LoadedModel, dtype_name, load_model
-from .tokenization import PairTokenizer, TextTokenizer
+from rankstream_server.config import Settings
+from rankstream_server.errors import NotFound
+from rankstream_server.index.local import CorpusIndex
+from rankstream_server.index.milvus import MilvusIndex
+from rankstream_server.inference.backend import backend_for
+from rankstream_server.inference.batcher import DynamicBatcher
+from rankstream_server.inference.batches import cut_batches
+from rankstream_server.inference.model_loading import LoadedModel, dtype_name, load_model
+from rankstream_server.inference.tokenization import PairTokenizer, TextTokenizer
 
 log = logging.getLogger(__name__)
 

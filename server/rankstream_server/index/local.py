@@ -5,7 +5,7 @@ and a manifest saying which model and settings made the embeddings.
     DIR/docs.sqlite     texts, metadata, embeddings (durable on every write)
     DIR/vectors.faiss   the FAISS index as of DIR/vectors.json's `version`
     DIR/vectors.json    that version, the index type and parameters, a checksum, tombstones
-    DIR/LOCK            held by the one process that writes to the folder (index_lock.py)
+    DIR/LOCK            held by the one process that writes to the folder (index/lock.py)
 
 At open, the FAISS index is loaded and caught up with the store's later changes, or rebuilt
 from the store when it is missing, damaged, of another type than configured, or disagrees with
@@ -39,14 +39,14 @@ from pathlib import Path
 import grpc
 import numpy as np
 
-from .config import IndexConfig
-from .docstore import DocStore, Document, StoredDocument
-from .errors import ModelLoadError, RankstreamError
-from .index_lock import IndexLock
-from .rwlock import ReadWriteLock
-from .sparse import FTS_TOKENIZER, BM25Tokenizer, reciprocal_rank_fusion, robertson_score
-from .tokenization import passage_text
-from .vector_index import SearchResult, VectorIndex, exact_search
+from rankstream_server.config import IndexConfig
+from rankstream_server.errors import ModelLoadError, RankstreamError
+from rankstream_server.index.lock import IndexLock
+from rankstream_server.index.rwlock import ReadWriteLock
+from rankstream_server.index.sparse import FTS_TOKENIZER, BM25Tokenizer, reciprocal_rank_fusion, robertson_score
+from rankstream_server.index.store import DocStore, Document, StoredDocument
+from rankstream_server.index.vectors import SearchResult, VectorIndex, exact_search
+from rankstream_server.inference.tokenization import passage_text
 
 log = logging.getLogger(__name__)
 

@@ -31,7 +31,7 @@ from dataclasses import dataclass
 import faiss
 import numpy as np
 
-from .config import IndexConfig
+from rankstream_server.config import IndexConfig
 
 log = logging.getLogger(__name__)
 

@@ -15,7 +15,7 @@ import sys
 import time
 from pathlib import Path
 
-from .errors import ModelLoadError
+from rankstream_server.errors import ModelLoadError
 
 LOCK_FILE = "LOCK"
 

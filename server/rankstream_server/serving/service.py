@@ -18,17 +18,22 @@ import numpy as np
 from rankstream import STATS_TRAILER
 from rankstream.v1 import rankstream_pb2 as pb
 from rankstream.v1 import rankstream_pb2_grpc as pb_grpc
-
-from .config import Settings
-from .corpus_index import Hit
-from .docstore import Document
-from .errors import InvalidArgument, RankstreamError, Unavailable
-from .metrics import Metrics
-from .pipeline import ScoredChunk, retrieved_chunk, scored_chunks
-from .registry import ModelRegistry
-from .scoring import ModelCall
-from .tokenization import passage_text
-from .validation import check_delete, check_rerank, check_retrieve, check_retrieve_and_rerank, check_upsert
+from rankstream_server.config import Settings
+from rankstream_server.errors import InvalidArgument, RankstreamError, Unavailable
+from rankstream_server.index.local import Hit
+from rankstream_server.index.store import Document
+from rankstream_server.inference.scoring import ModelCall
+from rankstream_server.inference.tokenization import passage_text
+from rankstream_server.serving.metrics import Metrics
+from rankstream_server.serving.pipeline import ScoredChunk, retrieved_chunk, scored_chunks
+from rankstream_server.serving.registry import ModelRegistry
+from rankstream_server.serving.validation import (
+    check_delete,
+    check_rerank,
+    check_retrieve,
+    check_retrieve_and_rerank,
+    check_upsert,
+)
 
 log = logging.getLogger(__name__)
 

@@ -12,13 +12,13 @@ from pathlib import Path
 import ir_measures
 from ir_measures import RR, R, nDCG
 
-from .config import IndexConfig, Settings
-from .corpus import read_qrels, read_queries
-from .corpus_index import CorpusIndex
-from .index_build import build_index, pick_model
-from .model_loading import load_model
-from .offline import dimension_of, encode_texts, score_pairs
-from .tokenization import passage_text
+from rankstream_server.config import IndexConfig, Settings
+from rankstream_server.index.build import build_index, pick_model
+from rankstream_server.index.corpus import read_qrels, read_queries
+from rankstream_server.index.local import CorpusIndex
+from rankstream_server.inference.model_loading import load_model
+from rankstream_server.inference.offline import dimension_of, encode_texts, score_pairs
+from rankstream_server.inference.tokenization import passage_text
 
 MEASURES = [nDCG @ 10, RR @ 10, R @ 100]
 

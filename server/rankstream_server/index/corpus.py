@@ -9,7 +9,7 @@ import logging
 from collections.abc import Iterator
 from pathlib import Path
 
-from .docstore import Document
+from rankstream_server.index.store import Document
 
 log = logging.getLogger(__name__)
 

@@ -297,7 +297,7 @@ class DocStore:
         so the manifest's checksum of this file is no longer expected to hold. A folder being
         made (its manifest written afterwards) passes bump_version=False. Returns (passages
         indexed, version)."""
-        from .tokenization import passage_text
+        from rankstream_server.inference.tokenization import passage_text
 
         with self._lock:
             db = self._db

@@ -6,10 +6,10 @@ from __future__ import annotations
 import numpy as np
 from tqdm import tqdm
 
-from .backend import backend_for
-from .batches import cut_batches
-from .model_loading import LoadedModel
-from .tokenization import PairTokenizer, TextTokenizer, Tokens
+from rankstream_server.inference.backend import backend_for
+from rankstream_server.inference.batches import cut_batches
+from rankstream_server.inference.model_loading import LoadedModel
+from rankstream_server.inference.tokenization import PairTokenizer, TextTokenizer, Tokens
 
 
 def _run(loaded: LoadedModel, tokens: Tokens, label: str, progress: bool) -> np.ndarray | None:

@@ -32,10 +32,10 @@ from concurrent.futures import Future, ThreadPoolExecutor
 import numpy as np
 import torch
 
-from .batches import Batch, Piece, ShapePolicy, collate, power_of_two_rows
-from .config import BatchingConfig
-from .model_loading import LoadedModel
-from .tokenization import Tokens
+from rankstream_server.config import BatchingConfig
+from rankstream_server.inference.batches import Batch, Piece, ShapePolicy, collate, power_of_two_rows
+from rankstream_server.inference.model_loading import LoadedModel
+from rankstream_server.inference.tokenization import Tokens
 
 log = logging.getLogger(__name__)
 

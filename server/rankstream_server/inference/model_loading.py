@@ -13,9 +13,9 @@ import torch
 from transformers import AutoConfig, AutoModel, AutoModelForSequenceClassification, AutoTokenizer, PreTrainedTokenizerBase
 from transformers.utils import cached_file
 
-from . import embedded
-from .config import ModelConfig
-from .errors import ModelLoadError
+from rankstream_server.config import ModelConfig
+from rankstream_server.errors import ModelLoadError
+from rankstream_server.inference import embedded
 
 log = logging.getLogger(__name__)
 

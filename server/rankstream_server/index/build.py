@@ -11,16 +11,16 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from .config import IndexConfig, Settings
-from .corpus import read_corpus
-from .corpus_index import DOCS, _index_params, fsync_dir, save_vectors, write_manifest
-from .docstore import DocStore, Document
-from .index_lock import IndexLock
-from .model_loading import load_model
-from .offline import dimension_of, encode_texts
-from .sparse import FTS_TOKENIZER, BM25Tokenizer
-from .tokenization import passage_text
-from .vector_index import VectorIndex
+from rankstream_server.config import IndexConfig, Settings
+from rankstream_server.index.corpus import read_corpus
+from rankstream_server.index.local import DOCS, _index_params, fsync_dir, save_vectors, write_manifest
+from rankstream_server.index.lock import IndexLock
+from rankstream_server.index.sparse import FTS_TOKENIZER, BM25Tokenizer
+from rankstream_server.index.store import DocStore, Document
+from rankstream_server.index.vectors import VectorIndex
+from rankstream_server.inference.model_loading import load_model
+from rankstream_server.inference.offline import dimension_of, encode_texts
+from rankstream_server.inference.tokenization import passage_text
 
 log = logging.getLogger(__name__)
 
@@ -122,7 +122,7 @@ def _build(settings: Settings, corpus: str | Path, out: Path, model: str | None,
 def build_into_milvus(settings: Settings, corpus: str | Path, index: IndexConfig, progress: bool = True) -> BuildReport:
     """`index build --index NAME` for a `backend: milvus` index: encode the corpus and upsert it
     into the collection (created when missing); passages already there with other ids stay."""
-    from .milvus_index import MilvusIndex
+    from rankstream_server.index.milvus import MilvusIndex
 
     started = time.perf_counter()
     documents: dict[str, Document] = {}

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import numpy as np
 from transformers import PreTrainedTokenizerBase
 
-from .errors import InvalidArgument
+from rankstream_server.errors import InvalidArgument
 
 # A passage is cut to (room in tokens x this many characters) at a word boundary before it is
 # tokenized. Tokens of English text average 4-5 characters; a cut text that still yields too

@@ -1,7 +1,7 @@
 """`rankstream index backup DIR OUT`: a consistent copy of an index folder, live or not.
 
 The store is copied with SQLite's online backup API (one read transaction: a server keeps
-writing meanwhile), together with the saved vectors that belong with it (index_check's
+writing meanwhile), together with the saved vectors that belong with it (index/check.py's
 `read_consistently`). The copy's vectors are then caught up to the copied store and saved at
 its version, and the manifest is rewritten with the copy's checksums: the copy opens without
 replaying anything and passes `rankstream index check`. It is made in OUT.partial-PID and
@@ -21,9 +21,9 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from .corpus_index import DOCS, MANIFEST, VECTORS, _write_json, fsync_dir, save_vectors, sha256_of
-from .docstore import DocStore
-from .index_check import CheckReport, check_index, read_consistently
+from rankstream_server.index.check import CheckReport, check_index, read_consistently
+from rankstream_server.index.local import DOCS, MANIFEST, VECTORS, _write_json, fsync_dir, save_vectors, sha256_of
+from rankstream_server.index.store import DocStore
 
 
 class BackupFailed(RuntimeError):

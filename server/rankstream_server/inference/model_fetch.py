@@ -8,8 +8,8 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
-from .config import Settings
-from .embedded import SCHEME
+from rankstream_server.config import Settings
+from rankstream_server.inference.embedded import SCHEME
 
 log = logging.getLogger(__name__)
 

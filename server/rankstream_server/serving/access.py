@@ -21,7 +21,7 @@ import uuid
 
 import grpc
 
-from .metrics import Metrics
+from rankstream_server.serving.metrics import Metrics
 
 access_log = logging.getLogger("rankstream.access")
 

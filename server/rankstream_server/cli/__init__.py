@@ -1,0 +1,1 @@
+"""The `rankstream` command, the demo and `rankstream eval`."""

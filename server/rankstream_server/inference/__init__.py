@@ -1,0 +1,1 @@
+"""From text to scores: tokenization, dynamic batching, torch backends, model loading."""

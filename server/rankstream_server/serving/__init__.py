@@ -1,0 +1,1 @@
+"""The gRPC front door: servicers, validation, auth, access log, metrics, TLS, lifecycle."""
