@@ -142,6 +142,15 @@ async def test_an_unreachable_milvus_fails_start_up_with_one_line(models):
         MilvusIndex.open(config, {"similarity": "cosine"}, 384)
 
 
+async def test_keyword_modes_on_milvus_say_why_not(both):
+    for mode in (pb.SPARSE, pb.HYBRID):
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await _retrieve(both, "milvus", query="saffron", top_k=3, mode=mode)
+        assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "has none" in caught.value.details()
+    with pytest.raises(ValueError, match="backend milvus serves mode dense only"):
+        IndexConfig(name="a", backend="milvus", model="m", mode="hybrid", milvus={"uri": "x", "collection": "c"})
+
+
 def test_config_needs_the_backend_settings():
     with pytest.raises(ValueError, match="backend milvus needs a milvus section"):
         IndexConfig(name="a", backend="milvus", model="m")

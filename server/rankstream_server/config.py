@@ -117,6 +117,8 @@ class IndexConfig(_Strict):
             raise ValueError(f"index {self.name!r}: a milvus section is set but backend is local")
         if self.mode != "dense" and self.backend == "local" and not self.sparse.enabled:
             raise ValueError(f"index {self.name!r}: mode {self.mode} needs the keyword side (sparse.enabled: true)")
+        if self.mode != "dense" and self.backend == "milvus":
+            raise ValueError(f"index {self.name!r}: backend milvus serves mode dense only (no keyword side yet)")
         return self
 
     @property
