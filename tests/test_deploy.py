@@ -354,7 +354,10 @@ def test_manifests_agree_with_the_config_they_ship(shipped, overlay, monkeypatch
 
     probes = {kind: ctr[kind] for kind in ("startupProbe", "readinessProbe", "livenessProbe")}
     for kind, probe in probes.items():
-        assert probe["grpc"]["port"] == server.port, kind
+        # The plaintext health port when configured (the kubelet's probes cannot speak TLS).
+        assert probe["grpc"]["port"] == (server.health_port or server.port), kind
+    if server.health_port is not None:
+        assert ports["health"] == server.health_port
         assert probe["grpc"].get("service", "") in ["", *SERVICE_NAMES], kind
     assert probes["readinessProbe"]["grpc"]["service"] in SERVICE_NAMES
     startup = probes["startupProbe"]

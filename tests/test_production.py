@@ -350,3 +350,27 @@ def test_node_client_sends_its_token(secured):
     seen = json.loads(done.stdout)
     assert [r["id"] for r in seen["reranked"]["passages"]] == ["rag", "food"]
     assert seen["without_token"]["code"] == "UNAUTHENTICATED"
+
+
+@pytest.mark.skipif(shutil.which("openssl") is None, reason="openssl is needed to make test certificates")
+def test_a_plaintext_health_port_serves_probes_beside_tls(models, tmp_path):
+    """The kubelet's gRPC probes cannot speak TLS: server.health_port answers grpc.health.v1 in
+    plaintext, and nothing else."""
+    files = _certificates(tmp_path)
+    tls = {"cert_file": str(files["server.pem"]), "key_file": str(files["server.key"])}
+    settings = make_settings([{"name": "tiny-bert", "weights": str(models.bert)}], server={"tls": tls, "health_port": 0})
+    secured = ThreadedServer(settings).start()
+    try:
+        port = secured.server.health_port
+        assert port and port != secured.port
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+            status = health_pb2_grpc.HealthStub(channel).Check(
+                health_pb2.HealthCheckRequest(service="rankstream.v1.Reranker"), timeout=10)
+            assert status.status == health_pb2.HealthCheckResponse.SERVING
+            with pytest.raises(grpc.RpcError) as caught:
+                list(pb_grpc.RerankerStub(channel).Rerank(pb.RerankRequest(query="q", passages=passages(["x"])), timeout=10))
+            assert caught.value.code() == grpc.StatusCode.UNIMPLEMENTED
+        with RankstreamClient(secured.target, tls=True, root_certificates=files["ca.pem"].read_bytes(), max_attempts=1) as client:
+            assert len(client.rerank(QUERY, TEXTS[:2])) == 2
+    finally:
+        secured.stop()

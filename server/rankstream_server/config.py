@@ -237,6 +237,11 @@ class ServerConfig(_Strict):
         description="Connections are closed gracefully (GOAWAY) after this long, so round_robin clients of a headless "
         "Service reconnect and spread over replicas added since; null = never.",
     )
+    health_port: int | None = Field(
+        None, ge=0, le=65535,
+        description="A plaintext port serving grpc.health.v1 only, for probes that cannot speak TLS (the kubelet's); "
+        "unset = health on the main port only.",
+    )
     metrics_port: int | None = Field(None, ge=0, le=65535, description="Prometheus /metrics port; unset = off.")
     metrics_host: str | None = Field(None, description="Address the metrics port binds; default: server.host.")
     passage_token_cache: int = Field(

@@ -64,6 +64,11 @@ class RankstreamServer:
             RetrieverService(settings, self._readiness, self._tokenize_pool, self.metrics), self._server
         )
         pb_grpc.add_InfoServicer_to_server(InfoService(self._readiness), self._server)
+        self.health_port: int | None = None
+        self._health_server: grpc.aio.Server | None = None
+        if settings.server.health_port is not None:  # plaintext, health only: for probes that cannot do TLS
+            self._health_server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
+            health_pb2_grpc.add_HealthServicer_to_server(self._health, self._health_server)
         self._saver: asyncio.Task | None = None
         self._watcher: asyncio.Task | None = None
         self._file_watcher: asyncio.Task | None = None
@@ -87,6 +92,11 @@ class RankstreamServer:
             raise OSError(f"cannot bind {server.host}:{server.port}")
         await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
         await self._server.start()
+        if self._health_server is not None:
+            self.health_port = self._health_server.add_insecure_port(f"{server.host}:{server.health_port}")
+            if self.health_port == 0:
+                raise OSError(f"cannot bind {server.host}:{server.health_port} (server.health_port)")
+            await self._health_server.start()
         if self.metrics is not None:
             self.metrics_port = self.metrics.serve(server.metrics_host or server.host, server.metrics_port)
             log.info("metrics on http://%s:%d/metrics", server.metrics_host or server.host, self.metrics_port)
@@ -158,6 +168,8 @@ class RankstreamServer:
             await asyncio.to_thread(self._readiness.registry.close)
         if self.metrics is not None:
             self.metrics.close()
+        if self._health_server is not None:
+            await self._health_server.stop(None)
         self._tokenize_pool.shutdown(wait=False, cancel_futures=True)
 
     async def wait(self) -> None:
