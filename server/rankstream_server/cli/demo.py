@@ -101,6 +101,13 @@ def run_requests(channel: grpc.Channel) -> None:
     _print(_passages(retriever.Retrieve(pb.RetrieveRequest(
         query="what should I do with leftover bones", top_k=2, filter={"topic": "food"}, return_text=True), timeout=60)))
 
+    print("\nRetrieve in HYBRID mode (BM25 and dense, fused): 'leftover bones stock'")
+    for r in _passages(retriever.Retrieve(pb.RetrieveRequest(query="leftover bones stock", top_k=3, mode=pb.HYBRID),
+                                          timeout=60)):
+        dense = f"#{r.dense_rank}" if r.dense_rank else "-"
+        sparse = f"#{r.sparse_rank}" if r.sparse_rank else "-"
+        print(f"  fused {r.score:.4f}  dense {dense:>3}  BM25 {sparse:>3}  {r.id}")
+
     passages = [pb.Passage(id=r.id, text=r.text, title=r.title) for r in retrieved]
     print(f"\nRerank those 4 with the bi-encoder ({BI}), best first:")
     _print(_passages(reranker.Rerank(pb.RerankRequest(query=QUERY, passages=passages, model=BI), timeout=60)),
