@@ -44,6 +44,8 @@ GPU_BATCH_TOKENS = 16384
 GPU_LENGTH_BUCKET = 32
 TUNED_BATCH_TOKENS = (1024, 2048, 4096, 8192)  # CPU budgets tried at start-up when none is configured
 TUNING_SECONDS = 2.0
+TUNING_ROUNDS = 5  # timed rounds over every budget (fewer when a big model uses up TUNING_SECONDS)
+BUDGET_TOLERANCE = 0.1  # a larger budget within 10% of the fastest is preferred
 STAGING_SLOTS = 3  # pinned buffer sets in rotation (the batcher keeps at most two passes in flight)
 
 
@@ -278,29 +280,39 @@ class TorchBackend:
         log.info("warmed %d shapes (%d as CUDA graphs) in %.1f s", len(shapes), len(self._graphs), time.perf_counter() - started)
 
     def _tune_batch_tokens(self) -> None:
-        """CPU: the padded-token budget per pass that scores the most rows per second here, among
-        TUNED_BATCH_TOKENS, on passes of ~90-token rows (a small model wants big passes to spread
-        per-pass overhead; a big one wants small passes that stay in cache). Bounded in time."""
+        """CPU: the padded-token budget per pass, among TUNED_BATCH_TOKENS, timed on passes of
+        ~90-token rows (a small model wants big passes to spread per-pass overhead; a big one
+        wants small passes that stay in cache). Budgets are timed in alternating rounds, each
+        keeping its best pass, so a noisy moment does not decide. The largest budget within
+        BUDGET_TOLERANCE of the fastest wins: serving adds per-pass costs (batching, futures,
+        result delivery) that a bare pass does not show. Bounded in time."""
         width = min(96, self.shapes.max_length)
-        rates: dict[int, float] = {}
+        batches: dict[int, Batch] = {}
         spent = 0.0
-        for budget in TUNED_BATCH_TOKENS:
-            rows = max(1, min(self.shapes.max_rows, budget // width))
-            batch = self._dummy(rows, width)
-            timings = []
-            for _ in range(4):  # the first touches this size; the best of the rest resists noise
+        for budget in TUNED_BATCH_TOKENS:  # each size met once, untimed; a slow pass ends the list
+            batches[budget] = self._dummy(max(1, min(self.shapes.max_rows, budget // width)), width)
+            begun = time.perf_counter()
+            self.launch(batches[budget]).result()
+            spent += time.perf_counter() - begun
+            if time.perf_counter() - begun > TUNING_SECONDS / 4:  # per-pass overhead is noise here already
+                break
+        best_seconds: dict[int, float] = {}
+        for _ in range(TUNING_ROUNDS):
+            for budget, batch in batches.items():
                 begun = time.perf_counter()
                 self.launch(batch).result()
-                timings.append(time.perf_counter() - begun)
-                spent += timings[-1]
-                if spent > TUNING_SECONDS and len(timings) > 1:
-                    break
-            rates[budget] = rows / min(timings[1:] or timings)
+                elapsed = time.perf_counter() - begun
+                spent += elapsed
+                best_seconds[budget] = min(elapsed, best_seconds.get(budget, elapsed))
             if spent > TUNING_SECONDS:
                 break
-        best = max(rates, key=rates.get)
-        self.shapes = dataclasses.replace(self.shapes, max_tokens=best)
-        log.info("batch token budget %d (rows/s by budget: %s)", best, {k: round(v) for k, v in rates.items()})
+        if not best_seconds:
+            return
+        rates = {budget: batches[budget].real / seconds for budget, seconds in best_seconds.items()}
+        fastest = max(rates.values())
+        chosen = max(budget for budget, rate in rates.items() if rate >= (1 - BUDGET_TOLERANCE) * fastest)
+        self.shapes = dataclasses.replace(self.shapes, max_tokens=chosen)
+        log.info("batch token budget %d (rows/s by budget: %s)", chosen, {k: round(v) for k, v in rates.items()})
 
     def _choose_attention(self) -> None:
         """Times each SDPA kernel on a large pass and keeps the fastest that runs."""
