@@ -21,11 +21,11 @@ from rankstream.v1 import rankstream_pb2_grpc as pb_grpc
 from rankstream_server.config import IndexConfig
 from rankstream_server.index.build import build_index
 from rankstream_server.index.check import check_index
+from rankstream_server.index.corpus import passage_text
 from rankstream_server.index.local import CorpusIndex
 from rankstream_server.index.sparse import BM25Tokenizer, reciprocal_rank_fusion
 from rankstream_server.inference.model_loading import load_model
 from rankstream_server.inference.offline import encode_texts
-from rankstream_server.inference.tokenization import passage_text
 
 import corpus_factory
 from conftest import make_settings, running

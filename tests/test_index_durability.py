@@ -17,12 +17,12 @@ import pytest
 from rankstream.v1 import rankstream_pb2 as pb
 from rankstream.v1 import rankstream_pb2_grpc as pb_grpc
 from rankstream_server.config import IndexConfig, ModelConfig
+from rankstream_server.index.corpus import passage_text
 from rankstream_server.index.local import CorpusIndex
 from rankstream_server.index.store import Document
 from rankstream_server.index.vectors import VectorIndex, exact_search
 from rankstream_server.inference.model_loading import load_model
 from rankstream_server.inference.offline import encode_texts
-from rankstream_server.inference.tokenization import passage_text
 
 import corpus_factory
 import model_factory

@@ -20,12 +20,12 @@ from rankstream.v1 import rankstream_pb2_grpc as pb_grpc
 from rankstream_server.config import IndexConfig, ModelConfig, load_settings
 from rankstream_server.errors import ModelLoadError
 from rankstream_server.index.build import build_index
+from rankstream_server.index.corpus import passage_text
 from rankstream_server.index.local import CorpusIndex, IndexMismatch
 from rankstream_server.index.store import DocStore
 from rankstream_server.inference.embedded import embedded_model_path
 from rankstream_server.inference.model_loading import load_model
 from rankstream_server.inference.offline import encode_texts
-from rankstream_server.inference.tokenization import passage_text
 
 import corpus_factory
 import model_factory

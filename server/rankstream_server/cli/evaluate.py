@@ -14,11 +14,10 @@ from ir_measures import RR, R, nDCG
 
 from rankstream_server.config import IndexConfig, Settings
 from rankstream_server.index.build import build_index, pick_model
-from rankstream_server.index.corpus import read_qrels, read_queries
+from rankstream_server.index.corpus import passage_text, read_qrels, read_queries
 from rankstream_server.index.local import CorpusIndex
 from rankstream_server.inference.model_loading import load_model
 from rankstream_server.inference.offline import dimension_of, encode_texts, score_pairs
-from rankstream_server.inference.tokenization import passage_text
 
 MEASURES = [nDCG @ 10, RR @ 10, R @ 100]
 
@@ -62,12 +61,11 @@ MODES = ("dense", "sparse", "hybrid")
 
 
 def _retrieve(corpus: CorpusIndex, mode: str, queries: dict[str, str], vectors, ids: list[str], top_k: int) -> dict:
-    depth = max(top_k, corpus.config.hybrid.depth)
     if mode == "dense":
         return {qid: corpus.search(vectors[i], top_k) for i, qid in enumerate(ids)}
     if mode == "sparse":
         return {qid: corpus.sparse_search(queries[qid], top_k) for qid in ids}
-    return {qid: corpus.hybrid_search(vectors[i], corpus.keyword_candidates(queries[qid], depth), top_k)
+    return {qid: corpus.hybrid_search(vectors[i], corpus.keyword_candidates(queries[qid], corpus.hybrid_depth(top_k)), top_k)
             for i, qid in enumerate(ids)}
 
 

@@ -12,15 +12,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from rankstream_server.config import IndexConfig, Settings
-from rankstream_server.index.corpus import read_corpus
+from rankstream_server.index.corpus import passage_text, read_corpus
 from rankstream_server.index.local import DOCS, _index_params, fsync_dir, save_vectors, write_manifest
 from rankstream_server.index.lock import IndexLock
-from rankstream_server.index.sparse import FTS_TOKENIZER, BM25Tokenizer
+from rankstream_server.index.sparse import BM25Tokenizer
 from rankstream_server.index.store import DocStore, Document
 from rankstream_server.index.vectors import VectorIndex
 from rankstream_server.inference.model_loading import load_model
 from rankstream_server.inference.offline import dimension_of, encode_texts
-from rankstream_server.inference.tokenization import passage_text
 
 log = logging.getLogger(__name__)
 
@@ -96,9 +95,9 @@ def _build(settings: Settings, corpus: str | Path, out: Path, model: str | None,
         store = DocStore(staging / DOCS, dimension)
         for start in range(0, len(docs), STORE_CHUNK):
             store.upsert(docs[start : start + STORE_CHUNK], embeddings[start : start + STORE_CHUNK])
-        if index.has_sparse:
-            keywords = BM25Tokenizer(index.sparse.stemmer, index.sparse.stopwords)
-            store.rebuild_sparse(keywords.identity(), keywords.documents, FTS_TOKENIZER, bump_version=False)
+        keywords = BM25Tokenizer.for_index(index)
+        if keywords is not None:
+            store.rebuild_sparse(keywords, bump_version=False)
         keys, vectors, version = store.snapshot_vectors()
         store.close()
         built = VectorIndex.build(dimension, keys, vectors, index, place=False)

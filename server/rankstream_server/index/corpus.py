@@ -13,6 +13,11 @@ from rankstream_server.index.store import Document
 
 log = logging.getLogger(__name__)
 
+
+def passage_text(text: str, title: str | None) -> str:
+    """BEIR convention: the model reads (title + " " + text).strip()."""
+    return f"{title} {text}".strip() if title else text
+
 _ID_FIELDS = ("_id", "id")
 _KNOWN_FIELDS = {"_id", "id", "title", "text", "metadata"}
 

@@ -43,10 +43,9 @@ from rankstream_server.config import IndexConfig
 from rankstream_server.errors import ModelLoadError, RankstreamError
 from rankstream_server.index.lock import IndexLock
 from rankstream_server.index.rwlock import ReadWriteLock
-from rankstream_server.index.sparse import FTS_TOKENIZER, BM25Tokenizer, reciprocal_rank_fusion, robertson_score
+from rankstream_server.index.sparse import BM25Tokenizer, reciprocal_rank_fusion, robertson_score
 from rankstream_server.index.store import DocStore, Document, StoredDocument
 from rankstream_server.index.vectors import SearchResult, VectorIndex, exact_search
-from rankstream_server.inference.tokenization import passage_text
 
 log = logging.getLogger(__name__)
 
@@ -124,7 +123,7 @@ class CorpusIndex:
         self._write_mutex = threading.Lock()  # one writer or rebuild at a time (searches go on)
         self._save_mutex = threading.Lock()  # one save at a time
         self._closed = False
-        self._keywords = BM25Tokenizer(config.sparse.stemmer, config.sparse.stopwords) if config.has_sparse else None
+        self._keywords = BM25Tokenizer.for_index(config)
 
     # -- opening and creating ------------------------------------------------------------
 
@@ -136,7 +135,7 @@ class CorpusIndex:
         staging.mkdir(parents=True)
         store = DocStore(staging / DOCS, dimension)
         if keywords is not None:
-            store.rebuild_sparse(keywords.identity(), keywords.documents, FTS_TOKENIZER, bump_version=False)
+            store.rebuild_sparse(keywords, bump_version=False)
         store.close()
         write_manifest(staging, identity, dimension, count=0, index_type="flat", index_params={}, version=0)
         os.rename(staging, folder)
@@ -153,7 +152,7 @@ class CorpusIndex:
                     f"`rankstream index build --config FILE --corpus CORPUS.jsonl --out {folder}`, "
                     "or set `create: true` to start empty and add passages with UpsertPassages"
                 )
-            keywords = BM25Tokenizer(config.sparse.stemmer, config.sparse.stopwords) if config.has_sparse else None
+            keywords = BM25Tokenizer.for_index(config)
             cls.create_empty(folder, identity, dimension, keywords)
         try:
             manifest = json.loads((folder / MANIFEST).read_text(encoding="utf-8"))
@@ -198,7 +197,7 @@ class CorpusIndex:
         started = time.perf_counter()
         with self._write_mutex, self._rw.write():
             caught_up = self._applied_version == store.version
-            count, version = store.rebuild_sparse(wanted, self._keywords.documents, FTS_TOKENIZER)
+            count, version = store.rebuild_sparse(self._keywords)
             if caught_up:  # no passage changed: the vectors are as current as before
                 self._applied_version = version
         log.info("index %s: keyword side built for %d passages in %.1f s", self.config.name, count,
@@ -258,6 +257,10 @@ class CorpusIndex:
             result = exact_search(query, allowed, self.store.vectors_for(allowed), k)
         return result
 
+    def hybrid_depth(self, k: int) -> int:
+        """Candidates each side gives the fusion for a top-k hybrid search."""
+        return max(k, self.config.hybrid.depth)
+
     def keyword_candidates(self, query: str, k: int, metadata_filter: dict[str, str] | None = None) -> list[tuple[int, float]]:
         """(key, BM25 score) of the k best keyword matches, best first (needs the keyword side)."""
         match = self._keywords.match_expression(query)
@@ -277,10 +280,10 @@ class CorpusIndex:
                       metadata_filter: dict[str, str] | None = None) -> list[Hit]:
         """Reciprocal rank fusion of the dense side's top `hybrid.depth` and the given keyword
         candidates (keyword_candidates, run beside the query's embedding)."""
-        settings = self.config.hybrid
         with self._rw.read():
-            dense = self._dense(query, max(k, settings.depth), metadata_filter)
-        fused = reciprocal_rank_fusion(list(zip(dense.keys.tolist(), dense.scores.tolist())), keywords, settings.rrf_k, k)
+            dense = self._dense(query, self.hybrid_depth(k), metadata_filter)
+        fused = reciprocal_rank_fusion(list(zip(dense.keys.tolist(), dense.scores.tolist())), keywords,
+                                       self.config.hybrid.rrf_k, k)
         hits = self._hits(fused.keys.tolist(), fused.scores.tolist())
         sides = {int(key): i for i, key in enumerate(fused.keys.tolist())}
         for hit in hits:
@@ -305,7 +308,7 @@ class CorpusIndex:
 
     def upsert(self, documents: Sequence[Document], embeddings: np.ndarray) -> int:
         """Durable in the store first, then visible in the index. Returns the new version."""
-        terms = self._keywords.documents([passage_text(d.text, d.title) for d in documents]) if self._keywords else None
+        terms = self._keywords.passages([(d.title, d.text) for d in documents]) if self._keywords else None
         with self._write_mutex, self._rw.write():
             keys, replaced, version = self.store.upsert(documents, embeddings, terms)
             self._apply(version, replaced, keys, embeddings)

@@ -21,6 +21,7 @@ import threading
 from collections.abc import Sequence
 from pathlib import Path
 
+import grpc
 import numpy as np
 
 from rankstream_server.config import IndexConfig
@@ -56,6 +57,7 @@ class MilvusIndex:
     """Search and online changes over one Milvus collection. Thread-safe; every method blocks."""
 
     backend = "milvus"
+    has_sparse = False  # dense only: see the README on Milvus's BM25
 
     def __init__(self, config: IndexConfig, client, dimension: int, similarity: str):
         self.config = config
@@ -185,7 +187,6 @@ class MilvusIndex:
 
     def _call(self, method, *args, **kwargs):
         """One Milvus call; a Milvus that cannot be reached is UNAVAILABLE (retrying is safe)."""
-        import grpc
         from pymilvus.exceptions import MilvusException
 
         try:

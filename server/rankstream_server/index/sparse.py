@@ -18,8 +18,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from rankstream_server.index.corpus import passage_text
+
 K1, B = 1.2, 0.75  # FTS5's bm25() defaults
-FTS_TOKENIZER = "unicode61 remove_diacritics 0 tokenchars '_'"  # splits on spaces only, for our tokens
 
 
 class BM25Tokenizer:
@@ -33,6 +34,11 @@ class BM25Tokenizer:
             import Stemmer
 
             self._stemmer = Stemmer.Stemmer(stemmer)
+
+    @classmethod
+    def for_index(cls, config) -> BM25Tokenizer | None:
+        """The tokenizer of an IndexConfig's keyword side; None when it has none."""
+        return cls(config.sparse.stemmer, config.sparse.stopwords) if config.has_sparse else None
 
     def identity(self) -> dict[str, object]:
         """What makes the tokens what they are (in the manifest: a change rebuilds the table)."""
@@ -50,6 +56,10 @@ class BM25Tokenizer:
     def documents(self, texts: list[str]) -> list[str]:
         """One space-joined token string per text, as stored in the FTS table."""
         return [" ".join(tokens) for tokens in self.tokenize(texts)]
+
+    def passages(self, rows: list[tuple[str | None, str]]) -> list[str]:
+        """documents() of (title, text) rows, read as the models read them."""
+        return self.documents([passage_text(text, title) for title, text in rows])
 
     def match_expression(self, query: str) -> str | None:
         """An FTS5 query: any of the query's terms (each quoted). None when it has no term."""
@@ -88,6 +98,9 @@ def reciprocal_rank_fusion(dense: list[tuple[int, float]], sparse: list[tuple[in
             entry[1 + 2 * side] = score
             entry[2 + 2 * side] = rank
     order = sorted(found.items(), key=lambda item: (-item[1][0], item[1][5]))[:top_k]
-    column = lambda i, dtype: np.array([entry[i] for _, entry in order], dtype=dtype)  # noqa: E731
+
+    def column(i: int, dtype) -> np.ndarray:
+        return np.array([entry[i] for _, entry in order], dtype=dtype)
+
     return Fused(np.array([key for key, _ in order], dtype=np.int64), column(0, np.float64), column(1, np.float32),
                  column(2, np.int32), column(3, np.float32), column(4, np.int32))

@@ -40,6 +40,7 @@ INSERT OR IGNORE INTO counters VALUES ('version', 0), ('next_key', 0);
 CREATE TABLE IF NOT EXISTS settings (name TEXT PRIMARY KEY, value TEXT NOT NULL);
 """
 SPARSE_TABLE = "sparse_terms"
+FTS_TOKENIZER = "unicode61 remove_diacritics 0 tokenchars '_'"  # splits on spaces only: the terms come pre-tokenized
 
 
 @dataclass
@@ -290,28 +291,27 @@ class DocStore:
         with self._lock:
             return self._db.execute(f"SELECT COUNT(*) FROM {SPARSE_TABLE}").fetchone()[0]
 
-    def rebuild_sparse(self, settings: dict, tokenize, tokenizer: str, chunk: int = 2000,
-                       bump_version: bool = True) -> tuple[int, int]:
+    def rebuild_sparse(self, keywords, chunk: int = 2000, bump_version: bool = True) -> tuple[int, int]:
         """The keyword table afresh from every passage, in one transaction (writers wait).
-        `tokenize(texts) -> token strings`. On a live index it is a write: the version goes up,
-        so the manifest's checksum of this file is no longer expected to hold. A folder being
-        made (its manifest written afterwards) passes bump_version=False. Returns (passages
-        indexed, version)."""
-        from rankstream_server.inference.tokenization import passage_text
-
+        `keywords` is a sparse.BM25Tokenizer: its `identity()` is recorded, its
+        `passages([(title, text)]) -> token strings` fills the table. On a live index it is a
+        write: the version goes up, so the manifest's checksum of this file is no longer
+        expected to hold. A folder being made (its manifest written afterwards) passes
+        bump_version=False. Returns (passages indexed, version)."""
         with self._lock:
             db = self._db
             db.execute("BEGIN IMMEDIATE")
             try:
                 db.execute(f"DROP TABLE IF EXISTS {SPARSE_TABLE}")
-                db.execute(f"CREATE VIRTUAL TABLE {SPARSE_TABLE} USING fts5(terms, tokenize=\"{tokenizer}\")")
+                db.execute(f"CREATE VIRTUAL TABLE {SPARSE_TABLE} USING fts5(terms, tokenize=\"{FTS_TOKENIZER}\")")
                 rows = db.execute("SELECT key, title, text FROM documents ORDER BY key").fetchall()
                 for start in range(0, len(rows), chunk):
                     part = rows[start:start + chunk]
-                    terms = tokenize([passage_text(text, title) for _, title, text in part])
+                    terms = keywords.passages([(title, text) for _, title, text in part])
                     db.executemany(f"INSERT INTO {SPARSE_TABLE}(rowid, terms) VALUES (?, ?)",
                                    [(key, t) for (key, _, _), t in zip(part, terms)])
-                db.execute("INSERT OR REPLACE INTO settings VALUES ('sparse', ?)", (json.dumps(settings, sort_keys=True),))
+                db.execute("INSERT OR REPLACE INTO settings VALUES ('sparse', ?)",
+                           (json.dumps(keywords.identity(), sort_keys=True),))
                 version = self._counter("version") + (1 if bump_version else 0)
                 db.execute("UPDATE counters SET value = ? WHERE name = 'version'", (version,))
                 db.execute("COMMIT")

@@ -87,11 +87,6 @@ class PassageTokenCache:
                 self._entries.popitem(last=False)
 
 
-def passage_text(text: str, title: str | None) -> str:
-    """BEIR convention: the model reads (title + " " + text).strip()."""
-    return f"{title} {text}".strip() if title else text
-
-
 @dataclass(frozen=True)
 class _Template:
     """Where special tokens go around one or two sequences, read from the post-processor:

@@ -14,6 +14,7 @@ access-log line and its request metrics.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import re
 import time
@@ -118,23 +119,30 @@ class CallObserver(grpc.aio.ServerInterceptor):
                     settle(call, context, error)
 
             return handler._replace(unary_unary=unary_unary)
+        async def observed(call: _Call, context, messages):
+            """The messages of a streaming call, counted; the call is settled however it ends."""
+            error = None
+            try:
+                async for message in messages:
+                    items = getattr(message, "passages", None)
+                    if items is not None:
+                        call.passages_out += len(items)
+                    yield message
+            except BaseException as caught:
+                error = caught
+                raise
+            finally:
+                settle(call, context, error)
+
         if handler.unary_stream is not None:
             inner_stream = handler.unary_stream
 
             async def unary_stream(request, context):
                 call = await begin(context, request)
-                error = None
-                try:
-                    async for message in inner_stream(request, context):
-                        items = getattr(message, "passages", None)
-                        if items is not None:
-                            call.passages_out += len(items)
+                # aclosing: the call is settled at once, even when the client goes away mid-stream.
+                async with contextlib.aclosing(observed(call, context, inner_stream(request, context))) as messages:
+                    async for message in messages:
                         yield message
-                except BaseException as caught:
-                    error = caught
-                    raise
-                finally:
-                    settle(call, context, error)
 
             return handler._replace(unary_stream=unary_stream)
         if handler.stream_stream is not None:  # server reflection
@@ -142,15 +150,10 @@ class CallObserver(grpc.aio.ServerInterceptor):
 
             async def stream_stream(requests, context):
                 call = await begin(context, None)
-                error = None
-                try:
-                    async for message in inner_both(requests, context):
+                # aclosing: the call is settled at once, even when the client goes away mid-stream.
+                async with contextlib.aclosing(observed(call, context, inner_both(requests, context))) as messages:
+                    async for message in messages:
                         yield message
-                except BaseException as caught:
-                    error = caught
-                    raise
-                finally:
-                    settle(call, context, error)
 
             return handler._replace(stream_stream=stream_stream)
         return handler

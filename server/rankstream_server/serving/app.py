@@ -19,7 +19,7 @@ from rankstream.v1 import rankstream_pb2 as pb
 from rankstream.v1 import rankstream_pb2_grpc as pb_grpc
 from rankstream_server.config import Settings
 from rankstream_server.serving.access import CallObserver
-from rankstream_server.serving.auth import Authenticator, check_exposure, token_store, watch_files
+from rankstream_server.serving.auth import Authenticator, check_exposure, token_store, watch_file
 from rankstream_server.serving.interceptors import DecodeGuard
 from rankstream_server.serving.metrics import Metrics
 from rankstream_server.serving.registry import ModelRegistry
@@ -101,7 +101,7 @@ class RankstreamServer:
             self.metrics_port = self.metrics.serve(server.metrics_host or server.host, server.metrics_port)
             log.info("metrics on http://%s:%d/metrics", server.metrics_host or server.host, self.metrics_port)
         if self._tokens is not None:
-            self._file_watcher = asyncio.create_task(watch_files(self.settings.auth.reload_seconds,
+            self._file_watcher = asyncio.create_task(watch_file(self.settings.auth.reload_seconds,
                                                                 self._tokens.reload_if_changed))
         return self.port
 

@@ -159,15 +159,14 @@ class Authenticator(grpc.aio.ServerInterceptor):
         return handler
 
 
-async def watch_files(interval: float, *checks) -> None:
-    """Calls each check (a blocking stat-and-reload) every `interval` seconds, off the event loop."""
+async def watch_file(interval: float, check) -> None:
+    """Calls `check` (a blocking stat-and-reload) every `interval` seconds, off the event loop."""
     while True:
         await asyncio.sleep(interval)
-        for check in checks:
-            try:
-                await asyncio.to_thread(check)
-            except Exception:  # noqa: BLE001 - a failed check is retried next time
-                log.exception("checking %s for changes failed", check)
+        try:
+            await asyncio.to_thread(check)
+        except Exception:  # noqa: BLE001 - a failed check is retried next time
+            log.exception("checking %s for changes failed", check)
 
 
 def is_loopback(host: str) -> bool:

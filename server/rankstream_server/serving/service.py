@@ -20,10 +20,10 @@ from rankstream.v1 import rankstream_pb2 as pb
 from rankstream.v1 import rankstream_pb2_grpc as pb_grpc
 from rankstream_server.config import Settings
 from rankstream_server.errors import InvalidArgument, RankstreamError, Unavailable
+from rankstream_server.index.corpus import passage_text
 from rankstream_server.index.local import Hit
 from rankstream_server.index.store import Document
 from rankstream_server.inference.scoring import ModelCall
-from rankstream_server.inference.tokenization import passage_text
 from rankstream_server.serving.metrics import Metrics
 from rankstream_server.serving.pipeline import ScoredChunk, retrieved_chunk, scored_chunks
 from rankstream_server.serving.registry import ModelRegistry
@@ -88,7 +88,7 @@ def retrieval_mode(requested: int, index) -> str:
     if requested != pb.MODE_DEFAULT and requested not in MODES:
         raise InvalidArgument(f"mode: unknown value {requested}; use DENSE (1), SPARSE (2) or HYBRID (3)")
     mode = MODES.get(requested, index.config.mode)
-    if mode != "dense" and not getattr(index, "has_sparse", False):
+    if mode != "dense" and not index.has_sparse:
         raise InvalidArgument(f"mode: {mode.upper()} needs a keyword side, and index {index.config.name!r} has none "
                               "(local backend with indexes[].sparse.enabled: true)")
     return mode
@@ -212,13 +212,19 @@ class _Trailer:
                                          stats.inference_ms / 1000)
 
 
-class RerankerService(pb_grpc.RerankerServicer):
+class _ModelServicer:
+    """What the Reranker and Retriever servicers share: settings, readiness, the tokenizing
+    threads and the metrics."""
+
     def __init__(self, settings: Settings, readiness: Readiness, tokenize_pool: ThreadPoolExecutor,
                  metrics: Metrics | None = None):
         self._metrics = metrics
         self._settings = settings
         self._readiness = readiness
         self._tokenize_pool = tokenize_pool
+
+
+class RerankerService(_ModelServicer, pb_grpc.RerankerServicer):
 
     @streaming_errors
     async def Rerank(self, request: pb.RerankRequest, context: grpc.aio.ServicerContext) -> AsyncIterator[pb.ScoredPassages]:
@@ -249,13 +255,7 @@ class RerankerService(pb_grpc.RerankerServicer):
             trailer.send()
 
 
-class RetrieverService(pb_grpc.RetrieverServicer):
-    def __init__(self, settings: Settings, readiness: Readiness, tokenize_pool: ThreadPoolExecutor,
-                 metrics: Metrics | None = None):
-        self._metrics = metrics
-        self._settings = settings
-        self._readiness = readiness
-        self._tokenize_pool = tokenize_pool
+class RetrieverService(_ModelServicer, pb_grpc.RetrieverServicer):
 
     async def _retrieve(self, call: ModelCall, trailer: _Trailer, request) -> list[Hit]:
         """Candidates by the request's mode: dense (embed, then search), sparse (BM25 only, no
@@ -267,8 +267,8 @@ class RetrieverService(pb_grpc.RetrieverServicer):
         if mode == "sparse":
             hits = await asyncio.to_thread(index.sparse_search, request.query, request.top_k, metadata_filter)
         elif mode == "hybrid":
-            depth = max(request.top_k, index.config.hybrid.depth)
-            keywords = asyncio.ensure_future(asyncio.to_thread(index.keyword_candidates, request.query, depth, metadata_filter))
+            keywords = asyncio.ensure_future(asyncio.to_thread(
+                index.keyword_candidates, request.query, index.hybrid_depth(request.top_k), metadata_filter))
             try:
                 query_vector = await call.embed(encoder, [request.query], "query")
             except BaseException:
@@ -383,7 +383,7 @@ class InfoService(pb_grpc.InfoServicer):
                 pb.IndexInfo(
                     name=index.config.name, model=index.config.model, count=index.count, dimension=index.dimension,
                     similarity=index.similarity, index_type=index.index_type, device=index.device, version=index.version,
-                    sparse=getattr(index, "has_sparse", False), default_mode=MODE_VALUES[index.config.mode],
+                    sparse=index.has_sparse, default_mode=MODE_VALUES[index.config.mode],
                 )
             )
         for model in registry.models:
