@@ -9,6 +9,9 @@ import threading
 
 import numpy as np
 import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from transformers import AutoTokenizer
 
 from rankstream.v1 import rankstream_pb2 as pb
@@ -18,7 +21,13 @@ from rankstream_server.inference.batcher import BULK, INTERACTIVE, DynamicBatche
 from rankstream_server.inference.batches import ShapePolicy, collate, cut_batches, power_of_two_rows
 from rankstream_server.inference.embedded import embedded_model_path
 from rankstream_server.inference.model_loading import load_model
-from rankstream_server.inference.tokenization import CHARACTERS_PER_TOKEN_CUT, PairTokenizer, TextTokenizer, Tokens
+from rankstream_server.inference.tokenization import (
+    CHARACTERS_PER_TOKEN_CUT,
+    PairTokenizer,
+    TextTokenizer,
+    Tokens,
+    _PlainAscii,
+)
 from rankstream_server.serving.pipeline import ScoredChunk
 from rankstream_server.serving.service import Messages
 
@@ -67,23 +76,50 @@ def test_a_long_passage_is_cut_before_it_is_tokenized(bert_tokenizer, monkeypatc
     """Only about room x CHARACTERS_PER_TOKEN_CUT characters reach the tokenizer."""
     tokenizer = PairTokenizer(bert_tokenizer, 64, "m", True)
     seen: list[int] = []
-    rust = tokenizer._backend
+    ids = tokenizer._ids
 
-    class Recording:
-        """The Rust tokenizer, recording the length of every text it is given."""
+    def recording(texts):
+        seen.extend(len(t) for t in texts)
+        return ids(texts)
 
-        def encode(self, text, **kwargs):
-            return rust.encode(text, **kwargs)
-
-        def encode_batch(self, texts, **kwargs):
-            seen.extend(len(t) for t in texts)
-            return rust.encode_batch(texts, **kwargs)
-
-    tokenizer._backend = Recording()
+    monkeypatch.setattr(tokenizer, "_ids", recording)
     passage = "the quick brown fox jumps over the lazy dog " * 500  # 22,000 characters
     tokens = tokenizer.encode("fox", [passage])
     assert seen and max(seen) <= 64 * CHARACTERS_PER_TOKEN_CUT
     assert tokens.lengths[0] == 64 and tokens.truncated == 1
+
+
+ASCII = st.text(alphabet=st.characters(max_codepoint=127), max_size=300)
+MIXED = st.lists(st.one_of(ASCII, st.text(max_size=80)), min_size=1, max_size=12)
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(texts=MIXED, query=ASCII.filter(lambda q: any(c.isalnum() for c in q)))
+def test_ascii_shortcut_gives_the_normalizers_ids_for_any_text(bert_tokenizer, texts, query):
+    """ASCII text skips BERT's normalizer (lowercased by str.lower instead): any ASCII, control
+    characters included, mixed in one request with any unicode, gives Hugging Face's ids."""
+    pair = PairTokenizer(bert_tokenizer, 128, "m", True)
+    assert pair._plain.active
+    tokens = pair.encode(query, texts)
+    reference = bert_tokenizer([query] * len(texts), texts, truncation="only_second", max_length=128)
+    assert _rows(tokens, True) == list(zip(reference["input_ids"], reference["token_type_ids"]))
+    single = TextTokenizer(bert_tokenizer, 64, "", "").encode(texts, "passage")
+    assert [ids for ids, _ in _rows(single, False)] == bert_tokenizer(texts, truncation=True, max_length=64)["input_ids"]
+
+
+def test_ascii_shortcut_is_taken_only_where_it_is_exact(bert_tokenizer):
+    """Plain ASCII takes the shortcut; control characters, non-ASCII text and tokenizers with
+    another normalizer (or none) take the full tokenizer."""
+    from tokenizers import Tokenizer, normalizers
+
+    plain = PairTokenizer(bert_tokenizer, 128, "m", True)._plain
+    assert plain.takes("Plain ASCII, with\ttabs and\nnew lines.")
+    assert not plain.takes("a bell \x07 rings") and not plain.takes("café") and not plain.takes("form\x0cfeed")
+    other = Tokenizer.from_str(bert_tokenizer.backend_tokenizer.to_str())
+    other.normalizer = normalizers.NFKC()
+    assert not _PlainAscii(other).active and not _PlainAscii(other).takes("plain")
+    other.normalizer = None
+    assert not _PlainAscii(other).active
 
 
 def test_shape_policy_buckets_widths_and_rows():
@@ -216,6 +252,62 @@ def test_bucketed_padded_passes_score_like_exact_ones_and_graphs_fall_back_on_cp
     bucketed, graphs = scores(BatchingConfig(max_batch_size=4, length_bucket=16, pad_rows=True, cuda_graphs=True))
     np.testing.assert_allclose(bucketed, exact, atol=1e-5)
     assert graphs == 0
+
+
+def _scores(backend, tokens: Tokens, in_flight: int = 3) -> np.ndarray:
+    """Every row's score, passes launched `in_flight` at a time (side by side on CPU workers)."""
+    output = np.zeros(len(tokens), np.float32)
+    batches = cut_batches([(None, tokens, np.arange(len(tokens)))], backend.shapes)
+    for start in range(0, len(batches), in_flight):
+        launched = [(batch, backend.launch(batch)) for batch in batches[start:start + in_flight]]
+        for batch, pending in launched:
+            result = pending.result()
+            for piece in batch.pieces:
+                output[piece.rows] = result[piece.slots]
+    return output
+
+
+@pytest.mark.parametrize("rows", [1, 3])
+def test_compiled_cpu_passes_score_like_eager_side_by_side(models, rows):
+    """batching.compile: the compiled model (one-row passes are their own shape family for
+    dynamo) gives eager's scores, with two passes running at once on CPU workers."""
+    loaded = load_model(ModelConfig(name="m", weights=str(models.bert)))
+    tokens = PairTokenizer(loaded.tokenizer, loaded.max_length, "m", loaded.uses_token_type_ids).encode(QUERY, TEXTS * 3)
+    config = BatchingConfig(max_batch_size=rows, max_batch_tokens=4096, cpu_passes=2)
+    eager = _scores(backend_for(loaded, config), tokens)
+    backend = backend_for(loaded, config.model_copy(update={"compile": True}))
+    backend.warm_up()
+    assert backend._compiled is not None, "compiling failed or did not match eager on the probes"
+    backend._runner = backend._compiled  # whether or not it measured faster here
+    assert backend.compiled
+    np.testing.assert_allclose(_scores(backend, tokens), eager, atol=1e-5)
+
+
+def test_a_model_that_fails_to_compile_or_compiles_wrong_is_served_eagerly(models, monkeypatch, caplog):
+    loaded = load_model(ModelConfig(name="m", weights=str(models.bert)))
+    tokens = PairTokenizer(loaded.tokenizer, loaded.max_length, "m", loaded.uses_token_type_ids).encode(QUERY, TEXTS)
+    config = BatchingConfig(max_batch_size=4, max_batch_tokens=4096, compile=True)
+    eager = _scores(backend_for(loaded, config.model_copy(update={"compile": False})), tokens)
+
+    def broken(model, **options):
+        def run(**inputs):
+            raise RuntimeError("no C++ compiler")
+        return run
+
+    def wrong(model, **options):
+        def run(**inputs):
+            output = model(**inputs)
+            output.logits = output.logits + 1.0
+            return output
+        return run
+
+    for fake, reason in ((broken, "no C++ compiler"), (wrong, "differs from eager")):
+        monkeypatch.setattr(torch, "compile", fake)
+        backend = backend_for(loaded, config)
+        with caplog.at_level("WARNING"):
+            backend.warm_up()
+        assert not backend.compiled and reason in caplog.text
+        np.testing.assert_allclose(_scores(backend, tokens), eager, atol=1e-6)
 
 
 def _chunk(indices, ranks=None) -> ScoredChunk:

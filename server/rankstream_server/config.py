@@ -155,6 +155,12 @@ class BatchingConfig(_Strict):
     attention: Literal["auto", "cudnn", "flash", "efficient", "math"] = Field(
         "auto", description="SDPA attention kernel on CUDA; auto = the fastest measured at start-up."
     )
+    compile: bool = Field(
+        False,
+        description="CPU: torch.compile the model at start-up (Inductor, dynamic shapes; needs a C++ compiler). "
+        "Kept only where it matches eager scores and measures faster; costs seconds of start-up (cached on disk "
+        "in TORCHINDUCTOR_CACHE_DIR). CUDA ignores it: passes there replay CUDA graphs.",
+    )
     cpu_passes: int | None = Field(
         None, gt=0,
         description="Forward passes a model runs side by side on CPU, each on its own thread with torch's intra-op "
@@ -221,7 +227,15 @@ class ServerConfig(_Strict):
         "side by side (batching.cpu_passes), which measured faster under load than passes split across cores, whose "
         "OpenMP threads contend with tokenization.",
     )
-    tokenizer_threads: int = Field(2, gt=0)
+    tokenizer_threads: int | None = Field(
+        None, gt=0, description="Threads tokenizing requests, each request on one thread. Default: one per core.",
+    )
+    tokenizer_parallel: bool = Field(
+        False,
+        description="Also spread one request's texts over the Rust tokenizer's own thread pool (TOKENIZERS_PARALLELISM): "
+        "lower latency for a lone large request, but under load it hands every request to other threads again "
+        "and measured ~10% fewer pairs/s on 2 cores.",
+    )
     warmup: bool = True
     drain_seconds: float = Field(
         0.0, ge=0,

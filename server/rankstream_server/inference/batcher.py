@@ -66,7 +66,8 @@ class PendingResult(Protocol):
 class Backend(Protocol):
     asynchronous: bool  # launch returns before the pass has ended
     shapes: ShapePolicy  # set by the batcher from its config when the backend has none of its own
-    # optional: parallel_passes, how many passes may be in flight (default 2 if asynchronous, else 1)
+    # optional: passes_in_flight (or parallel_passes), how many passes may be launched and not yet
+    # collected (default 2 if asynchronous, else 1); a PendingResult may have add_done_callback
 
     def launch(self, batch: Batch) -> PendingResult: ...
 
@@ -143,6 +144,17 @@ class _Work:
     @property
     def left(self) -> int:
         return len(self.rows) - self.start
+
+
+@dataclass(eq=False)
+class _Running:
+    """A launched pass; `ended` is set by the backend's callback where it has one."""
+
+    batch: Batch
+    pending: PendingResult | None  # None: the launch itself failed
+    started: float
+    calls_back: bool = False
+    ended: threading.Event = field(default_factory=threading.Event)
 
 
 @dataclass
@@ -392,20 +404,22 @@ class DynamicBatcher:
                     self._finish(batch, None, 0.0, 0.0)
 
     def _serve(self) -> None:
-        limit = getattr(self._backend, "parallel_passes", 2 if self._backend.asynchronous else 1)
-        running: collections.deque[tuple[Batch, PendingResult | None, float]] = collections.deque()
+        limit = getattr(self._backend, "passes_in_flight", None) or getattr(
+            self._backend, "parallel_passes", 2 if self._backend.asynchronous else 1)
+        running: list[_Running] = []
         ready: collections.deque[Batch] = collections.deque()
         while True:
             if not ready:
                 ready.extend(cut_batches(self._take_window(wait=not running), self._shapes))
             # What is cut or running is held, so an unexpected error can fail it rather than lose it.
-            self._held = [*ready, *(launched[0] for launched in running)]
+            self._held = [*ready, *(launched.batch for launched in running)]
             batch = self._live(ready.popleft()) if ready else None
             if batch is None:
                 if running:
-                    if len(running) < limit and not self._oldest_done_or_work(running[0][1]):
+                    ended = self._a_pass_ended(running, or_work=len(running) < limit)
+                    if ended is None:
                         continue  # new work came while the others run: launch it beside them
-                    self._complete(*running.popleft())
+                    self._complete(running.pop(ended))
                 elif not ready:
                     with self._cond:
                         if self._closed and not self._queued_rows:
@@ -414,45 +428,59 @@ class DynamicBatcher:
             self._held.append(batch)
             running.append(self._launch(batch))
             while len(running) >= limit:
-                self._complete(*running.popleft())
+                self._complete(running.pop(self._a_pass_ended(running, or_work=False)))
 
-    def _oldest_done_or_work(self, pending: PendingResult | None) -> bool:
-        """With a worker free: waits until the oldest running pass ends (True) or new work is
-        queued (False). A backend whose passes cannot call back (CUDA) just waits for the pass."""
-        if pending is None or not hasattr(pending, "add_done_callback"):
-            return True
-        ended = threading.Event()
-
-        def wake() -> None:
-            ended.set()
-            with self._cond:
-                self._cond.notify_all()
-
-        pending.add_done_callback(wake)
+    def _a_pass_ended(self, running: list[_Running], or_work: bool) -> int | None:
+        """Waits until some running pass has ended and returns its index (passes side by side on
+        CPU workers end in any order: whichever ends first frees its worker for the next). With
+        `or_work`, returns None instead as soon as new work is queued. A backend whose passes cannot
+        call back (CUDA, where passes end in launch order) is waited on oldest first."""
         with self._cond:
-            while not ended.is_set() and not self._queued_rows and not self._closed:
+            while True:
+                for index, launched in enumerate(running):
+                    if launched.ended.is_set():
+                        return index
+                if not running[0].calls_back or self._closed:
+                    return 0
+                if or_work and self._queued_rows:
+                    return None
                 self._cond.wait()
-            return ended.is_set() or not self._queued_rows
 
-    def _launch(self, batch: Batch) -> tuple[Batch, PendingResult | None, float]:
+    def _launch(self, batch: Batch) -> _Running:
         started = time.perf_counter()
         for piece in batch.pieces:
             if piece.owner.stats.first_batch_at is None:
                 piece.owner.stats.first_batch_at = started
         try:
-            return batch, self._backend.launch(batch), started
+            pending = self._backend.launch(batch)
         except Exception:  # noqa: BLE001 - retried smaller in _complete
             log.exception("model %s failed to launch a pass of %d", self.name, batch.real)
-            return batch, None, started
+            failed = _Running(batch, None, started)
+            failed.ended.set()
+            return failed
+        launched = _Running(batch, pending, started)
+        if hasattr(pending, "add_done_callback"):
+            launched.calls_back = True
 
-    def _complete(self, batch: Batch, pending: PendingResult | None, started: float) -> None:
+            def ended() -> None:
+                with self._cond:
+                    launched.ended.set()
+                    self._cond.notify_all()
+
+            pending.add_done_callback(ended)
+        return launched
+
+    def _complete(self, launched: _Running) -> None:
+        batch, pending = launched.batch, launched.pending
         outputs: np.ndarray | None = None
         if pending is not None:
             try:
                 outputs = pending.result()
             except Exception:  # noqa: BLE001
                 log.exception("model %s failed on a pass of %d", self.name, batch.real)
-        elapsed = time.perf_counter() - started
+        # The pass's own run where the backend times it (a CPU pass may wait for a free worker).
+        started = getattr(pending, "started_at", None) or launched.started
+        elapsed = (getattr(pending, "ended_at", None) or time.perf_counter()) - started
         if outputs is None:
             with self._cond:
                 if batch in self._held:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import signal
 import threading
 from collections.abc import Callable
@@ -18,6 +19,7 @@ from grpc_reflection.v1alpha import reflection
 from rankstream.v1 import rankstream_pb2 as pb
 from rankstream.v1 import rankstream_pb2_grpc as pb_grpc
 from rankstream_server.config import Settings
+from rankstream_server.inference.backend import available_cores
 from rankstream_server.serving.access import CallObserver
 from rankstream_server.serving.auth import Authenticator, check_exposure, token_store, watch_file
 from rankstream_server.serving.interceptors import DecodeGuard
@@ -41,7 +43,10 @@ class RankstreamServer:
         self.metrics_port: int | None = None
         self._readiness = Readiness()
         self._health = health.aio.HealthServicer()
-        self._tokenize_pool = ThreadPoolExecutor(settings.server.tokenizer_threads, thread_name_prefix="tokenize")
+        # The `tokenizers` library reads this at every batch call: the process's one switch for it.
+        os.environ["TOKENIZERS_PARALLELISM"] = "true" if settings.server.tokenizer_parallel else "false"
+        self._tokenize_pool = ThreadPoolExecutor(settings.server.tokenizer_threads or available_cores(),
+                                                 thread_name_prefix="tokenize")
         self._tokens = token_store(settings.auth)
         self._certificates = CertificateFiles(settings.server.tls) if settings.server.tls else None
         self.metrics = Metrics([m.name for m in settings.models]) if settings.server.metrics_port is not None else None
