@@ -299,8 +299,9 @@ def main() -> int:
         models = [{"name": "host", "weights": str(host_dir)}]
         if minilm_dir:
             models.append({"name": "minilm", "weights": str(minilm_dir)})
-        config: dict = {"server": {"torch_threads": 1}, "batching": {"cpu_passes": args.threads}, "models": models,
-                        "default_model": "host"}
+        # batching.compile as in deploy/config/production.yaml (`--set batching.compile=false`: eager).
+        config: dict = {"server": {"torch_threads": 1}, "batching": {"cpu_passes": args.threads, "compile": True},
+                        "models": models, "default_model": "host"}
         if "index" in parts:
             models.append({"name": "bi", "kind": "bi", "weights": "embedded:all-MiniLM-L6-v2"})
             config["indexes"] = [{"name": "bench", "path": str(scratch / "index"), "model": "bi"}]
@@ -310,6 +311,9 @@ def main() -> int:
         print(f"\nserver config: {config}")
         with common.Server(config, scratch) as server:
             print(f"server up in {server.startup_seconds:.1f} s (start-up, load, warm-up), pid {server.pid}, {server.address}")
+            for name, info in common.model_info(server.address).items():
+                print(f"  {name}: {info.device}, {info.dtype}, {info.parallel_passes} passes side by side of "
+                      f"{info.max_batch_tokens} padded tokens, torch.compile {'on' if info.compiled else 'off'}")
             if "host" in parts:
                 host_path(args, server, host_dir, pairs_text, summary)
             if "minilm" in parts:

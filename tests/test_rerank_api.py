@@ -97,6 +97,9 @@ async def test_list_models_describes_each_model(served):
     assert by_name["tiny-bert"].max_length == 128, "capped at the model's position embeddings"
     assert by_name["tiny-deberta"].tokenizer.endswith("deberta-tokenizer")
     assert minilm.batcher.capacity > 0
+    # How passes run, as start-up settled it: CPU, eager (batching.compile off), no graphs.
+    assert minilm.max_batch_tokens > 0 and minilm.parallel_passes >= 1
+    assert not minilm.compiled and minilm.cuda_graphs == 0
 
 
 LONG_QUERY_WORDS = " ".join(["word"] * 150)  # 150 tokens, under the character limit

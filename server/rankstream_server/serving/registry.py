@@ -11,7 +11,7 @@ from rankstream_server.config import Settings
 from rankstream_server.errors import NotFound
 from rankstream_server.index.local import CorpusIndex
 from rankstream_server.index.milvus import MilvusIndex
-from rankstream_server.inference.backend import backend_for
+from rankstream_server.inference.backend import TorchBackend, backend_for
 from rankstream_server.inference.batcher import DynamicBatcher
 from rankstream_server.inference.batches import cut_batches
 from rankstream_server.inference.model_loading import LoadedModel, dtype_name, load_model
@@ -29,6 +29,7 @@ class ServedModel:
     loaded: LoadedModel
     tokenizer: PairTokenizer | TextTokenizer  # pairs for cross-encoders, single texts for bi-encoders
     batcher: DynamicBatcher
+    backend: TorchBackend
 
     @property
     def kind(self) -> str:
@@ -46,6 +47,10 @@ class ServedModel:
             "activation": loaded.activation,
             "pooling": loaded.pooling,
             "similarity": loaded.similarity,
+            "max_batch_tokens": self.backend.shapes.max_tokens,
+            "parallel_passes": self.backend.parallel_passes,
+            "compiled": self.backend.compiled,
+            "cuda_graphs": self.backend.graphs,
         }
 
 
@@ -84,7 +89,7 @@ class ModelRegistry:
             if self._settings.server.warmup:
                 backend.warm_up()
             batcher = DynamicBatcher(cfg.name, backend, self._settings.batching)
-            self._models[cfg.name] = ServedModel(cfg.name, loaded, tokenizer, batcher)
+            self._models[cfg.name] = ServedModel(cfg.name, loaded, tokenizer, batcher, backend)
         for index_cfg in self._settings.indexes:
             model = self._models[index_cfg.model].loaded
             opener = MilvusIndex.open if index_cfg.backend == "milvus" else CorpusIndex.open
