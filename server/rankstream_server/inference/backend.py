@@ -141,12 +141,13 @@ class TorchBackend:
         self._uses_token_type_ids = loaded.uses_token_type_ids
         self.cuda = loaded.device.type == "cuda"
         threads = torch.get_num_threads()
-        # Passes running at once: on CUDA one running and one being launched; on CPU one per worker.
-        self.parallel_passes = 2 if self.cuda else (config.cpu_passes or max(1, available_cores() // threads))
+        # Passes running at once: one per CPU worker; one on a GPU.
+        self.parallel_passes = 1 if self.cuda else (config.cpu_passes or max(1, available_cores() // threads))
         self.asynchronous = self.cuda or self.parallel_passes > 1  # launch returns before the pass ends
-        # Passes the batcher may have launched and not collected: CPU workers get one more, queued,
-        # so a worker that frees up starts it at once instead of waiting for the batcher to collate.
-        self.passes_in_flight = self.parallel_passes + (1 if not self.cuda and self.parallel_passes > 1 else 0)
+        # Passes the batcher may have launched and not collected. CUDA: one running, the next being
+        # launched. CPU workers get one more, queued, so a worker that frees up starts it at once
+        # instead of waiting for the batcher to collate.
+        self.passes_in_flight = 2 if self.cuda else self.parallel_passes + (1 if self.parallel_passes > 1 else 0)
         self.shapes = shape_policy(loaded, config)
         self._use_graphs = self.cuda and config.cuda_graphs
         self._attention = config.attention

@@ -66,8 +66,9 @@ class PendingResult(Protocol):
 class Backend(Protocol):
     asynchronous: bool  # launch returns before the pass has ended
     shapes: ShapePolicy  # set by the batcher from its config when the backend has none of its own
-    # optional: passes_in_flight (or parallel_passes), how many passes may be launched and not yet
-    # collected (default 2 if asynchronous, else 1); a PendingResult may have add_done_callback
+    # optional: passes_in_flight, how many passes may be launched and not yet collected (default 2
+    # if asynchronous, else 1); parallel_passes, how many of them run at once (default 1); a
+    # PendingResult may have add_done_callback
 
     def launch(self, batch: Batch) -> PendingResult: ...
 
@@ -181,6 +182,7 @@ class DynamicBatcher:
             max_tokens = config.max_batch_tokens or (GPU_BATCH_TOKENS if backend.asynchronous else CPU_BATCH_TOKENS)
             shapes = ShapePolicy(max_length=1 << 30, max_rows=config.max_batch_size, max_tokens=max_tokens)
         self._shapes = shapes
+        self._parallel_passes = max(1, getattr(backend, "parallel_passes", 1))  # queued work drains this much faster
         self._max_wait = config.max_wait_ms / 1000.0
         self._bulk_max_wait = config.bulk_max_wait_ms / 1000.0
         self._cond = threading.Condition()
@@ -231,10 +233,12 @@ class DynamicBatcher:
 
     def expected_wait(self, tokens: int = 0) -> float | None:
         """Seconds until `tokens` more tokens would be done behind everything queued, the pass
-        running now included (None until the first passes are measured)."""
+        running now included (None until the first passes are measured). Passes side by side (CPU
+        workers) drain the queue that many times faster."""
         if self._seconds_per_token is None:
             return None
-        return (self._queued_tokens + tokens) * self._seconds_per_token * 1.1 + self._pass_seconds
+        queued = (self._queued_tokens + tokens) * self._seconds_per_token * 1.1
+        return queued / self._parallel_passes + self._pass_seconds
 
     def precheck(self, rows: int, tokens: int, deadline: float | None) -> None:
         """The admission checks on an estimate, before any tokenizing: a request that will be
@@ -404,8 +408,7 @@ class DynamicBatcher:
                     self._finish(batch, None, 0.0, 0.0)
 
     def _serve(self) -> None:
-        limit = getattr(self._backend, "passes_in_flight", None) or getattr(
-            self._backend, "parallel_passes", 2 if self._backend.asynchronous else 1)
+        limit = getattr(self._backend, "passes_in_flight", None) or (2 if self._backend.asynchronous else 1)
         running: list[_Running] = []
         ready: collections.deque[Batch] = collections.deque()
         while True:
