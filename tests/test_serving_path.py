@@ -477,3 +477,25 @@ async def test_work_arriving_while_a_pass_runs_starts_beside_it():
     await _drain(first)
     subject.close()
     assert backend.second_started.is_set() and backend.most_at_once == 2
+
+
+async def test_requests_are_tokenized_one_per_thread_unless_asked_or_on_cuda(models, monkeypatch):
+    """server.tokenizer_parallel: the one process-wide switch of the `tokenizers` library. CPU-only
+    servers default to off (the forward passes need the cores); true or a CUDA machine turns it on."""
+    import os
+
+    from conftest import make_settings
+    from rankstream_server.serving.app import RankstreamServer
+
+    entries = [{"name": "m", "weights": str(models.bert)}]
+    monkeypatch.setenv("TOKENIZERS_PARALLELISM", "unset")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    RankstreamServer(make_settings(entries))
+    assert os.environ["TOKENIZERS_PARALLELISM"] == "false"
+    RankstreamServer(make_settings(entries, server={"tokenizer_parallel": True}))
+    assert os.environ["TOKENIZERS_PARALLELISM"] == "true"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    RankstreamServer(make_settings(entries))
+    assert os.environ["TOKENIZERS_PARALLELISM"] == "true"
+    RankstreamServer(make_settings(entries, server={"tokenizer_parallel": False}))
+    assert os.environ["TOKENIZERS_PARALLELISM"] == "false"

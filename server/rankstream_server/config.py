@@ -230,11 +230,12 @@ class ServerConfig(_Strict):
     tokenizer_threads: int | None = Field(
         None, gt=0, description="Threads tokenizing requests, each request on one thread. Default: one per core.",
     )
-    tokenizer_parallel: bool = Field(
-        False,
+    tokenizer_parallel: bool | None = Field(
+        None,
         description="Also spread one request's texts over the Rust tokenizer's own thread pool (TOKENIZERS_PARALLELISM): "
-        "lower latency for a lone large request, but under load it hands every request to other threads again "
-        "and measured ~10% fewer pairs/s on 2 cores.",
+        "lower latency for a lone large request, but it hands every request to other threads again, which under "
+        "load on 2 CPU cores measured ~10% fewer pairs/s. Default: on when CUDA is available (host cores are free "
+        "and a request's latency is mostly tokenizing), off on CPU-only machines (the forward passes need the cores).",
     )
     warmup: bool = True
     drain_seconds: float = Field(

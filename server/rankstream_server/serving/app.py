@@ -44,7 +44,10 @@ class RankstreamServer:
         self._readiness = Readiness()
         self._health = health.aio.HealthServicer()
         # The `tokenizers` library reads this at every batch call: the process's one switch for it.
-        os.environ["TOKENIZERS_PARALLELISM"] = "true" if settings.server.tokenizer_parallel else "false"
+        parallel = settings.server.tokenizer_parallel
+        if parallel is None:
+            parallel = torch.cuda.is_available()
+        os.environ["TOKENIZERS_PARALLELISM"] = "true" if parallel else "false"
         self._tokenize_pool = ThreadPoolExecutor(settings.server.tokenizer_threads or available_cores(),
                                                  thread_name_prefix="tokenize")
         self._tokens = token_store(settings.auth)
