@@ -1,10 +1,11 @@
 """The benchmarks' smoke modes run: `benchmarks/gpu.sh --smoke` (the GPU benchmark's code path on
 CPU with tiny models, so it cannot rot between runs on a GPU) and `benchmarks/bench.py --smoke`
-(`make bench` with tiny workloads). Checks that they exit 0 and print their tables; never timings."""
+(`make bench` with tiny workloads) and `benchmarks/cpu_levers.py` with short timings. Checks that they exit 0 and print their tables; never timings."""
 
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -51,3 +52,19 @@ def test_cpu_benchmark_smoke_mode_runs_and_prints_its_tables(tmp_path):
     for line in ("cpu flags for precision:", "torch ", "server / tokenizer", "server / CrossEncoder.predict"):
         assert line in output, f"missing {line!r} in:\n{output[-4000:]}"
     assert "WARNING:" not in output.replace("WARNING: other processes took", ""), output[-4000:]
+
+
+@pytest.mark.timeout(600)
+def test_cpu_levers_benchmark_runs_and_prints_its_tables(tmp_path):
+    env = {**os.environ, "RANKSTREAM_BENCH_CACHE": str(tmp_path / "models")}
+    done = subprocess.run([sys.executable, str(REPO / "benchmarks" / "cpu_levers.py"), "--seconds", "0.2"],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=570)
+    output = done.stdout
+    assert done.returncode == 0, f"exit {done.returncode}\n{output[-4000:]}\n{done.stderr[-4000:]}"
+    for heading in ("## Machine", "## a. Tokenizing", "## b. The host-path model's forward alone",
+                    "## c. DynamicBatcher fed pre-tokenized requests"):
+        assert heading in output, f"missing {heading!r} in:\n{output[-4000:]}"
+    for line in ("the ASCII shortcut", "torch.compile, C++ wrapper (the server's)", "| eager "):
+        assert line in output, f"missing {line!r} in:\n{output[-4000:]}"
+    if shutil.which("g++") or shutil.which("clang++"):  # batching.compile needs a C++ compiler
+        assert "| compiled " in output, output[-4000:]

@@ -5,6 +5,7 @@ CUDA-only levers (buckets, padded rows, graphs) fall back cleanly on CPU."""
 from __future__ import annotations
 
 import asyncio
+import shutil
 import threading
 
 import numpy as np
@@ -267,6 +268,11 @@ def _scores(backend, tokens: Tokens, in_flight: int = 3) -> np.ndarray:
     return output
 
 
+NEEDS_CXX = pytest.mark.skipif(shutil.which("g++") is None and shutil.which("clang++") is None,
+                               reason="batching.compile (Inductor on CPU) needs a C++ compiler")
+
+
+@NEEDS_CXX
 @pytest.mark.parametrize("rows", [1, 3])
 def test_compiled_cpu_passes_score_like_eager_side_by_side(models, rows):
     """batching.compile: the compiled model (one-row passes are their own shape family for
