@@ -14,9 +14,10 @@ On CUDA:
   a capture that fails, or whose output differs from the eager pass, turns graphs off for that
   model (logged) and serving goes on eagerly;
 - the SDPA attention kernel is chosen by timing the candidates at start-up.
-On CPU, passes run eagerly in exact shapes on `cpu_passes` worker threads side by side (one per
-core by default, each with torch's intra-op threads), so tokenizing, the event loop and passes
-share the cores without OpenMP threads spinning against each other.
+On CPU, passes run in exact shapes on `cpu_passes` worker threads side by side (one per core by
+default, each with torch's intra-op threads), so tokenizing, the event loop and passes share the
+cores without OpenMP threads spinning against each other; with `batching.compile` they run the
+torch.compile'd model (checked against eager and timed at start-up).
 """
 
 from __future__ import annotations
@@ -75,20 +76,20 @@ class PendingResult:
 
 
 class CpuPendingResult:
-    """Output of a CPU pass running on a worker thread; `started_at` and `ended_at` (perf_counter)
-    are when it ran, set by the worker."""
+    """Output of a CPU pass on a worker thread (`future`, set when it is submitted); `started_at`
+    and `ended_at` (perf_counter) are when it ran, set by the worker: it may wait for a free one."""
 
-    def __init__(self, future: Future, rows: int):
-        self._future = future
+    def __init__(self, rows: int, future: Future | None = None):
+        self.future = future
         self._rows = rows
         self.started_at: float | None = None
         self.ended_at: float | None = None
 
     def result(self) -> np.ndarray:
-        return self._future.result()[: self._rows].numpy()
+        return self.future.result()[: self._rows].numpy()
 
     def add_done_callback(self, callback: Callable[[], None]) -> None:
-        self._future.add_done_callback(lambda _: callback())
+        self.future.add_done_callback(lambda _: callback())
 
 
 def available_cores() -> int:
@@ -258,9 +259,9 @@ class TorchBackend:
                 except Exception as error:  # noqa: BLE001 - raised by result(), like a worker's
                     done.set_exception(error)
                 slot.done = done
-                return CpuPendingResult(done, batch.real)
-            pending = CpuPendingResult(Future(), batch.real)
-            pending._future = slot.done = self._workers.submit(self._forward_cpu, host, pending)
+                return CpuPendingResult(batch.real, done)
+            pending = CpuPendingResult(batch.real)
+            pending.future = slot.done = self._workers.submit(self._forward_cpu, host, pending)
             return pending
         with torch.cuda.device(self._device), self._sdpa_context():
             graph = self._graphs.get((batch.rows, batch.width))
