@@ -148,12 +148,13 @@ class _PlainAscii:
     def __init__(self, backend):
         from tokenizers import Tokenizer
 
-        normalizer = json.loads(backend.to_str()).get("normalizer") or {}
+        saved = backend.to_str()
+        normalizer = json.loads(saved).get("normalizer") or {}
         self.active = normalizer.get("type") == "BertNormalizer"
         self._lowercase = bool(normalizer.get("lowercase", True))
         self._tokenizer = None
         if self.active:
-            self._tokenizer = Tokenizer.from_str(backend.to_str())
+            self._tokenizer = Tokenizer.from_str(saved)
             self._tokenizer.normalizer = None
 
     def _clean(self, joined: str, count: int) -> bool:

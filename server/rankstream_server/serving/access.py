@@ -134,28 +134,20 @@ class CallObserver(grpc.aio.ServerInterceptor):
             finally:
                 settle(call, context, error)
 
+        def streaming(inner, request_streams: bool):
+            async def observed_stream(request, context):
+                call = await begin(context, None if request_streams else request)
+                # aclosing: the call is settled at once, even when the client goes away mid-stream.
+                async with contextlib.aclosing(observed(call, context, inner(request, context))) as messages:
+                    async for message in messages:
+                        yield message
+
+            return observed_stream
+
         if handler.unary_stream is not None:
-            inner_stream = handler.unary_stream
-
-            async def unary_stream(request, context):
-                call = await begin(context, request)
-                # aclosing: the call is settled at once, even when the client goes away mid-stream.
-                async with contextlib.aclosing(observed(call, context, inner_stream(request, context))) as messages:
-                    async for message in messages:
-                        yield message
-
-            return handler._replace(unary_stream=unary_stream)
+            return handler._replace(unary_stream=streaming(handler.unary_stream, request_streams=False))
         if handler.stream_stream is not None:  # server reflection
-            inner_both = handler.stream_stream
-
-            async def stream_stream(requests, context):
-                call = await begin(context, None)
-                # aclosing: the call is settled at once, even when the client goes away mid-stream.
-                async with contextlib.aclosing(observed(call, context, inner_both(requests, context))) as messages:
-                    async for message in messages:
-                        yield message
-
-            return handler._replace(stream_stream=stream_stream)
+            return handler._replace(stream_stream=streaming(handler.stream_stream, request_streams=True))
         return handler
 
     def _finish(self, call: _Call, quiet: bool) -> None:

@@ -138,9 +138,16 @@ class Messages:
         self._want_metadata = want_metadata
         self._max_bytes = max_bytes
         self._stage = stage
-        self._retrieval = retrieval_scores
+        self.retrieval_scores = retrieval_scores
         self.sent_passages = 0
         self.sent_messages = 0
+
+    @classmethod
+    def of_hits(cls, hits: list[Hit], request, max_bytes: int, stage: int) -> Messages:
+        """Messages over retrieved passages: each one's id, text, metadata and retrieval score
+        come from its hit; text and metadata as the request asks."""
+        return cls(_hit_source(hits), request.return_text, request.return_metadata, max_bytes, stage=stage,
+                   retrieval_scores=np.array([hit.score for hit in hits], dtype=np.float32), hits=hits)
 
     def build(self, chunk: ScoredChunk) -> list[pb.ScoredPassages]:
         """The chunk's messages (none for an empty chunk), each at most max_bytes on the wire
@@ -151,7 +158,7 @@ class Messages:
         messages = [current]
         size = 0
         want_text, want_metadata, stage, limit = self._want_text, self._want_metadata, self._stage, self._max_bytes
-        retrieval = self._retrieval
+        retrieval = self.retrieval_scores
         for index, score, rank_ in zip(chunk.indices.tolist(), chunk.scores.tolist(), chunk.ranks.tolist()):
             doc_id, text, title, metadata = self._source(index)
             out = current.passages.add(
@@ -291,12 +298,9 @@ class RetrieverService(_ModelServicer, pb_grpc.RetrieverServicer):
         trailer = _Trailer(context, call, encoder.name, self._metrics)
         try:
             hits = await self._retrieve(call, trailer, request)
-            scores = np.array([hit.score for hit in hits], dtype=np.float32)
-            trailer.messages = messages = Messages(
-                _hit_source(hits), request.return_text, request.return_metadata, self._settings.server.max_message_bytes,
-                stage=pb.STAGE_RETRIEVE, retrieval_scores=scores, hits=hits,
-            )
-            chunk = retrieved_chunk(scores, _optional(request, "score_threshold"))
+            trailer.messages = messages = Messages.of_hits(hits, request, self._settings.server.max_message_bytes,
+                                                           pb.STAGE_RETRIEVE)
+            chunk = retrieved_chunk(messages.retrieval_scores, _optional(request, "score_threshold"))
             if len(chunk):
                 for message in messages.build(chunk):
                     yield message
@@ -316,10 +320,8 @@ class RetrieverService(_ModelServicer, pb_grpc.RetrieverServicer):
         trailer = _Trailer(context, call, reranker.name, self._metrics)
         try:
             hits = await self._retrieve(call, trailer, request)
-            trailer.messages = messages = Messages(
-                _hit_source(hits), request.return_text, request.return_metadata, self._settings.server.max_message_bytes,
-                stage=pb.STAGE_RERANK, retrieval_scores=np.array([hit.score for hit in hits], dtype=np.float32), hits=hits,
-            )
+            trailer.messages = messages = Messages.of_hits(hits, request, self._settings.server.max_message_bytes,
+                                                           pb.STAGE_RERANK)
             if hits:
                 texts = [passage_text(hit.document.text, hit.document.title) for hit in hits]
                 async for chunk in scored_chunks(
