@@ -14,6 +14,7 @@ import torch
 from sentence_transformers import CrossEncoder
 
 import family_factory
+from rankstream.v1 import rankstream_pb2 as pb
 from rankstream_server.config import ModelConfig
 from rankstream_server.errors import ModelLoadError
 from rankstream_server.inference.backend import CrossEncoderBackend
@@ -224,3 +225,75 @@ def test_a_causal_lm_without_answer_tokens_is_refused(tmp_path):
     folder = family_factory.tiny_qwen3_yes_no(tmp_path / "yn")
     message = _refusal(folder, answer_tokens=["definitely-not-a-token"])
     assert "answer_tokens" in message
+
+
+# -- long passages: CHUNK scores windows and keeps the best ----------------------------------
+
+CHUNK_QUERY = "how does gravity hold a planet in its orbit"
+SENTENCES = ["gravity bends the path of a planet around its star", "the recipe needs two eggs and flour",
+             "stock prices fell sharply on monday", "orbits are ellipses with the sun at one focus",
+             "a planet stays in orbit because gravity pulls it inward", "football fans filled the stadium"]
+
+
+@pytest.fixture(scope="module")
+async def short_window_server(models):
+    settings = make_settings([{"name": "minilm-32", "weights": str(models.minilm), "max_length": 32}])
+    async with running(settings) as harness:
+        yield harness
+
+
+async def test_chunk_finds_what_the_model_ranks_best_past_max_length_where_truncate_misses(short_window_server, models):
+    """The sentence this model scores highest, placed past max_length behind the one it scores
+    lowest: TRUNCATE never sees it; CHUNK scores every window and keeps the best, which equals
+    CrossEncoder.predict on that window's text."""
+    reference = CrossEncoder(str(models.minilm), device="cpu", max_length=32)
+    identity = torch.nn.Identity()
+    alone = reference.predict([(CHUNK_QUERY, s) for s in SENTENCES], activation_fn=identity)
+    best, worst = SENTENCES[int(np.argmax(alone))], SENTENCES[int(np.argmin(alone))]
+    long_text = " ".join([worst] * 4 + [best, worst])
+    tokenizer = reference.tokenizer
+    query_tokens = len(tokenizer(CHUNK_QUERY, add_special_tokens=False)["input_ids"])
+    passage_tokens = tokenizer(long_text, add_special_tokens=False)["input_ids"]
+    room = 32 - 3 - query_tokens
+    assert len(passage_tokens) > room and passage_tokens.index(tokenizer(best, add_special_tokens=False)["input_ids"][0]) >= room
+    from rankstream_server.inference.tokenization import windows
+
+    parts, lost = windows(passage_tokens, room, 16)
+    window_scores = reference.predict([(CHUNK_QUERY, tokenizer.decode(part)) for part in parts], activation_fn=identity)
+    truncated_score = reference.predict([(CHUNK_QUERY, long_text)], activation_fn=identity)[0]
+
+    truncate, truncate_stats = await short_window_server.rerank(
+        query=CHUNK_QUERY, passages=passages([long_text]), raw_scores=True)
+    chunk, chunk_stats = await short_window_server.rerank(
+        query=CHUNK_QUERY, passages=passages([long_text]), raw_scores=True, long_passages=pb.CHUNK)
+    assert abs(truncate[0].score - truncated_score) <= TOLERANCE and truncate_stats.truncated == 1
+    assert not lost and len(parts) > 1
+    assert abs(chunk[0].score - float(np.max(window_scores))) <= TOLERANCE
+    assert chunk[0].score > truncate[0].score + 1e-3
+    assert (chunk_stats.chunked, chunk_stats.windows, chunk_stats.truncated) == (1, len(parts), 0)
+
+
+async def test_chunk_leaves_short_passages_alone_and_streams_each_passage_once(short_window_server):
+    texts = [SENTENCES[0], " ".join(SENTENCES * 3), SENTENCES[2]]
+    truncate, _ = await short_window_server.rerank(query=CHUNK_QUERY, passages=passages(texts), raw_scores=True)
+    chunk, stats = await short_window_server.rerank(query=CHUNK_QUERY, passages=passages(texts), raw_scores=True,
+                                                    long_passages=pb.CHUNK, order=pb.AS_SCORED)
+    assert sorted(r.index for r in chunk) == [0, 1, 2]
+    plain, chunked = by_index(truncate, 3), by_index(chunk, 3)
+    np.testing.assert_allclose(chunked[[0, 2]], plain[[0, 2]], rtol=0, atol=TOLERANCE)
+    assert chunked[1] >= plain[1] - TOLERANCE  # the first window is the truncated passage
+    assert stats.chunked == 1
+    capped, capped_stats = await short_window_server.rerank(query=CHUNK_QUERY, passages=passages(texts), raw_scores=True,
+                                                            long_passages=pb.CHUNK, max_chunks_per_passage=1)
+    np.testing.assert_allclose(by_index(capped, 3), plain, rtol=0, atol=TOLERANCE)
+    assert (capped_stats.chunked, capped_stats.truncated) == (0, 1)
+
+
+@pytest.mark.parametrize("fields, needle", [
+    ({"max_chunks_per_passage": 99, "long_passages": pb.CHUNK}, "max_chunks_per_passage"),
+    ({"max_chunks_per_passage": 2}, "max_chunks_per_passage: set only with long_passages: CHUNK"),
+])
+async def test_bad_chunk_settings_are_refused_naming_the_field(short_window_server, fields, needle):
+    with pytest.raises(grpc.aio.AioRpcError) as error:
+        await short_window_server.rerank(query=CHUNK_QUERY, passages=passages(SENTENCES), **fields)
+    assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT and needle in error.value.details()
