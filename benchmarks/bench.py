@@ -13,6 +13,8 @@ b. MiniLM-L6-H384 cross-encoder, fp32, 8 clients, vs `CrossEncoder.predict` on t
 c. Index build: `rankstream index build` with the embedded all-MiniLM-L6-v2 bi-encoder.
 d. Retrieve and RetrieveAndRerank (top_k 100, host-path reranker) over that flat index at 1 and
    more clients, and UpsertPassages.
+e. An LLM reranker of Qwen3-Reranker-0.6B's shape (benchmarks/decoder_reranker.py) vs
+   `CrossEncoder.predict` on the same pairs, and their largest score difference.
 
 The server runs as `rankstream serve --config ...` in a child process (its own GIL) on 127.0.0.1;
 clients are grpc.aio calls through the generated stubs. A miss is printed, never an error exit.
@@ -29,6 +31,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import common  # noqa: E402
+
+import decoder_reranker  # noqa: E402
 
 SIZES = {
     # name: (full, --quick, --smoke)
@@ -244,8 +248,8 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="smaller workloads (about half the time)")
     parser.add_argument("--smoke", action="store_true", help="tiny workloads: checks that it runs (make test), measures nothing")
-    parser.add_argument("--parts", default="host,minilm,index,retrieval",
-                        help="comma-separated subset of host,minilm,index,retrieval (retrieval needs index)")
+    parser.add_argument("--parts", default="host,minilm,index,retrieval,decoder",
+                        help="comma-separated subset of host,minilm,index,retrieval,decoder (retrieval needs index)")
     parser.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)),
                         help="cores for the model: sentence-transformers gets this many torch threads, the server "
                              "this many one-thread passes side by side, its default (default: all cores)")
@@ -320,6 +324,8 @@ def main() -> int:
                 minilm(args, server, minilm_dir, pairs_text, summary)
             if "retrieval" in parts:
                 retrieval(args, server, corpus_text, summary)
+        if "decoder" in parts:
+            decoder_reranker.run(args, scratch, pairs_text, summary, smoke=args.smoke)
 
     common.heading("Summary against issue 7's CPU targets" + (" (SMOKE: verdicts mean nothing)" if args.smoke else ""))
     common.table(["measure", "value", "target", "verdict"], summary)

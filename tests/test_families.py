@@ -13,13 +13,13 @@ import pytest
 import torch
 from sentence_transformers import CrossEncoder
 
-import family_factory
 from rankstream.v1 import rankstream_pb2 as pb
 from rankstream_server.config import ModelConfig
 from rankstream_server.errors import ModelLoadError
 from rankstream_server.inference.backend import CrossEncoderBackend
 from rankstream_server.inference.model_loading import load_model
 
+import family_factory
 from conftest import make_settings, passages, running
 
 TOLERANCE = 1e-5
