@@ -325,7 +325,7 @@ def main() -> int:
             if "retrieval" in parts:
                 retrieval(args, server, corpus_text, summary)
         if "decoder" in parts:
-            decoder_reranker.run(args, scratch, pairs_text, summary, smoke=args.smoke)
+            decoder_reranker.run(args, scratch, pairs_text, summary, smoke=args.smoke)  # part e
 
     common.heading("Summary against issue 7's CPU targets" + (" (SMOKE: verdicts mean nothing)" if args.smoke else ""))
     common.table(["measure", "value", "target", "verdict"], summary)
