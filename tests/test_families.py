@@ -297,3 +297,19 @@ async def test_bad_chunk_settings_are_refused_naming_the_field(short_window_serv
     with pytest.raises(grpc.aio.AioRpcError) as error:
         await short_window_server.rerank(query=CHUNK_QUERY, passages=passages(SENTENCES), **fields)
     assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT and needle in error.value.details()
+
+
+def test_retrieve_and_rerank_takes_the_same_pair_options(demo_server):
+    """The clients pass instruction and long_passages through RetrieveAndRerank; the rules are the
+    same as Rerank's (a model that takes no instruction refuses one)."""
+    from rankstream import RankstreamClient
+    from rankstream.errors import InvalidArgument
+
+    with RankstreamClient(demo_server.target) as client:
+        plain = client.retrieve_and_rerank("what is a cross-encoder", top_k=5, top_n=5, reranker="tiny-bert")
+        chunked = client.retrieve_and_rerank("what is a cross-encoder", top_k=5, top_n=5, reranker="tiny-bert",
+                                             long_passages="chunk", max_chunks_per_passage=4)
+        assert [p.id for p in plain] == [p.id for p in chunked]  # the demo passages fit: one window each
+        assert chunked.stats.windows == 5 and chunked.stats.chunked == 0
+        with pytest.raises(InvalidArgument, match="instruction"):
+            client.retrieve_and_rerank("what is a cross-encoder", top_k=5, reranker="tiny-bert", instruction="Judge relevance")
