@@ -24,7 +24,7 @@ from rankstream.v1 import rankstream_pb2_grpc as pb_grpc
 from rankstream_server.cli.demo import DEMO_CORPUS
 from rankstream_server.config import ConfigError, LimitsConfig
 from rankstream_server.index.build import build_index
-from rankstream_server.serving.access import CallObserver
+from rankstream_server.serving.grpc.access import CallObserver
 from rankstream_server.serving.app import RankstreamServer
 from rankstream_server.serving.auth import TokensFileError, TokenStore, parse_tokens
 from test_client import _certificates

@@ -30,7 +30,7 @@ from rankstream_server.inference.tokenization import (
     _PlainAscii,
 )
 from rankstream_server.serving.pipeline import ScoredChunk
-from rankstream_server.serving.service import Messages
+from rankstream_server.serving.operations import Messages
 
 from conftest import QUERY, TEXTS
 

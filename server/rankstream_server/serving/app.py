@@ -20,12 +20,12 @@ from rankstream.v1 import rankstream_pb2 as pb
 from rankstream.v1 import rankstream_pb2_grpc as pb_grpc
 from rankstream_server.config import Settings
 from rankstream_server.inference.backend import available_cores
-from rankstream_server.serving.access import CallObserver
+from rankstream_server.serving.grpc.access import CallObserver
 from rankstream_server.serving.auth import Authenticator, check_exposure, token_store, watch_file
-from rankstream_server.serving.interceptors import DecodeGuard
+from rankstream_server.serving.grpc.interceptors import DecodeGuard
 from rankstream_server.serving.metrics import Metrics
 from rankstream_server.serving.registry import ModelRegistry
-from rankstream_server.serving.service import InfoService, Readiness, RerankerService, RetrieverService
+from rankstream_server.serving.operations import InfoService, Readiness, RerankerService, RetrieverService
 from rankstream_server.serving.tls import CertificateFiles
 
 log = logging.getLogger(__name__)

@@ -22,7 +22,7 @@ from pathlib import Path
 import grpc
 
 from rankstream_server.config import AuthConfig, ConfigError, ServerConfig
-from rankstream_server.serving.interceptors import aborting_handler
+from rankstream_server.serving.grpc.interceptors import aborting_handler
 
 log = logging.getLogger(__name__)
 
