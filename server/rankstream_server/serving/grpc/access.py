@@ -1,71 +1,46 @@
-"""The outermost interceptor: every RPC gets a request id, a place under the concurrency cap, one
-access-log line and its request metrics.
+"""The outermost gRPC interceptor: every RPC goes through the shared admission (serving/admission.py):
+a request id, a place under the concurrency cap, one access-log line and its request metrics.
 
-- The request id is the client's `x-request-id` metadata when it sends a usable one, else a new
-  one; it goes back in the trailing metadata, however the call ends.
-- Past `server.max_concurrent_rpcs` RPCs in progress, a new one gets RESOURCE_EXHAUSTED at once.
-  Health checks are neither capped nor logged at INFO: probes must get through a busy server.
-- The access-log line (logger `rankstream.access`, INFO) names the RPC, its status code, duration,
-  passages in and out and the request id (and, as a field, the client's address), and never any
-  query or document text. Its fields are
-  also log-record attributes, so `--log-format json` writes them as JSON keys.
+The request id is the client's `x-request-id` metadata when usable, else a new one; it goes back
+in the trailing metadata, however the call ends. A call past the cap gets RESOURCE_EXHAUSTED at
+once. Health checks are neither capped nor logged at INFO.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import logging
-import re
-import time
-import uuid
 
 import grpc
 
-from rankstream_server.serving.metrics import Metrics
+from rankstream_server.errors import ResourceExhausted
+from rankstream_server.serving.admission import REQUEST_ID, Admission, CallRecord, usable_request_id
 
-access_log = logging.getLogger("rankstream.access")
-
-REQUEST_ID = "x-request-id"
-_USABLE_ID = re.compile(r"[A-Za-z0-9._:/+=-]{1,128}")
 QUIET_PREFIX = "/grpc.health.v1.Health/"
 
 
 def request_id_of(metadata) -> str:
     for key, value in metadata or ():
-        if key == REQUEST_ID and isinstance(value, str) and _USABLE_ID.fullmatch(value):
-            return value
-    return uuid.uuid4().hex
+        if key == REQUEST_ID:
+            return usable_request_id(value)
+    return usable_request_id(None)
 
 
 def _count_in(request) -> int:
-    for field in ("passages", "ids"):
+    for field in ("passages", "ids", "inputs"):
         items = getattr(request, field, None)
         if items is not None and not isinstance(items, (str, bytes)):
             return len(items)
     return 0
 
 
-class _Call:
-    """What one RPC's log line and metrics need."""
-
-    __slots__ = ("rpc", "request_id", "started", "passages_in", "passages_out", "code", "peer")
-
-    def __init__(self, rpc: str, request_id: str, peer: str = ""):
-        self.peer = peer
-        self.rpc = rpc
-        self.request_id = request_id
-        self.started = time.perf_counter()
-        self.passages_in = 0
-        self.passages_out = 0
-        self.code = "OK"
-
-
 class CallObserver(grpc.aio.ServerInterceptor):
-    def __init__(self, max_concurrent: int, metrics: Metrics | None = None):
-        self._max_concurrent = max_concurrent
-        self._metrics = metrics
-        self.active = 0
+    def __init__(self, admission: Admission):
+        self.admission = admission
+
+    @property
+    def active(self) -> int:
+        return self.admission.active
 
     async def intercept_service(self, continuation, handler_call_details):
         handler = await continuation(handler_call_details)
@@ -75,26 +50,20 @@ class CallObserver(grpc.aio.ServerInterceptor):
         quiet = method.startswith(QUIET_PREFIX)
         rpc = method.rsplit("/", 1)[-1]
         request_id = request_id_of(handler_call_details.invocation_metadata)
-        observer = self
+        admission = self.admission
 
-        async def begin(context, request) -> _Call:
+        async def begin(context, request) -> CallRecord:
             context.set_trailing_metadata(((REQUEST_ID, request_id),))
-            call = _Call(rpc, request_id, context.peer())
+            call = CallRecord(rpc, request_id, context.peer(), quiet)
             if request is not None:
                 call.passages_in = _count_in(request)
-            if not quiet:
-                if observer.active >= observer._max_concurrent:
-                    call.code = "RESOURCE_EXHAUSTED"
-                    observer._finish(call, quiet)
-                    await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
-                                        f"server busy: {observer.active} RPCs in progress, limit is "
-                                        f"server.max_concurrent_rpcs={observer._max_concurrent}; retry with backoff")
-                observer.active += 1
+            try:
+                admission.enter(call)
+            except ResourceExhausted as refused:
+                await context.abort(refused.code, str(refused))
             return call
 
-        def settle(call: _Call, context, error: BaseException | None) -> None:
-            if not quiet:
-                observer.active -= 1
+        def settle(call: CallRecord, context, error: BaseException | None) -> None:
             if isinstance(error, asyncio.CancelledError):
                 call.code = "CANCELLED"
             elif error is not None and not isinstance(error, grpc.aio.AbortError):
@@ -102,7 +71,7 @@ class CallObserver(grpc.aio.ServerInterceptor):
             else:
                 code = context.code()
                 call.code = code.name if isinstance(code, grpc.StatusCode) else "OK"
-            observer._finish(call, quiet)
+            admission.leave(call)
 
         if handler.unary_unary is not None:
             inner_unary = handler.unary_unary
@@ -119,7 +88,8 @@ class CallObserver(grpc.aio.ServerInterceptor):
                     settle(call, context, error)
 
             return handler._replace(unary_unary=unary_unary)
-        async def observed(call: _Call, context, messages):
+
+        async def observed(call: CallRecord, context, messages):
             """The messages of a streaming call, counted; the call is settled however it ends."""
             error = None
             try:
@@ -149,16 +119,3 @@ class CallObserver(grpc.aio.ServerInterceptor):
         if handler.stream_stream is not None:  # server reflection
             return handler._replace(stream_stream=streaming(handler.stream_stream, request_streams=True))
         return handler
-
-    def _finish(self, call: _Call, quiet: bool) -> None:
-        seconds = time.perf_counter() - call.started
-        if self._metrics is not None:
-            self._metrics.observe_request(call.rpc, call.code, seconds)
-        access_log.log(
-            logging.DEBUG if quiet else logging.INFO,
-            "%s %s %.1f ms passages %d in, %d out request_id=%s",
-            call.rpc, call.code, seconds * 1000, call.passages_in, call.passages_out, call.request_id,
-            extra={"rpc": call.rpc, "code": call.code, "duration_ms": round(seconds * 1000, 3),
-                   "passages_in": call.passages_in, "passages_out": call.passages_out, "request_id": call.request_id,
-                   "peer": call.peer},
-        )
