@@ -294,3 +294,35 @@ def test_overload_and_shutdown_answer_429_and_503_with_retry_after(front, dialec
     finally:
         readiness.closing = False
     assert post(front, path, body(["a"])).status_code == 200
+
+
+# --- Embed on gRPC: the Python clients and LangChain ------------------------------------------------
+
+
+def test_python_clients_and_langchain_embeddings_call_embed(front):
+    import asyncio
+
+    from rankstream import AsyncRankstreamClient, RankstreamClient
+    from rankstream.langchain import RankstreamEmbeddings
+
+    passages = grpc_embeddings(front, TEXTS8[:3])
+    query = grpc_embeddings(front, [QUERY], input_type=pb.INPUT_TYPE_QUERY)[0]
+    with RankstreamClient(front.target, token=READ) as client:
+        answer = client.embed(TEXTS8[:3], model="text-embedding-3-small")
+        assert (answer.model, answer.dimension, len(answer)) == ("minilm", 384, 3) and answer.tokens > 0
+        np.testing.assert_allclose(answer.vectors, passages, atol=1e-6)
+        unit = client.embed(TEXTS8[:1], normalize=True).vectors[0]
+        assert np.linalg.norm(unit) == pytest.approx(1.0, abs=1e-5)
+        minilm = next(m for m in client.models().models if m.name == "minilm")
+        assert minilm.aliases == ("text-embedding-3-small",) and minilm.dimension == 384
+
+    async def embed_async():
+        async with AsyncRankstreamClient(front.target, token=READ) as client:
+            return (await client.embed([QUERY], input_type="query")).vectors[0]
+
+    np.testing.assert_allclose(asyncio.run(embed_async()), query, atol=1e-6)
+    embeddings = RankstreamEmbeddings(target=front.target, token=READ, batch_size=2)
+    np.testing.assert_allclose(embeddings.embed_documents(TEXTS8[:3]), passages, atol=1e-6)
+    np.testing.assert_allclose(embeddings.embed_query(QUERY), query, atol=1e-6)
+    np.testing.assert_allclose(asyncio.run(embeddings.aembed_documents(TEXTS8[:3])), passages, atol=1e-6)
+    np.testing.assert_allclose(asyncio.run(embeddings.aembed_query(QUERY)), query, atol=1e-6)
