@@ -25,9 +25,9 @@ from rankstream_server.cli.demo import DEMO_CORPUS
 from rankstream_server.config import ConfigError, LimitsConfig
 from rankstream_server.index.build import build_index
 from rankstream_server.serving.admission import Admission
-from rankstream_server.serving.grpc.access import CallObserver
 from rankstream_server.serving.app import RankstreamServer
 from rankstream_server.serving.auth import TokensFileError, TokenStore, parse_tokens
+from rankstream_server.serving.grpc.access import CallObserver
 from test_client import _certificates
 
 from conftest import QUERY, TEXTS, ThreadedServer, demo_settings, make_settings, passages

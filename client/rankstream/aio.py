@@ -12,7 +12,19 @@ from rankstream.v1 import rankstream_pb2 as pb
 from . import _requests
 from ._channel import ClientBase
 from .errors import from_rpc_error
-from .types import Embeddings, PassageLike, Ranking, ScoredPassage, ServerInfo, Stats, WriteResult, from_embed, from_info, from_scored, from_stats
+from .types import (
+    Embeddings,
+    PassageLike,
+    Ranking,
+    ScoredPassage,
+    ServerInfo,
+    Stats,
+    WriteResult,
+    from_embed,
+    from_info,
+    from_scored,
+    from_stats,
+)
 
 
 class AsyncScoredStream:
