@@ -20,8 +20,9 @@ def _serve(args: argparse.Namespace) -> int:
                                                "server.http_port": args.http_port})
 
     def announce(port: int, http_port: int | None = None) -> None:
-        http = f", HTTP on {settings.server.host}:{http_port}" if http_port is not None else ""
-        print(f"rankstream listening on {settings.server.host}:{port}{http}", flush=True)
+        print(f"rankstream listening on {settings.server.host}:{port}", flush=True)
+        if http_port is not None:  # a line of its own: readers of the first line get the gRPC port
+            print(f"rankstream HTTP on {settings.server.host}:{http_port}", flush=True)
 
     try:
         asyncio.run(serve(settings, on_bound=announce))

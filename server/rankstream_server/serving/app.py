@@ -250,7 +250,7 @@ async def _in_daemon_thread(function: Callable[[], object]) -> object:
     return await done
 
 
-async def serve(settings: Settings, on_bound: Callable[[int], None] | None = None) -> None:
+async def serve(settings: Settings, on_bound: Callable[..., None] | None = None) -> None:
     """Runs until SIGTERM (drains first: see RankstreamServer.drain) or SIGINT (stops at once,
     still giving in-flight calls the grace period)."""
     server = RankstreamServer(settings)
