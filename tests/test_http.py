@@ -326,3 +326,80 @@ def test_python_clients_and_langchain_embeddings_call_embed(front):
     np.testing.assert_allclose(embeddings.embed_query(QUERY), query, atol=1e-6)
     np.testing.assert_allclose(asyncio.run(embeddings.aembed_documents(TEXTS8[:3])), passages, atol=1e-6)
     np.testing.assert_allclose(asyncio.run(embeddings.aembed_query(QUERY)), query, atol=1e-6)
+
+
+# --- Disconnects and the drain --------------------------------------------------------------------
+
+
+async def test_a_client_that_disconnects_cancels_its_work():
+    """Calls.run races the operation against the client's disconnect: the operation is cancelled
+    (its `finally` runs: ModelCall.close drops its queued batches), and nothing is answered."""
+    import asyncio
+
+    from rankstream_server.serving.http.front import Calls, ClientGone
+
+    gone = asyncio.Event()
+    cleaned = asyncio.Event()
+
+    class Departing:  # the ASGI receive of a client that has sent its body, then goes away
+        async def receive(self):
+            await gone.wait()
+            return {"type": "http.disconnect"}
+
+    async def work(context):
+        try:
+            await asyncio.Event().wait()  # scoring that would never end
+        finally:
+            cleaned.set()
+
+    calls = Calls(settings=None, services=None, readiness=None)
+    running = asyncio.ensure_future(calls.run(Departing(), work))
+    await asyncio.sleep(0)
+    assert not running.done()
+    gone.set()
+    with pytest.raises(ClientGone):
+        await running
+    assert cleaned.is_set()
+
+
+def test_sigterm_drains_http_too_then_exits_zero(models, tmp_path):
+    """`rankstream serve --http-port 0`: on SIGTERM /health turns 503 at once while rerank calls
+    are still answered for drain_seconds; then the process exits 0."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    config = tmp_path / "serve.yaml"
+    config.write_text("server: {host: 127.0.0.1, port: 0, drain_seconds: 3, grace_seconds: 2}\n"
+                      f"models:\n  - {{name: tiny, weights: {models.bert}}}\n")
+    script = Path(sys.executable).with_name("rankstream")
+    process = subprocess.Popen([str(script), "serve", "--config", str(config), "--http-port", "0"], stdout=subprocess.PIPE,
+                               stderr=(tmp_path / "log").open("w"), text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    try:
+        assert process.stdout.readline().startswith("rankstream listening on 127.0.0.1:")
+        line = process.stdout.readline()
+        assert line.startswith("rankstream HTTP on 127.0.0.1:"), line
+        base = "http://127.0.0.1:" + line.rsplit(":", 1)[1].strip()
+        for _ in range(600):
+            if httpx.get(base + "/health").status_code == 200:
+                break
+            time.sleep(0.1)
+        body = {"query": QUERY, "documents": ["a", "b"]}
+        assert httpx.post(base + "/v2/rerank", json=body, timeout=30).status_code == 200
+        process.send_signal(signal.SIGTERM)
+        for _ in range(100):
+            if httpx.get(base + "/health").status_code == 503:
+                break
+            time.sleep(0.02)
+        else:
+            pytest.fail("/health stayed 200 after SIGTERM")
+        during = httpx.post(base + "/v2/rerank", json=body, timeout=30)
+        assert during.status_code == 200 and len(during.json()["results"]) == 2, "served during the drain"
+        assert process.wait(timeout=60) == 0
+    finally:
+        process.kill()
+        process.wait()
+    assert "Traceback" not in (tmp_path / "log").read_text()
