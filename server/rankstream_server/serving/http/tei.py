@@ -5,6 +5,7 @@ describes it."""
 
 from __future__ import annotations
 
+import os
 from typing import Literal
 
 from fastapi import APIRouter, Request
@@ -89,7 +90,7 @@ def routes(calls: Calls) -> tuple[APIRouter, dict[str, Route]]:
             "model_type": model_type, "max_concurrent_requests": settings.server.max_concurrent_rpcs,
             "max_input_length": loaded.max_length, "max_batch_tokens": served.backend.shapes.max_tokens,
             "max_batch_requests": None, "max_client_batch_size": settings.limits.max_passages,
-            "auto_truncate": True, "tokenization_workers": settings.server.tokenizer_threads,
+            "auto_truncate": True, "tokenization_workers": settings.server.tokenizer_threads or os.cpu_count(),
             "version": "rankstream", "aliases": list(loaded.config.aliases),
         })
 
