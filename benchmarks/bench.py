@@ -13,7 +13,9 @@ b. MiniLM-L6-H384 cross-encoder, fp32, 8 clients, vs `CrossEncoder.predict` on t
 c. Index build: `rankstream index build` with the embedded all-MiniLM-L6-v2 bi-encoder.
 d. Retrieve and RetrieveAndRerank (top_k 100, host-path reranker) over that flat index at 1 and
    more clients, and UpsertPassages.
-e. HTTP front vs gRPC: part a's rerank load (host-path model, 32 clients x 100 passages) over
+e. An LLM reranker of Qwen3-Reranker-0.6B's shape (benchmarks/decoder_reranker.py) vs
+   `CrossEncoder.predict` on the same pairs, and their largest score difference.
+f. HTTP front vs gRPC: part a's rerank load (host-path model, 32 clients x 100 passages) over
    Cohere's `POST /v2/rerank` (keep-alive aiohttp clients) and over gRPC, alternated, in one run
    against the same server. Target: HTTP >= 0.9x gRPC pairs/s (reported, not asserted).
 
@@ -32,6 +34,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import common  # noqa: E402
+
+import decoder_reranker  # noqa: E402
 
 SIZES = {
     # name: (full, --quick, --smoke)
@@ -181,7 +185,7 @@ def minilm(args, server: common.Server, model_dir: Path, text: common.Text, summ
 def http_front(args, server: common.Server, text: common.Text, summary: list) -> None:
     import http_load
 
-    common.heading("e. The same rerank load over HTTP (Cohere /v2/rerank) and gRPC, one server")
+    common.heading("f. The same rerank load over HTTP (Cohere /v2/rerank) and gRPC, one server")
     requests = common.rerank_requests(text, size(args, "host_requests"), 100, model="host")
     calls = size(args, "http_calls")
     http_load.drive_http(server, requests[:32], clients=32, calls=32)  # warm: connections, JSON paths
@@ -279,8 +283,8 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="smaller workloads (about half the time)")
     parser.add_argument("--smoke", action="store_true", help="tiny workloads: checks that it runs (make test), measures nothing")
-    parser.add_argument("--parts", default="host,minilm,index,retrieval,http",
-                        help="comma-separated subset of host,minilm,index,retrieval,http (retrieval needs index)")
+    parser.add_argument("--parts", default="host,minilm,index,retrieval,decoder,http",
+                        help="comma-separated subset of host,minilm,index,retrieval,decoder,http (retrieval needs index)")
     parser.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)),
                         help="cores for the model: sentence-transformers gets this many torch threads, the server "
                              "this many one-thread passes side by side, its default (default: all cores)")
@@ -357,6 +361,8 @@ def main() -> int:
                 retrieval(args, server, corpus_text, summary)
             if "http" in parts:
                 http_front(args, server, pairs_text, summary)
+        if "decoder" in parts:
+            decoder_reranker.run(args, scratch, pairs_text, summary, smoke=args.smoke)
 
     common.heading("Summary against issue 7's CPU targets" + (" (SMOKE: verdicts mean nothing)" if args.smoke else ""))
     common.table(["measure", "value", "target", "verdict"], summary)

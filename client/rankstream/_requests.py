@@ -11,6 +11,14 @@ from .types import PassageLike, to_passage
 STATS_TRAILER = "rankstream-stats-bin"  # trailing metadata: a serialized rankstream.v1.RerankStats
 _ORDERS = {"ranked": pb.RANKED, "as_scored": pb.AS_SCORED}
 _MODES = {"": pb.MODE_DEFAULT, "dense": pb.DENSE, "sparse": pb.SPARSE, "hybrid": pb.HYBRID}
+_LONG_PASSAGES = {"truncate": pb.TRUNCATE, "chunk": pb.CHUNK}
+
+
+def long_passages_of(choice: str) -> int:
+    try:
+        return _LONG_PASSAGES[choice.lower()]
+    except KeyError:
+        raise ValueError(f"long_passages must be one of {sorted(_LONG_PASSAGES)}, got {choice!r}") from None
 
 
 def mode_of(mode: str) -> int:
@@ -28,11 +36,13 @@ def order_of(order: str) -> int:
 
 
 def rerank(query: str, passages: Iterable[PassageLike], *, top_n: int, model: str, raw_scores: bool,
-           score_threshold: float | None, return_text: bool, return_metadata: bool, order: str) -> pb.RerankRequest:
+           score_threshold: float | None, return_text: bool, return_metadata: bool, order: str,
+           instruction: str = "", long_passages: str = "truncate", max_chunks_per_passage: int = 0) -> pb.RerankRequest:
     return pb.RerankRequest(
         query=query, passages=[to_passage(p, i) for i, p in enumerate(passages)], top_n=top_n, model=model,
         raw_scores=raw_scores, score_threshold=score_threshold, return_text=return_text,
-        return_metadata=return_metadata, order=order_of(order),
+        return_metadata=return_metadata, order=order_of(order), instruction=instruction,
+        long_passages=long_passages_of(long_passages), max_chunks_per_passage=max_chunks_per_passage,
     )
 
 
@@ -57,11 +67,13 @@ def retrieve(query: str, *, top_k: int, filter: Mapping[str, str] | None, index:
 
 def retrieve_and_rerank(query: str, *, top_k: int, top_n: int, reranker: str, filter: Mapping[str, str] | None,
                         index: str, raw_scores: bool, score_threshold: float | None, return_text: bool,
-                        return_metadata: bool, order: str, mode: str = "") -> pb.RetrieveAndRerankRequest:
+                        return_metadata: bool, order: str, mode: str = "", instruction: str = "",
+                        long_passages: str = "truncate", max_chunks_per_passage: int = 0) -> pb.RetrieveAndRerankRequest:
     return pb.RetrieveAndRerankRequest(
         query=query, top_k=top_k, top_n=top_n, reranker=reranker, filter=dict(filter or {}), index=index,
         raw_scores=raw_scores, score_threshold=score_threshold, return_text=return_text,
-        return_metadata=return_metadata, order=order_of(order), mode=mode_of(mode),
+        return_metadata=return_metadata, order=order_of(order), mode=mode_of(mode), instruction=instruction,
+        long_passages=long_passages_of(long_passages), max_chunks_per_passage=max_chunks_per_passage,
     )
 
 

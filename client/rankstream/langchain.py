@@ -80,6 +80,10 @@ class RankstreamRerank(_RankstreamConnection, BaseDocumentCompressor):
     model: str = Field("", description="Cross-encoder name; empty = the server's default.")
     top_n: int | None = Field(3, description="How many documents to keep; None = all.")
     score_threshold: float | None = None
+    instruction: str = Field("", description="Task instruction for rerankers that take one (LLM rerankers).")
+    long_passages: Literal["truncate", "chunk"] = Field(
+        "truncate", description="chunk: a long document is scored in windows and keeps its best window's score.")
+    max_chunks_per_passage: int = Field(0, ge=0, description="With chunk: windows per document; 0 = the server's limit.")
 
     def _request(self, documents: Sequence[Document], query: str) -> dict[str, Any]:
         return {
@@ -88,6 +92,9 @@ class RankstreamRerank(_RankstreamConnection, BaseDocumentCompressor):
             "top_n": self.top_n or 0,
             "model": self.model,
             "score_threshold": self.score_threshold,
+            "instruction": self.instruction,
+            "long_passages": self.long_passages,
+            "max_chunks_per_passage": self.max_chunks_per_passage,
         }
 
     @staticmethod
@@ -133,6 +140,7 @@ class RankstreamRetriever(_RankstreamConnection, BaseRetriever):
     mode: Literal["", "dense", "sparse", "hybrid"] = Field("", description="Retrieval mode; empty = the index's default.")
     reranker: str | None = Field(None, description="Cross-encoder to rerank with, in the same call.")
     candidates: int = Field(50, gt=0, description="With a reranker: passages retrieved to rerank (at least k).")
+    instruction: str = Field("", description="With a reranker that takes one: its task instruction.")
 
     @model_validator(mode="before")
     @classmethod
@@ -164,7 +172,7 @@ class RankstreamRetriever(_RankstreamConnection, BaseRetriever):
         if self.reranker is None:
             arguments.update(top_k=k)
         else:
-            arguments.update(top_k=max(k, self.candidates), top_n=k, reranker=self.reranker)
+            arguments.update(top_k=max(k, self.candidates), top_n=k, reranker=self.reranker, instruction=self.instruction)
         return arguments
 
     @staticmethod

@@ -58,6 +58,8 @@ class Stats:
     shared_batches: int = 0  # micro-batches shared with other requests
     messages: int = 0  # ScoredPassages messages the server sent
     tokens: int = 0  # real tokens (no padding) run through the model
+    chunked: int = 0  # passages scored in more than one window (long_passages="chunk")
+    windows: int = 0  # (query, passage window) pairs scored
 
 
 @dataclass(frozen=True)

@@ -37,6 +37,18 @@ class ModelConfig(_Strict):
     )
     device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$")
     revision: str | None = Field(None, description="Hub revision (branch, tag or commit).")
+    # Cross-encoders only (the folder decides each when unset, as sentence-transformers reads it):
+    instruction: str | None = Field(
+        None, description="Default task instruction for rerankers that take one; default: the folder's default prompt."
+    )
+    label: int | str | None = Field(None, description="Multi-label classifiers: the index or name of the relevance label.")
+    answer_tokens: list[str] | None = Field(
+        None, min_length=1, max_length=2,
+        description="Causal-LM rerankers: [relevant, irrelevant] tokens; default: the folder's LogitScore, else yes/no.",
+    )
+    chat_template: Literal["auto", "none"] = Field(
+        "auto", description="auto = pairs go through the tokenizer's chat template when it has one; none = never."
+    )
     # Bi-encoders only:
     pooling: Literal["auto", "cls", "mean"] = Field(
         "auto", description="auto = the checkpoint's 1_Pooling/config.json, else cls."
@@ -181,6 +193,7 @@ class LimitsConfig(_Strict):
     max_metadata_key_bytes: int = Field(128, gt=0, description="UTF-8 bytes of a metadata or filter key.")
     max_metadata_value_bytes: int = Field(1024, gt=0, description="UTF-8 bytes of a metadata or filter value.")
     max_filter_entries: int = Field(16, ge=0, description="Entries of a Retrieve filter.")
+    max_chunks_per_passage: int = Field(16, gt=0, description="Windows a passage may be scored in (long_passages: CHUNK).")
 
     def max_request_bytes(self) -> int:
         """The largest request these limits admit (UTF-8 at 4 bytes a character, protobuf framing

@@ -12,6 +12,11 @@ class Order(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     RANKED: _ClassVar[Order]
     AS_SCORED: _ClassVar[Order]
 
+class LongPassages(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    TRUNCATE: _ClassVar[LongPassages]
+    CHUNK: _ClassVar[LongPassages]
+
 class Stage(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
     STAGE_UNSPECIFIED: _ClassVar[Stage]
@@ -38,6 +43,8 @@ class InputType(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     INPUT_TYPE_PASSAGE: _ClassVar[InputType]
 RANKED: Order
 AS_SCORED: Order
+TRUNCATE: LongPassages
+CHUNK: LongPassages
 STAGE_UNSPECIFIED: Stage
 STAGE_RETRIEVE: Stage
 STAGE_RERANK: Stage
@@ -72,7 +79,7 @@ class Passage(_message.Message):
     def __init__(self, id: _Optional[str] = ..., text: _Optional[str] = ..., title: _Optional[str] = ..., metadata: _Optional[_Mapping[str, str]] = ...) -> None: ...
 
 class RerankRequest(_message.Message):
-    __slots__ = ("query", "passages", "top_n", "model", "raw_scores", "order", "return_text", "score_threshold", "return_metadata")
+    __slots__ = ("query", "passages", "top_n", "model", "raw_scores", "order", "return_text", "score_threshold", "return_metadata", "instruction", "long_passages", "max_chunks_per_passage")
     QUERY_FIELD_NUMBER: _ClassVar[int]
     PASSAGES_FIELD_NUMBER: _ClassVar[int]
     TOP_N_FIELD_NUMBER: _ClassVar[int]
@@ -82,6 +89,9 @@ class RerankRequest(_message.Message):
     RETURN_TEXT_FIELD_NUMBER: _ClassVar[int]
     SCORE_THRESHOLD_FIELD_NUMBER: _ClassVar[int]
     RETURN_METADATA_FIELD_NUMBER: _ClassVar[int]
+    INSTRUCTION_FIELD_NUMBER: _ClassVar[int]
+    LONG_PASSAGES_FIELD_NUMBER: _ClassVar[int]
+    MAX_CHUNKS_PER_PASSAGE_FIELD_NUMBER: _ClassVar[int]
     query: str
     passages: _containers.RepeatedCompositeFieldContainer[Passage]
     top_n: int
@@ -91,7 +101,10 @@ class RerankRequest(_message.Message):
     return_text: bool
     score_threshold: float
     return_metadata: bool
-    def __init__(self, query: _Optional[str] = ..., passages: _Optional[_Iterable[_Union[Passage, _Mapping]]] = ..., top_n: _Optional[int] = ..., model: _Optional[str] = ..., raw_scores: _Optional[bool] = ..., order: _Optional[_Union[Order, str]] = ..., return_text: _Optional[bool] = ..., score_threshold: _Optional[float] = ..., return_metadata: _Optional[bool] = ...) -> None: ...
+    instruction: str
+    long_passages: LongPassages
+    max_chunks_per_passage: int
+    def __init__(self, query: _Optional[str] = ..., passages: _Optional[_Iterable[_Union[Passage, _Mapping]]] = ..., top_n: _Optional[int] = ..., model: _Optional[str] = ..., raw_scores: _Optional[bool] = ..., order: _Optional[_Union[Order, str]] = ..., return_text: _Optional[bool] = ..., score_threshold: _Optional[float] = ..., return_metadata: _Optional[bool] = ..., instruction: _Optional[str] = ..., long_passages: _Optional[_Union[LongPassages, str]] = ..., max_chunks_per_passage: _Optional[int] = ...) -> None: ...
 
 class ScoredPassage(_message.Message):
     __slots__ = ("id", "index", "score", "rank", "text", "title", "metadata", "stage", "retrieval_score", "dense_score", "sparse_score", "dense_rank", "sparse_rank")
@@ -164,7 +177,7 @@ class RetrieveRequest(_message.Message):
     def __init__(self, query: _Optional[str] = ..., top_k: _Optional[int] = ..., filter: _Optional[_Mapping[str, str]] = ..., return_text: _Optional[bool] = ..., return_metadata: _Optional[bool] = ..., index: _Optional[str] = ..., score_threshold: _Optional[float] = ..., mode: _Optional[_Union[Mode, str]] = ...) -> None: ...
 
 class RetrieveAndRerankRequest(_message.Message):
-    __slots__ = ("query", "top_k", "top_n", "reranker", "filter", "return_text", "return_metadata", "index", "raw_scores", "order", "score_threshold", "mode")
+    __slots__ = ("query", "top_k", "top_n", "reranker", "filter", "return_text", "return_metadata", "index", "raw_scores", "order", "score_threshold", "mode", "instruction", "long_passages", "max_chunks_per_passage")
     class FilterEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -184,6 +197,9 @@ class RetrieveAndRerankRequest(_message.Message):
     ORDER_FIELD_NUMBER: _ClassVar[int]
     SCORE_THRESHOLD_FIELD_NUMBER: _ClassVar[int]
     MODE_FIELD_NUMBER: _ClassVar[int]
+    INSTRUCTION_FIELD_NUMBER: _ClassVar[int]
+    LONG_PASSAGES_FIELD_NUMBER: _ClassVar[int]
+    MAX_CHUNKS_PER_PASSAGE_FIELD_NUMBER: _ClassVar[int]
     query: str
     top_k: int
     top_n: int
@@ -196,7 +212,10 @@ class RetrieveAndRerankRequest(_message.Message):
     order: Order
     score_threshold: float
     mode: Mode
-    def __init__(self, query: _Optional[str] = ..., top_k: _Optional[int] = ..., top_n: _Optional[int] = ..., reranker: _Optional[str] = ..., filter: _Optional[_Mapping[str, str]] = ..., return_text: _Optional[bool] = ..., return_metadata: _Optional[bool] = ..., index: _Optional[str] = ..., raw_scores: _Optional[bool] = ..., order: _Optional[_Union[Order, str]] = ..., score_threshold: _Optional[float] = ..., mode: _Optional[_Union[Mode, str]] = ...) -> None: ...
+    instruction: str
+    long_passages: LongPassages
+    max_chunks_per_passage: int
+    def __init__(self, query: _Optional[str] = ..., top_k: _Optional[int] = ..., top_n: _Optional[int] = ..., reranker: _Optional[str] = ..., filter: _Optional[_Mapping[str, str]] = ..., return_text: _Optional[bool] = ..., return_metadata: _Optional[bool] = ..., index: _Optional[str] = ..., raw_scores: _Optional[bool] = ..., order: _Optional[_Union[Order, str]] = ..., score_threshold: _Optional[float] = ..., mode: _Optional[_Union[Mode, str]] = ..., instruction: _Optional[str] = ..., long_passages: _Optional[_Union[LongPassages, str]] = ..., max_chunks_per_passage: _Optional[int] = ...) -> None: ...
 
 class UpsertPassagesRequest(_message.Message):
     __slots__ = ("index", "passages")
@@ -237,7 +256,7 @@ class DeletePassagesResponse(_message.Message):
     def __init__(self, deleted: _Optional[int] = ..., not_found: _Optional[int] = ..., count: _Optional[int] = ..., version: _Optional[int] = ...) -> None: ...
 
 class RerankStats(_message.Message):
-    __slots__ = ("model", "passages", "scored", "returned", "truncated", "tokenize_ms", "queue_ms", "inference_ms", "total_ms", "batches", "max_batch_size", "shared_batches", "retrieve_ms", "candidates", "messages", "tokens")
+    __slots__ = ("model", "passages", "scored", "returned", "truncated", "tokenize_ms", "queue_ms", "inference_ms", "total_ms", "batches", "max_batch_size", "shared_batches", "retrieve_ms", "candidates", "messages", "tokens", "chunked", "windows")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     PASSAGES_FIELD_NUMBER: _ClassVar[int]
     SCORED_FIELD_NUMBER: _ClassVar[int]
@@ -254,6 +273,8 @@ class RerankStats(_message.Message):
     CANDIDATES_FIELD_NUMBER: _ClassVar[int]
     MESSAGES_FIELD_NUMBER: _ClassVar[int]
     TOKENS_FIELD_NUMBER: _ClassVar[int]
+    CHUNKED_FIELD_NUMBER: _ClassVar[int]
+    WINDOWS_FIELD_NUMBER: _ClassVar[int]
     model: str
     passages: int
     scored: int
@@ -270,7 +291,9 @@ class RerankStats(_message.Message):
     candidates: int
     messages: int
     tokens: int
-    def __init__(self, model: _Optional[str] = ..., passages: _Optional[int] = ..., scored: _Optional[int] = ..., returned: _Optional[int] = ..., truncated: _Optional[int] = ..., tokenize_ms: _Optional[float] = ..., queue_ms: _Optional[float] = ..., inference_ms: _Optional[float] = ..., total_ms: _Optional[float] = ..., batches: _Optional[int] = ..., max_batch_size: _Optional[int] = ..., shared_batches: _Optional[int] = ..., retrieve_ms: _Optional[float] = ..., candidates: _Optional[int] = ..., messages: _Optional[int] = ..., tokens: _Optional[int] = ...) -> None: ...
+    chunked: int
+    windows: int
+    def __init__(self, model: _Optional[str] = ..., passages: _Optional[int] = ..., scored: _Optional[int] = ..., returned: _Optional[int] = ..., truncated: _Optional[int] = ..., tokenize_ms: _Optional[float] = ..., queue_ms: _Optional[float] = ..., inference_ms: _Optional[float] = ..., total_ms: _Optional[float] = ..., batches: _Optional[int] = ..., max_batch_size: _Optional[int] = ..., shared_batches: _Optional[int] = ..., retrieve_ms: _Optional[float] = ..., candidates: _Optional[int] = ..., messages: _Optional[int] = ..., tokens: _Optional[int] = ..., chunked: _Optional[int] = ..., windows: _Optional[int] = ...) -> None: ...
 
 class ListModelsRequest(_message.Message):
     __slots__ = ()
@@ -313,7 +336,7 @@ class IndexInfo(_message.Message):
     def __init__(self, name: _Optional[str] = ..., model: _Optional[str] = ..., count: _Optional[int] = ..., dimension: _Optional[int] = ..., similarity: _Optional[str] = ..., index_type: _Optional[str] = ..., device: _Optional[str] = ..., version: _Optional[int] = ..., sparse: _Optional[bool] = ..., default_mode: _Optional[_Union[Mode, str]] = ...) -> None: ...
 
 class ModelInfo(_message.Message):
-    __slots__ = ("name", "kind", "weights", "tokenizer", "max_length", "dtype", "device", "activation", "batcher", "pooling", "similarity", "max_batch_tokens", "parallel_passes", "compiled", "cuda_graphs", "aliases", "dimension")
+    __slots__ = ("name", "kind", "weights", "tokenizer", "max_length", "dtype", "device", "activation", "batcher", "pooling", "similarity", "max_batch_tokens", "parallel_passes", "compiled", "cuda_graphs", "architecture", "head", "template", "accepts_instruction", "default_instruction", "padding_side", "aliases", "dimension")
     NAME_FIELD_NUMBER: _ClassVar[int]
     KIND_FIELD_NUMBER: _ClassVar[int]
     WEIGHTS_FIELD_NUMBER: _ClassVar[int]
@@ -329,6 +352,12 @@ class ModelInfo(_message.Message):
     PARALLEL_PASSES_FIELD_NUMBER: _ClassVar[int]
     COMPILED_FIELD_NUMBER: _ClassVar[int]
     CUDA_GRAPHS_FIELD_NUMBER: _ClassVar[int]
+    ARCHITECTURE_FIELD_NUMBER: _ClassVar[int]
+    HEAD_FIELD_NUMBER: _ClassVar[int]
+    TEMPLATE_FIELD_NUMBER: _ClassVar[int]
+    ACCEPTS_INSTRUCTION_FIELD_NUMBER: _ClassVar[int]
+    DEFAULT_INSTRUCTION_FIELD_NUMBER: _ClassVar[int]
+    PADDING_SIDE_FIELD_NUMBER: _ClassVar[int]
     ALIASES_FIELD_NUMBER: _ClassVar[int]
     DIMENSION_FIELD_NUMBER: _ClassVar[int]
     name: str
@@ -346,9 +375,15 @@ class ModelInfo(_message.Message):
     parallel_passes: int
     compiled: bool
     cuda_graphs: int
+    architecture: str
+    head: str
+    template: str
+    accepts_instruction: bool
+    default_instruction: str
+    padding_side: str
     aliases: _containers.RepeatedScalarFieldContainer[str]
     dimension: int
-    def __init__(self, name: _Optional[str] = ..., kind: _Optional[_Union[ModelKind, str]] = ..., weights: _Optional[str] = ..., tokenizer: _Optional[str] = ..., max_length: _Optional[int] = ..., dtype: _Optional[str] = ..., device: _Optional[str] = ..., activation: _Optional[str] = ..., batcher: _Optional[_Union[BatcherStats, _Mapping]] = ..., pooling: _Optional[str] = ..., similarity: _Optional[str] = ..., max_batch_tokens: _Optional[int] = ..., parallel_passes: _Optional[int] = ..., compiled: _Optional[bool] = ..., cuda_graphs: _Optional[int] = ..., aliases: _Optional[_Iterable[str]] = ..., dimension: _Optional[int] = ...) -> None: ...
+    def __init__(self, name: _Optional[str] = ..., kind: _Optional[_Union[ModelKind, str]] = ..., weights: _Optional[str] = ..., tokenizer: _Optional[str] = ..., max_length: _Optional[int] = ..., dtype: _Optional[str] = ..., device: _Optional[str] = ..., activation: _Optional[str] = ..., batcher: _Optional[_Union[BatcherStats, _Mapping]] = ..., pooling: _Optional[str] = ..., similarity: _Optional[str] = ..., max_batch_tokens: _Optional[int] = ..., parallel_passes: _Optional[int] = ..., compiled: _Optional[bool] = ..., cuda_graphs: _Optional[int] = ..., architecture: _Optional[str] = ..., head: _Optional[str] = ..., template: _Optional[str] = ..., accepts_instruction: _Optional[bool] = ..., default_instruction: _Optional[str] = ..., padding_side: _Optional[str] = ..., aliases: _Optional[_Iterable[str]] = ..., dimension: _Optional[int] = ...) -> None: ...
 
 class BatcherStats(_message.Message):
     __slots__ = ("batches", "items", "dropped", "in_flight", "capacity", "rejected", "max_requests_per_batch", "max_batch_size", "tokens", "padded_tokens")

@@ -138,7 +138,14 @@ class TorchBackend:
         self._runner: Callable = loaded.model  # what a pass calls: the model, or its compiled form
         self._compiled: Callable | None = None  # the compiled model, where it ran and matched eager
         self._device = loaded.device
-        self._pad_id = loaded.tokenizer.pad_token_id or 0
+        family = loaded.family
+        self._left_padding = family is not None and family.padding_side == "left"
+        config_pad = getattr(loaded.hf_config, "pad_token_id", None)
+        # Decoder classifiers find their last real token by config.json's pad id: pad with that one.
+        self._pad_id = (config_pad if family is not None and family.pooling(loaded.hf_config) == "last_token"
+                        and config_pad is not None else loaded.tokenizer.pad_token_id or 0)
+        self._vocab = int(getattr(loaded.hf_config, "vocab_size", 0) or getattr(loaded.tokenizer, "vocab_size", 0) or 30000)
+        self._local_window = int(getattr(loaded.hf_config, "local_attention", 0) or getattr(loaded.hf_config, "sliding_window", 0) or 0)
         self._uses_token_type_ids = loaded.uses_token_type_ids
         self.cuda = loaded.device.type == "cuda"
         threads = torch.get_num_threads()
@@ -198,10 +205,12 @@ class TorchBackend:
 
     @torch.inference_mode()
     def _takes_4d_mask(self) -> bool:
-        """Whether the model gives the same output with a 4D mask as with the 2D one (checked on
-        a probe pass with padding, on the model's device)."""
+        """Whether the model gives the same output with a ready 4D mask as with its own 2D-mask path.
+        transformers uses a given 4D mask as is, so a model whose attention is more than padding
+        (causal decoders, ModernBERT's sliding window) must fail this check: it runs on rows of
+        different, varied tokens and lengths, padded, longer than any local attention window."""
         self._mask_4d = False
-        batch = self._dummy(3, 12)
+        batch = self.mask_probe()
         views = {name: t.to(self._device) for name, t in self._collate_into(self._probe_buffers(), batch).items()}
         try:
             plain = self._forward(views).float()
@@ -211,7 +220,20 @@ class TorchBackend:
             self._mask_4d = False
             return False
         self._mask_4d = False
-        return bool(torch.allclose(plain, shaped, atol=1e-5, rtol=1e-4))
+        same = bool(torch.allclose(plain, shaped, atol=1e-5, rtol=1e-4))
+        if not same:
+            log.info("the ready 4D attention mask changes this model's output (max diff %.3g): its own masks are used",
+                     float((plain - shaped).abs().max()))
+        return same
+
+    def mask_probe(self) -> Batch:
+        """Three padded rows of seeded random tokens, the longest past any local attention window."""
+        width = min(self.shapes.max_length, max(64, 2 * self._local_window + 16), 1024)
+        lengths = np.array([width, (2 * width) // 3, width // 3 + 1], dtype=np.int32)
+        ids = np.random.default_rng(0).integers(low=min(5, self._vocab - 1), high=self._vocab, size=(3, width), dtype=np.int64)
+        tokens = Tokens(ids, np.zeros_like(ids) if self._uses_token_type_ids else None, lengths, 0)
+        rows = np.arange(3, dtype=np.int64)
+        return Batch(3, width, 3, int(lengths.sum()), [Piece(None, tokens, rows, rows)])
 
     def _probe_buffers(self) -> _Staging:
         return self._staging[0]
@@ -220,7 +242,7 @@ class TorchBackend:
         views = buffers.views(batch.rows, batch.width)
         types = views.get("token_type_ids")
         collate(batch, views["input_ids"].numpy(), views["attention_mask"].numpy(),
-                types.numpy() if types is not None else None, self._pad_id)
+                types.numpy() if types is not None else None, self._pad_id, self._left_padding)
         return views
 
     def _next_buffers(self) -> _Staging:
@@ -285,7 +307,7 @@ class TorchBackend:
     def _dummy(self, rows: int, width: int) -> Batch:
         """A pass of the given shape, rows of mixed lengths (so masks are not all ones)."""
         lengths = np.linspace(max(1, width // 2), width, num=rows).astype(np.int32) if rows > 1 else np.array([width], np.int32)
-        ids = np.full((rows, width), 1000, dtype=np.int64)
+        ids = np.full((rows, width), min(1000, self._vocab - 1), dtype=np.int64)
         tokens = Tokens(ids, np.zeros_like(ids) if self._uses_token_type_ids else None, lengths, 0)
         rows_index = np.arange(rows, dtype=np.int64)
         return Batch(rows, width, rows, int(lengths.sum()), [Piece(None, tokens, rows_index, rows_index)])
@@ -462,10 +484,23 @@ class TorchBackend:
 
 
 class CrossEncoderBackend(TorchBackend):
-    """One logit per (query, passage) pair."""
+    """One raw score per (query, passage) pair, by the family's head: the classifier's logit (its
+    chosen label's), or for causal LMs the answer tokens' logits at the last position (rows are
+    left-padded, so that is every row's last token; only that position's logits are computed)."""
+
+    def __init__(self, loaded: LoadedModel, config: BatchingConfig | None = None):
+        head = loaded.family.head
+        self._label = head.label
+        self._answer = (head.true_token, head.false_token) if head.kind == "answer_tokens" else None
+        super().__init__(loaded, config)
 
     def _forward(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
-        return self._runner(**self._model_inputs(inputs)).logits.reshape(-1)
+        if self._answer is None:
+            logits = self._runner(**self._model_inputs(inputs)).logits
+            return logits[:, self._label] if logits.dim() == 2 else logits.reshape(-1)
+        logits = self._runner(**self._model_inputs(inputs), logits_to_keep=1).logits[:, -1]
+        true, false = self._answer
+        return logits[:, true] - logits[:, false] if false is not None else logits[:, true]
 
 
 class BiEncoderBackend(TorchBackend):

@@ -113,9 +113,10 @@ def cut_batches(parts: Sequence[tuple[object, object, np.ndarray]], policy: Shap
 
 
 def collate(batch: Batch, input_ids: np.ndarray, attention_mask: np.ndarray, token_type_ids: np.ndarray | None,
-            pad_id: int) -> None:
+            pad_id: int, left: bool = False) -> None:
     """Fills (rows, width) arrays, e.g. views of reusable pinned buffers, for one batch. Padding rows
-    get one attended pad token, so no row of the pass is all-masked (that gives NaN in some kernels)."""
+    get one attended pad token, so no row of the pass is all-masked (that gives NaN in some kernels).
+    `left`: rows end at the last column (causal LMs scored at the last position)."""
     width = batch.width
     input_ids.fill(pad_id)
     attention_mask.fill(0)
@@ -124,9 +125,17 @@ def collate(batch: Batch, input_ids: np.ndarray, attention_mask: np.ndarray, tok
     columns = np.arange(width)
     for piece in batch.pieces:
         source = piece.tokens.input_ids
+        lengths = piece.tokens.lengths[piece.rows][:, None]
+        if left:  # column c holds token c - (width - length) of the row
+            taken = columns[None, :] - (width - lengths)
+            real = taken >= 0
+            rows = piece.tokens.input_ids[piece.rows[:, None], np.clip(taken, 0, source.shape[1] - 1)]
+            input_ids[piece.slots] = np.where(real, rows, pad_id)
+            attention_mask[piece.slots] = real
+            continue
         take = min(width, source.shape[1])
         input_ids[piece.slots, :take] = source[piece.rows, :take]
-        attention_mask[piece.slots] = columns < piece.tokens.lengths[piece.rows][:, None]
+        attention_mask[piece.slots] = columns < lengths
         if token_type_ids is not None:
             token_type_ids[piece.slots, :take] = piece.tokens.token_type_ids[piece.rows, :take]
-    attention_mask[batch.real:, 0] = 1
+    attention_mask[batch.real:, -1 if left else 0] = 1

@@ -10,12 +10,21 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from transformers import AutoConfig, AutoModel, AutoModelForSequenceClassification, AutoTokenizer, PreTrainedTokenizerBase
+from transformers import (
+    AutoConfig,
+    AutoModel,
+    AutoModelForCausalLM,
+    AutoModelForSequenceClassification,
+    AutoTokenizer,
+    PreTrainedTokenizerBase,
+)
 from transformers.utils import cached_file
 
 from rankstream_server.config import ModelConfig
 from rankstream_server.errors import ModelLoadError
 from rankstream_server.inference import embedded
+from rankstream_server.inference.chat_template import ChatPairTemplate
+from rankstream_server.inference.families import Family, resolve_family
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +68,9 @@ class LoadedModel:
     pooling: str = ""  # bi-encoders: "cls" | "mean"
     similarity: str = ""  # bi-encoders: "dot" | "cosine"
     dimension: int = 0  # bi-encoders: embedding size, measured at warm-up
+    family: Family | None = None  # cross-encoders: head, padding, template, instruction
+    pair_template: ChatPairTemplate | None = None  # cross-encoders whose pairs go through a chat template
+    hf_config: Any = None
 
     @property
     def kind(self) -> str:
@@ -99,18 +111,6 @@ def _read_json(repo: str, filename: str, revision: str | None) -> dict[str, Any]
         return None
     with open(path, encoding="utf-8") as handle:
         return json.load(handle)
-
-
-def _checkpoint_activation(hf_config: Any) -> str:
-    """What sentence-transformers' CrossEncoder would apply: its saved activation, else sigmoid."""
-    saved = getattr(hf_config, "sentence_transformers", None) or {}
-    path = saved.get("activation_fn") or getattr(hf_config, "sbert_ce_default_activation_function", None)
-    # Like CrossEncoder without trust_remote_code: a path outside torch falls back to sigmoid.
-    if path is None or not path.startswith("torch.") or path.endswith("Sigmoid"):
-        return "sigmoid"
-    if path.endswith("Identity"):
-        return "none"
-    raise ModelLoadError(f"checkpoint activation {path!r} is not supported: set activation to sigmoid or none")
 
 
 def _max_length(cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase, hf_config: Any) -> int:
@@ -157,11 +157,14 @@ def load_model(cfg: ModelConfig) -> LoadedModel:
         tokenizer = AutoTokenizer.from_pretrained(cfg.tokenizer or cfg.weights, revision=None if cfg.tokenizer else cfg.revision)
     except (OSError, ValueError) as exc:
         raise _describe_missing(cfg, "tokenizer", exc) from exc
-    if cfg.kind == "cross" and getattr(hf_config, "num_labels", 1) != 1:
-        raise ModelLoadError(
-            f"model {cfg.name!r} has {hf_config.num_labels} labels; a reranking cross-encoder needs exactly one"
-        )
-    model_class = AutoModelForSequenceClassification if cfg.kind == "cross" else AutoModel
+    family = None
+    if cfg.kind == "cross":
+        family = resolve_family(cfg, hf_config, tokenizer, lambda name: _read_json(cfg.weights, name, cfg.revision))
+        # Checked before the weights load: a template that cannot carry a pair is refused at once.
+        pair_template = ChatPairTemplate(tokenizer, family.chat_template, family.template_kwargs, cfg.name) if family.chat_template else None
+        model_class = AutoModelForCausalLM if family.causal_lm else AutoModelForSequenceClassification
+    else:
+        model_class = AutoModel
     try:
         model = model_class.from_pretrained(cfg.weights, revision=cfg.revision, dtype=dtype)
     except (OSError, ValueError) as exc:
@@ -179,13 +182,16 @@ def load_model(cfg: ModelConfig) -> LoadedModel:
         # them. Single texts (bi-encoders) are one segment: all zeros, the models' default.
         uses_token_type_ids=(
             cfg.kind == "cross"
+            and (family is None or family.chat_template is None)  # a rendered template is one sequence
             and "token_type_ids" in tokenizer.model_input_names
             and getattr(hf_config, "type_vocab_size", 0) > 0
             and "token_type_ids" in inspect.signature(model.forward).parameters
         ),
     )
-    if cfg.kind == "cross":
-        loaded.activation = _checkpoint_activation(hf_config) if cfg.activation == "auto" else cfg.activation
+    loaded.hf_config = hf_config
+    if family is not None:
+        loaded.family, loaded.pair_template = family, pair_template
+        loaded.activation = family.activation
     else:
         loaded.pooling, loaded.similarity = _bi_encoder_settings(cfg)
     log.info(

@@ -7,12 +7,22 @@ import asyncio
 import time
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 
 import numpy as np
 
 from rankstream_server.inference.batcher import BULK, INTERACTIVE, Job
 from rankstream_server.inference.tokenization import Tokens
 from rankstream_server.serving.registry import ServedModel
+
+
+@dataclass(frozen=True)
+class PairOptions:
+    """How a request's pairs are formed: the instruction (None = none) and, for long passages,
+    how many windows a passage may take (1 = truncate)."""
+
+    instruction: str | None = None
+    chunks: int = 1
 
 
 class ModelCall:
@@ -24,21 +34,26 @@ class ModelCall:
         self._jobs: list[tuple[ServedModel, Job]] = []
         self.tokenize_s = 0.0
         self.truncated = 0
+        self.chunked = 0
+        self.windows = 0
         self.passages = 0
         self.scored = 0
 
-    def _precheck(self, model: ServedModel, texts: list[str], extra_chars: int = 0) -> None:
+    def _precheck(self, model: ServedModel, texts: list[str], extra_chars: int = 0, chunks: int = 1) -> None:
         """Refuses at once, before tokenizing, what the batcher would refuse: the token count is
-        estimated from characters (~4 a token, each row capped at the model's max_length)."""
+        estimated from characters (~4 a token, each row capped at the model's max_length, or at
+        `chunks` windows of it)."""
         max_length = model.loaded.max_length
-        tokens = sum(min(len(text) + extra_chars, 4 * max_length) for text in texts) // 4
-        model.batcher.precheck(len(texts), tokens, self._deadline)
+        tokens = sum(min(len(text) + extra_chars, 4 * max_length * chunks) for text in texts) // 4
+        rows = len(texts) if chunks == 1 else sum(min(chunks, 1 + len(text) // (4 * max_length)) for text in texts)
+        model.batcher.precheck(rows, tokens, self._deadline)
 
     async def _tokenize(self, function, *args) -> Tokens:
         started = time.perf_counter()
         tokens = await asyncio.get_running_loop().run_in_executor(self._pool, function, *args)
         self.tokenize_s += time.perf_counter() - started
         self.truncated += tokens.truncated
+        self.chunked += tokens.chunked
         return tokens
 
     def _submit(self, model: ServedModel, tokens: Tokens, lane: int) -> Job:
@@ -58,15 +73,23 @@ class ModelCall:
             output[indices] = rows
         return output
 
-    async def score(self, model: ServedModel, query: str, texts: list[str], reuse: bool = False) -> AsyncIterator[tuple[np.ndarray, np.ndarray]]:
+    async def score(self, model: ServedModel, query: str, texts: list[str], reuse: bool = False,
+                    options: PairOptions = PairOptions()) -> AsyncIterator[tuple[np.ndarray, np.ndarray]]:
         """Raw scores of (query, text) pairs as they come: (indices, scores) per micro-batch.
         Cross-encoders give logits; bi-encoders give the similarity of the two embeddings.
-        `reuse`: the texts are corpus passages that recur; their tokens may come from a cache."""
+        `reuse`: the texts are corpus passages that recur; their tokens may come from a cache.
+        A passage scored in windows (options.chunks > 1) comes once all its windows are scored,
+        with the best window's score."""
         self.passages += len(texts)
         if model.kind == "cross":
-            self._precheck(model, texts, extra_chars=len(query))
-            tokens = await self._tokenize(model.tokenizer.encode, query, texts, reuse)
-            async for chunk in self._submit(model, tokens, INTERACTIVE).results():
+            self._precheck(model, texts, extra_chars=len(query) + len(options.instruction or ""), chunks=options.chunks)
+            tokens = await self._tokenize(model.tokenizer.encode, query, texts, reuse and options.chunks == 1,
+                                          options.instruction, options.chunks)
+            self.windows += len(tokens)
+            results = self._submit(model, tokens, INTERACTIVE).results()
+            if tokens.owners is not None:
+                results = best_window(results, tokens.owners, len(texts))
+            async for chunk in results:
                 self.scored += len(chunk[0])
                 yield chunk
             return
@@ -89,6 +112,8 @@ class ModelCall:
             "passages": self.passages,
             "scored": self.scored,
             "truncated": self.truncated,
+            "chunked": self.chunked,
+            "windows": self.windows,
             "tokenize_ms": round(self.tokenize_s * 1000, 3),
             "queue_ms": round(max(firsts, default=0.0) * 1000, 3),
             "inference_ms": round(busy_seconds({k: v for j in jobs for k, v in j.stats.passes.items()}) * 1000, 3),
@@ -109,3 +134,19 @@ def busy_seconds(passes: dict[float, float]) -> float:
             total += end - max(start, reached)
             reached = end
     return total
+
+
+async def best_window(results: AsyncIterator[tuple[np.ndarray, np.ndarray]], owners: np.ndarray,
+                      count: int) -> AsyncIterator[tuple[np.ndarray, np.ndarray]]:
+    """Window scores to passage scores: each passage comes, with its best window's score, in the
+    micro-batch that scores its last window. (The max of logits is the max of any monotonic
+    activation of them, so raw and activated scores keep the same window.)"""
+    best = np.full(count, -np.inf, dtype=np.float32)
+    left = np.bincount(owners, minlength=count)
+    async for rows, scores in results:
+        passages = owners[rows]
+        np.maximum.at(best, passages, scores)
+        np.subtract.at(left, passages, 1)
+        done = np.unique(passages[left[passages] == 0])
+        if len(done):
+            yield done, best[done]

@@ -48,6 +48,9 @@ class Tokens:
     token_type_ids: np.ndarray | None  # int64 (rows, width), for models that take them
     lengths: np.ndarray  # int32 (rows,)
     truncated: int  # rows whose text was cut to fit max_length
+    # Chunked passages (long_passages CHUNK): the input each row is a window of, when rows are windows.
+    owners: np.ndarray | None = None
+    chunked: int = 0  # inputs scored in more than one window
 
     def __len__(self) -> int:
         return len(self.lengths)
@@ -129,6 +132,32 @@ def _cut(text: str, room: int) -> tuple[str, bool]:
     if boundary <= 0:
         return text, False  # no boundary to cut at safely: tokenize it all
     return text[:boundary], True
+
+
+def windows(ids, room: int, most: int) -> tuple[list, bool]:
+    """A passage's tokens as overlapping windows of `room` tokens (a quarter of each shared with the
+    next), at most `most`; and whether tokens were left past the last window."""
+    if len(ids) <= room:
+        return [ids], False
+    if most <= 1:
+        return [ids[:room]], True
+    stride = max(1, room - room // 4)
+    starts = list(range(0, len(ids) - room + stride, stride))[:most]
+    return [ids[start:start + room] for start in starts], len(ids) > starts[-1] + room
+
+
+def expand_windows(rows: list, room: int, most: int) -> tuple[list, np.ndarray, int, int]:
+    """Every row's windows in one list; the row each window belongs to; how many rows took more
+    than one window; how many still lost tokens (past `most` windows)."""
+    expanded, owners = [], []
+    chunked = cut = 0
+    for index, ids in enumerate(rows):
+        parts, lost = windows(ids, room, most)
+        expanded += parts
+        owners += [index] * len(parts)
+        chunked += len(parts) > 1
+        cut += lost
+    return expanded, np.asarray(owners, dtype=np.int64), chunked, cut
 
 
 # ASCII control characters other than tab, newline and carriage return: BERT's normalizer drops
@@ -336,17 +365,29 @@ class PairTokenizer(_RustTokenizer):
             )
         return tokens
 
-    def encode(self, query: str, passages: list[str], reuse: bool = False) -> Tokens:
+    def encode(self, query: str, passages: list[str], reuse: bool = False, instruction: str | None = None,
+               chunks: int = 1) -> Tokens:
         """`reuse`: the passages come from a corpus and recur (RetrieveAndRerank): keep their
-        tokens in the passage cache, and take what it has."""
+        tokens in the passage cache, and take what it has. `instruction`: sentence-transformers'
+        prompt, put before the query. `chunks` > 1: a long passage becomes up to that many windows."""
+        if instruction:
+            query = instruction + query
         query_tokens = self._query_tokens(query)
         if not self.fast:
+            if chunks > 1:
+                raise InvalidArgument(f"long_passages: CHUNK needs a fast tokenizer; model {self._model_name!r} has none")
             batch = self._hf(
                 [query] * len(passages), passages, truncation="only_second", max_length=self._max_length,
                 padding=False, return_token_type_ids=self._uses_token_type_ids, return_attention_mask=False,
             )
             return self._from_hf(batch, self._uses_token_type_ids)
         room = self._max_length - self._pair_specials - len(query_tokens)
+        if chunks > 1:
+            rows, _ = self._token_lists(passages, room * chunks)
+            rows, owners, chunked, truncated = expand_windows(rows, room, chunks)
+            tokens = self._lay_out(self._template, {0: query_tokens}, rows, room, truncated, self._uses_token_type_ids)
+            tokens.owners, tokens.chunked = owners, chunked
+            return tokens
         if reuse and self.cache is not None:
             rows, truncated = self._cached_token_lists(passages, room)
         else:
@@ -367,6 +408,69 @@ class PairTokenizer(_RustTokenizer):
                 found[i] = ids
         truncated = sum(len(ids) > room for ids in found)
         return found, truncated
+
+
+class ChatPairTokenizer(_RustTokenizer):
+    """Tokenizes pairs rendered by a chat template (LLM rerankers). Each pair's text is tokenized
+    whole, as sentence-transformers does, and the document's tokens are found by their offsets: a
+    pair past max_length loses document tokens, never the query or the template (its suffix,
+    which the score is read after, stays whole)."""
+
+    def __init__(self, tokenizer: PreTrainedTokenizerBase, max_length: int, model_name: str, template):
+        super().__init__(tokenizer, max_length)
+        if self._backend is None:
+            raise ValueError(f"model {model_name!r}: a chat-template reranker needs a fast (Rust) tokenizer")
+        self._model_name = model_name
+        self.template = template
+
+    def encode(self, query: str, passages: list[str], reuse: bool = False, instruction: str | None = None,
+               chunks: int = 1) -> Tokens:
+        if not query.strip():
+            raise InvalidArgument("query: has no tokens for this model (only spaces or control characters?)")
+        most = self._max_length * chunks  # document tokens that can be used at the most
+        limit = most * CHARACTERS_PER_TOKEN_CUT
+        cut = [len(p) > limit and _cut(p, most)[1] for p in passages]
+        documents = [_cut(p, most)[0] if was_cut else p for p, was_cut in zip(passages, cut)]
+        heads, rows, tails = self._split(query, documents, instruction)
+        short = [i for i, was_cut in enumerate(cut) if was_cut and len(rows[i]) <= most]
+        if short:  # the cut fell short: those in full
+            for i, head, row, tail in zip(short, *self._split(query, [passages[i] for i in short], instruction)):
+                heads[i], rows[i], tails[i] = head, row, tail
+        room = self._max_length - max(len(h) + len(t) for h, t in zip(heads, tails)) if rows else self._max_length
+        if room < 1:
+            raise InvalidArgument(
+                f"query is too long: with model {self._model_name!r}'s template it leaves no room for a passage "
+                f"within max_length {self._max_length} (queries are never truncated)")
+        owners = None
+        chunked = 0
+        if chunks > 1:
+            rows, owners, chunked, truncated = expand_windows(rows, room, chunks)
+        else:
+            truncated = sum(len(r) > room for r in rows)
+        row_heads = heads if owners is None else [heads[o] for o in owners]
+        row_tails = tails if owners is None else [tails[o] for o in owners]
+        full = [h + list(r[:room]) + tl for h, r, tl in zip(row_heads, rows, row_tails)]
+        lengths = np.fromiter((len(r) for r in full), dtype=np.int32, count=len(full))
+        input_ids = np.full((len(full), int(lengths.max()) if len(full) else 0), self._pad_id, dtype=np.int64)
+        for i, ids in enumerate(full):
+            input_ids[i, : len(ids)] = ids
+        return Tokens(input_ids, None, lengths, truncated, owners, chunked)
+
+    def _split(self, query: str, documents: list[str], instruction: str | None) -> tuple[list, list, list]:
+        """Each pair tokenized whole, split by offsets into (tokens before the document, the
+        document's tokens, tokens after it)."""
+        texts, starts = self.template.render_all(query, documents, instruction)
+        heads, rows, tails = [], [], []
+        for encoding, start, document in zip(self._backend.encode_batch(texts, add_special_tokens=False), starts, documents):
+            end = start + len(document)
+            ids, offsets = encoding.ids, encoding.offsets
+            first = next((i for i, (_, stop) in enumerate(offsets) if stop > start), len(ids))  # first reaching the document
+            after = next((i for i in range(len(ids) - 1, -1, -1) if offsets[i][0] < end), -1) + 1  # past its last
+            first = min(first, after)
+            heads.append(ids[:first])
+            rows.append(ids[first:after])
+            tails.append(ids[after:])
+        return heads, rows, tails
 
 
 class TextTokenizer(_RustTokenizer):

@@ -25,7 +25,7 @@ from rankstream_server.index.store import Document
 from rankstream_server.inference.batcher import INTERACTIVE
 from rankstream_server.inference.scoring import ModelCall
 from rankstream_server.serving.metrics import Metrics
-from rankstream_server.serving.pipeline import ScoredChunk, retrieved_chunk, scored_chunks
+from rankstream_server.serving.pipeline import ScoredChunk, pair_options, retrieved_chunk, scored_chunks
 from rankstream_server.serving.registry import ModelRegistry
 from rankstream_server.serving.validation import (
     check_delete,
@@ -211,6 +211,7 @@ class RerankerService(_ModelServicer):
         registry = self._readiness.require()
         model = registry.get(request.model)
         check_rerank(request, self._settings.limits)
+        options = pair_options(request, model, self._settings.limits)
         passages = request.passages
         texts = [passage_text(p.text, _optional(p, "title")) for p in passages]
 
@@ -226,7 +227,7 @@ class RerankerService(_ModelServicer):
         try:
             async for chunk in scored_chunks(
                 call, model, request.query, texts, request.order == pb.AS_SCORED, request.top_n,
-                _optional(request, "score_threshold"), request.raw_scores,
+                _optional(request, "score_threshold"), request.raw_scores, options=options,
             ):
                 for message in messages.build(chunk):
                     yield message
@@ -287,6 +288,7 @@ class RetrieverService(_ModelServicer):
         registry.index(request.index)
         reranker = registry.get(request.reranker)
         check_retrieve_and_rerank(request, self._settings.limits)
+        options = pair_options(request, reranker, self._settings.limits)
         call = ModelCall(self._tokenize_pool, context.time_remaining())
         trailer = _Trailer(context, call, reranker.name, self._metrics)
         try:
@@ -297,7 +299,7 @@ class RetrieverService(_ModelServicer):
                 texts = [passage_text(hit.document.text, hit.document.title) for hit in hits]
                 async for chunk in scored_chunks(
                     call, reranker, request.query, texts, request.order == pb.AS_SCORED, request.top_n,
-                    _optional(request, "score_threshold"), request.raw_scores, reuse=True,
+                    _optional(request, "score_threshold"), request.raw_scores, reuse=True, options=options,
                 ):
                     for message in messages.build(chunk):
                         yield message

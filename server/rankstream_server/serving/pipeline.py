@@ -9,8 +9,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from rankstream_server.config import LimitsConfig
+from rankstream_server.errors import InvalidArgument
 from rankstream_server.inference.ranking import activate, passing, rank
-from rankstream_server.inference.scoring import ModelCall
+from rankstream_server.inference.scoring import ModelCall, PairOptions
 from rankstream_server.serving.registry import ServedModel
 
 
@@ -37,23 +39,43 @@ async def scored_chunks(
     threshold: float | None,
     raw: bool,
     reuse: bool = False,
+    options: PairOptions | None = None,
 ) -> AsyncIterator[ScoredChunk]:
     """Scores texts against the query. AS_SCORED: one chunk per scored micro-batch, as it comes.
     RANKED: one chunk once every text is scored, best first, cut at top_n and the threshold.
     `reuse`: the texts are corpus passages (their tokens may be cached)."""
     activation = "none" if raw else model.loaded.activation
     if as_scored:
-        async for indices, raw_scores in call.score(model, query, texts, reuse):
+        async for indices, raw_scores in call.score(model, query, texts, reuse, options or PairOptions()):
             scores = activate(raw_scores, activation)
             keep = passing(scores, threshold)
             if keep.any():
                 yield ScoredChunk(indices[keep], scores[keep], np.zeros(int(keep.sum()), dtype=np.int32))
         return
     scores = np.empty(len(texts), dtype=np.float32)
-    async for indices, raw_scores in call.score(model, query, texts, reuse):
+    async for indices, raw_scores in call.score(model, query, texts, reuse, options or PairOptions()):
         scores[indices] = activate(raw_scores, activation)
     order = rank(scores, top_n, threshold)
     yield ScoredChunk(order, scores[order], np.arange(1, len(order) + 1, dtype=np.int32))
+
+
+CHUNK = 1  # rankstream.v1.LongPassages.CHUNK
+
+
+def pair_options(request, model: ServedModel, limits: LimitsConfig) -> PairOptions:
+    """A RerankRequest's or RetrieveAndRerankRequest's instruction and long-passage choice, checked
+    against the model and the limits."""
+    instruction = model.instruction(request.instruction)
+    if request.max_chunks_per_passage < 0 or request.max_chunks_per_passage > limits.max_chunks_per_passage:
+        raise InvalidArgument(f"max_chunks_per_passage: {request.max_chunks_per_passage} is outside "
+                              f"0..{limits.max_chunks_per_passage} (0 = the server's default)")
+    if request.long_passages != CHUNK:
+        if request.max_chunks_per_passage:
+            raise InvalidArgument("max_chunks_per_passage: set only with long_passages: CHUNK")
+        return PairOptions(instruction)
+    if model.kind != "cross":
+        raise InvalidArgument(f"long_passages: CHUNK needs a cross-encoder; model {model.name!r} is a bi-encoder")
+    return PairOptions(instruction, request.max_chunks_per_passage or limits.max_chunks_per_passage)
 
 
 def retrieved_chunk(scores: np.ndarray, threshold: float | None) -> ScoredChunk:

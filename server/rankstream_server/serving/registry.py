@@ -15,7 +15,7 @@ from rankstream_server.inference.backend import TorchBackend, backend_for
 from rankstream_server.inference.batcher import DynamicBatcher
 from rankstream_server.inference.batches import cut_batches
 from rankstream_server.inference.model_loading import LoadedModel, dtype_name, load_model
-from rankstream_server.inference.tokenization import PairTokenizer, TextTokenizer
+from rankstream_server.inference.tokenization import ChatPairTokenizer, PairTokenizer, TextTokenizer
 
 log = logging.getLogger(__name__)
 
@@ -27,7 +27,7 @@ _WARMUP_PASSAGES = ["A short passage.", "A somewhat longer passage that makes th
 class ServedModel:
     name: str
     loaded: LoadedModel
-    tokenizer: PairTokenizer | TextTokenizer  # pairs for cross-encoders, single texts for bi-encoders
+    tokenizer: PairTokenizer | ChatPairTokenizer | TextTokenizer  # pairs for cross-encoders, single texts for bi-encoders
     batcher: DynamicBatcher
     backend: TorchBackend
 
@@ -35,8 +35,38 @@ class ServedModel:
     def kind(self) -> str:
         return self.loaded.kind
 
+    @property
+    def accepts_instruction(self) -> bool:
+        """A chat template that renders the system message, or sentence-transformers prompts
+        (put before the query) that the folder or the config declares."""
+        family = self.loaded.family
+        if family is None:
+            return False
+        if isinstance(self.tokenizer, ChatPairTokenizer):
+            return self.tokenizer.template.takes_instruction
+        return bool(family.prompts) or family.default_instruction is not None
+
+    def instruction(self, requested: str) -> str | None:
+        """The instruction a request's pairs get: its own, else the model's default."""
+        if requested and not self.accepts_instruction:
+            raise InvalidArgument(f"instruction: model {self.name!r} takes no instruction (ListModels: accepts_instruction)")
+        return requested or (self.loaded.family.default_instruction if self.loaded.family else None)
+
     def describe(self) -> dict[str, object]:
         loaded = self.loaded
+        family = loaded.family
+        if family is not None:
+            cross = {
+                "architecture": family.architecture,
+                "head": family.describe_head(),
+                "pooling": family.pooling(loaded.hf_config),
+                "template": "chat template" if family.chat_template else "tokenizer pair template",
+                "accepts_instruction": self.accepts_instruction,
+                "default_instruction": family.default_instruction or "",
+                "padding_side": family.padding_side,
+            }
+        else:
+            cross = {"pooling": loaded.pooling}
         return {
             "name": self.name,
             "weights": loaded.source,
@@ -45,8 +75,8 @@ class ServedModel:
             "dtype": dtype_name(loaded.dtype),
             "device": str(loaded.device),
             "activation": loaded.activation,
-            "pooling": loaded.pooling,
             "similarity": loaded.similarity,
+            **cross,
             "max_batch_tokens": self.backend.shapes.max_tokens,
             "parallel_passes": self.backend.parallel_passes,
             "compiled": self.backend.compiled,
@@ -82,7 +112,10 @@ class ModelRegistry:
         for cfg in self._settings.models:
             loaded = load_model(cfg)
             backend = backend_for(loaded, self._settings.batching)
-            if loaded.kind == "cross":
+            if loaded.pair_template is not None:
+                tokenizer = ChatPairTokenizer(loaded.tokenizer, loaded.max_length, cfg.name, loaded.pair_template)
+                tokenizer.encode(_WARMUP_QUERY, _WARMUP_PASSAGES)
+            elif loaded.kind == "cross":
                 tokenizer = PairTokenizer(loaded.tokenizer, loaded.max_length, cfg.name, loaded.uses_token_type_ids,
                                           cache_passages=self._settings.server.passage_token_cache if self._settings.indexes else 0)
                 tokenizer.encode(_WARMUP_QUERY, _WARMUP_PASSAGES)
