@@ -205,7 +205,12 @@ def test_native_embed_models_and_openapi(front):
     spec = httpx.get(front.http + "/openapi.json").json()
     assert {"/v1/rerank", "/v2/rerank", "/rerank", "/embed", "/v1/embeddings", "/rankstream/v1/rerank"} <= set(spec["paths"])
     schema = spec["paths"]["/rankstream/v1/rerank"]["post"]["requestBody"]["content"]["application/json"]["schema"]
-    assert {"query", "passages", "topN", "order"} <= set(schema["properties"])
+    assert {"query", "passages", "topN", "order", "instruction"} <= set(schema["properties"])
+    # A field added to RerankRequest reaches the shared operation with no HTTP code: its own rule answers.
+    refused = post(front, "/rankstream/v1/rerank", {"query": QUERY, "passages": [{"text": "a"}], "instruction": "Judge it"})
+    assert refused.status_code == 400 and refused.json()["message"].startswith("instruction: model 'tiny-bert' takes no")
+    unknown = post(front, "/rankstream/v1/rerank", {"query": QUERY, "passages": [{"text": "a"}], "no_such_field": 1})
+    assert unknown.status_code == 400 and "no_such_field" in unknown.json()["message"]
     assert httpx.get(front.http + "/docs").status_code == 200
 
 
@@ -414,3 +419,18 @@ def test_connections_have_tcp_nodelay(front):
         connections = list(front.server._http._server.server_state.connections)
         sockets = [c.transport.get_extra_info("socket") for c in connections]
         assert sockets and all(s.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) for s in sockets)
+
+
+def test_access_log_and_request_id_are_shared_with_grpc(front, caplog):
+    import logging
+
+    with caplog.at_level(logging.INFO, logger="rankstream.access"):
+        answer = httpx.post(front.http + "/v2/rerank", json={"query": QUERY, "documents": TEXTS8[:3]},
+                            headers={"authorization": f"Bearer {READ}", "x-request-id": "from-the-client-1"}, timeout=60)
+        assert post(front, "/v2/rerank", {"query": QUERY, "documents": ["a"]}, token=None).status_code == 401
+    assert answer.headers["x-request-id"] == "from-the-client-1" and answer.json()["id"] == "from-the-client-1"
+    records = [r for r in caplog.records if r.name == "rankstream.access"]
+    ok = next(r for r in records if r.request_id == "from-the-client-1")
+    assert (ok.rpc, ok.code, ok.route, ok.passages_in, ok.passages_out) == ("Rerank", "OK", "http:cohere", 3, 3)
+    assert any(r.code == "UNAUTHENTICATED" and r.route == "http:cohere" for r in records)
+    assert all(QUERY not in r.getMessage() for r in records)
