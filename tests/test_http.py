@@ -434,3 +434,17 @@ def test_access_log_and_request_id_are_shared_with_grpc(front, caplog):
     assert (ok.rpc, ok.code, ok.route, ok.passages_in, ok.passages_out) == ("Rerank", "OK", "http:cohere", 3, 3)
     assert any(r.code == "UNAUTHENTICATED" and r.route == "http:cohere" for r in records)
     assert all(QUERY not in r.getMessage() for r in records)
+
+
+def test_what_cannot_be_honoured_is_refused_not_guessed(front):
+    long_text = TEXTS[8]  # past tiny-bert's 128 tokens
+    cut = post(front, "/rerank", {"query": QUERY, "texts": ["short", long_text]})
+    assert cut.status_code == 200 and len(cut.json()) == 2  # TEI's auto-truncate
+    uncut = post(front, "/rerank", {"query": QUERY, "texts": ["short", long_text], "truncate": False})
+    assert uncut.status_code == 413 and uncut.json()["error_type"] == "Validation"
+    assert "max_length=128" in uncut.json()["error"]
+    small = post(front, "/v2/rerank", {"query": QUERY, "documents": ["a"], "max_tokens_per_doc": 64})
+    assert small.status_code == 400 and small.json()["message"].startswith("max_tokens_per_doc: 64")
+    assert post(front, "/v2/rerank", {"query": QUERY, "documents": ["a"], "max_tokens_per_doc": 4096}).status_code == 200
+    image = post(front, "/v1/rerank", {"query": QUERY, "documents": [{"image": "data:..."}]})
+    assert image.status_code == 400 and "documents[0]" in image.json()["message"]
