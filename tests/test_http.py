@@ -448,3 +448,18 @@ def test_what_cannot_be_honoured_is_refused_not_guessed(front):
     assert post(front, "/v2/rerank", {"query": QUERY, "documents": ["a"], "max_tokens_per_doc": 4096}).status_code == 200
     image = post(front, "/v1/rerank", {"query": QUERY, "documents": [{"image": "data:..."}]})
     assert image.status_code == 400 and "documents[0]" in image.json()["message"]
+
+
+def test_warming_up_answers_503_with_retry_after(models):
+    settings = make_settings([{"name": "tiny-bert", "weights": str(models.bert)}], server={"http_port": 0})
+    warming = ThreadedServer(settings, load=False).start()
+    try:
+        base = f"http://127.0.0.1:{warming.server.http_port}"
+        assert httpx.get(base + "/health").status_code == 503
+        for path, body in (("/v2/rerank", {"query": "q", "documents": ["a"]}), ("/rerank", {"query": "q", "texts": ["a"]}),
+                           ("/v1/embeddings", {"input": "a"})):
+            answer = httpx.post(base + path, json=body, timeout=30)
+            assert answer.status_code == 503 and answer.headers["retry-after"] == "1", path
+            assert "still loading" in answer.text
+    finally:
+        warming.stop()
