@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import socket
+import time
 
 import cohere
 import grpc
@@ -35,6 +36,7 @@ def front(models, tmp_path_factory):
         ],
         server={"http_port": 0},
         auth={"tokens_file": str(tokens)},
+        indexes=[{"name": "docs", "path": str(tokens.parent / "index"), "model": "minilm", "create": True}],
         limits={"max_passages": 8, "max_query_chars": 200, "max_passage_chars": 5000},
     )
     server = ThreadedServer(settings).start()
@@ -214,12 +216,27 @@ def test_native_embed_models_and_openapi(front):
     assert httpx.get(front.http + "/docs").status_code == 200
 
 
-def test_native_write_needs_a_write_token(front):
-    upsert = {"passages": [{"id": "x", "text": "y"}]}
+def test_native_upsert_retrieve_and_delete_match_grpc(front):
+    upsert = {"index": "docs", "passages": [{"id": f"d{i}", "text": t, "metadata": {"n": str(i)}} for i, t in enumerate(TEXTS8)]}
     refused = post(front, "/rankstream/v1/upsert", upsert)
     assert refused.status_code == 403 and "UpsertPassages needs a write token" in refused.json()["message"]
-    # Past auth, this server has no index: the operation's own NOT_FOUND.
-    assert post(front, "/rankstream/v1/upsert", upsert, token=WRITE).status_code == 404
+    written = post(front, "/rankstream/v1/upsert", upsert, token=WRITE).json()
+    assert written["upserted"] == 8 and written["count"] == "8"  # int64: a string in proto3 JSON
+    retrieved = post(front, "/rankstream/v1/retrieve", {"query": QUERY, "topK": 3, "returnMetadata": True}).json()
+    with grpc.insecure_channel(front.target) as channel:
+        retriever = pb_grpc.RetrieverStub(channel)
+        expected = [p for m in retriever.Retrieve(pb.RetrieveRequest(query=QUERY, top_k=3), metadata=_metadata(), timeout=60)
+                    for p in m.passages]
+        reranked = [p for m in retriever.RetrieveAndRerank(pb.RetrieveAndRerankRequest(query=QUERY, top_k=5, top_n=2),
+                                                           metadata=_metadata(), timeout=60) for p in m.passages]
+    assert [(p["id"], p["metadata"]["n"]) for p in retrieved["passages"]] == [(p.id, p.id[1:]) for p in expected]
+    assert [p["score"] for p in retrieved["passages"]] == pytest.approx([p.score for p in expected], abs=1e-6)
+    both = post(front, "/rankstream/v1/retrieve-and-rerank", {"query": QUERY, "top_k": 5, "top_n": 2}).json()
+    assert [(p["id"], p["stage"]) for p in both["passages"]] == [(p.id, "STAGE_RERANK") for p in reranked]
+    assert [p["score"] for p in both["passages"]] == pytest.approx([p.score for p in reranked], abs=1e-6)
+    assert both["stats"]["candidates"] == 5
+    deleted = post(front, "/rankstream/v1/delete", {"ids": ["d0", "nope"]}, token=WRITE).json()
+    assert (deleted["deleted"], deleted["notFound"], deleted["count"]) == (1, 1, "7")
 
 
 # --- Errors per dialect ---------------------------------------------------------------------------
@@ -376,7 +393,6 @@ def test_sigterm_drains_http_too_then_exits_zero(models, tmp_path):
     import signal
     import subprocess
     import sys
-    import time
     from pathlib import Path
 
     config = tmp_path / "serve.yaml"
@@ -428,8 +444,12 @@ def test_access_log_and_request_id_are_shared_with_grpc(front, caplog):
         answer = httpx.post(front.http + "/v2/rerank", json={"query": QUERY, "documents": TEXTS8[:3]},
                             headers={"authorization": f"Bearer {READ}", "x-request-id": "from-the-client-1"}, timeout=60)
         assert post(front, "/v2/rerank", {"query": QUERY, "documents": ["a"]}, token=None).status_code == 401
-    assert answer.headers["x-request-id"] == "from-the-client-1" and answer.json()["id"] == "from-the-client-1"
-    records = [r for r in caplog.records if r.name == "rankstream.access"]
+        assert answer.headers["x-request-id"] == "from-the-client-1" and answer.json()["id"] == "from-the-client-1"
+        for _ in range(500):  # each line is written once its answer has gone out, on the server's thread
+            records = [r for r in caplog.records if r.name == "rankstream.access"]
+            if len(records) >= 2:
+                break
+            time.sleep(0.01)
     ok = next(r for r in records if r.request_id == "from-the-client-1")
     assert (ok.rpc, ok.code, ok.route, ok.passages_in, ok.passages_out) == ("Rerank", "OK", "http:cohere", 3, 3)
     assert any(r.code == "UNAUTHENTICATED" and r.route == "http:cohere" for r in records)
