@@ -483,3 +483,17 @@ def test_warming_up_answers_503_with_retry_after(models):
             assert "still loading" in answer.text
     finally:
         warming.stop()
+
+
+def test_haystack_cohere_ranker_works_unchanged(front):
+    from haystack import Document
+    from haystack.utils import Secret
+    from haystack_integrations.components.rankers.cohere import CohereRanker
+
+    ranker = CohereRanker(model=ALIAS, top_k=3, api_key=Secret.from_token(READ), api_base_url=front.http)
+    documents = [Document(content=t, meta={"n": i}) for i, t in enumerate(TEXTS8)]
+    ranked = ranker.run(query=QUERY, documents=documents)["documents"]  # it sends max_tokens_per_doc=4096
+    expected = grpc_scores(front, TEXTS8)
+    best = sorted(expected, key=expected.get, reverse=True)[:3]
+    assert [d.meta["n"] for d in ranked] == best
+    assert [d.score for d in ranked] == pytest.approx([expected[i] for i in best], abs=1e-6)
