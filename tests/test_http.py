@@ -1,6 +1,7 @@
 """The HTTP front, called by the real clients of each API it speaks (cohere, openai, LangChain's
-CohereRerank, LlamaIndex's TEI reranker) against a live server that also serves gRPC: the same
-scores as the gRPC path, and auth, limits, unknown models, overload and drain in each dialect's shape."""
+CohereRerank, LlamaIndex's TEI reranker, Haystack's CohereRanker) against a live server that also
+serves gRPC: the same scores as the gRPC path, and auth, limits, unknown models, overload and
+drain in each dialect's shape."""
 
 from __future__ import annotations
 
