@@ -362,7 +362,7 @@ def main() -> int:
             if "http" in parts:
                 http_front(args, server, pairs_text, summary)
         if "decoder" in parts:
-            decoder_reranker.run(args, scratch, pairs_text, summary, smoke=args.smoke)
+            decoder_reranker.run(args, scratch, pairs_text, summary, smoke=args.smoke)  # part e
 
     common.heading("Summary against issue 7's CPU targets" + (" (SMOKE: verdicts mean nothing)" if args.smoke else ""))
     common.table(["measure", "value", "target", "verdict"], summary)
