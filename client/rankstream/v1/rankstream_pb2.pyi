@@ -35,6 +35,12 @@ class ModelKind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     MODEL_KIND_UNSPECIFIED: _ClassVar[ModelKind]
     MODEL_KIND_CROSS: _ClassVar[ModelKind]
     MODEL_KIND_BI: _ClassVar[ModelKind]
+
+class InputType(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    INPUT_TYPE_UNSPECIFIED: _ClassVar[InputType]
+    INPUT_TYPE_QUERY: _ClassVar[InputType]
+    INPUT_TYPE_PASSAGE: _ClassVar[InputType]
 RANKED: Order
 AS_SCORED: Order
 TRUNCATE: LongPassages
@@ -49,6 +55,9 @@ HYBRID: Mode
 MODEL_KIND_UNSPECIFIED: ModelKind
 MODEL_KIND_CROSS: ModelKind
 MODEL_KIND_BI: ModelKind
+INPUT_TYPE_UNSPECIFIED: InputType
+INPUT_TYPE_QUERY: InputType
+INPUT_TYPE_PASSAGE: InputType
 
 class Passage(_message.Message):
     __slots__ = ("id", "text", "title", "metadata")
@@ -327,7 +336,7 @@ class IndexInfo(_message.Message):
     def __init__(self, name: _Optional[str] = ..., model: _Optional[str] = ..., count: _Optional[int] = ..., dimension: _Optional[int] = ..., similarity: _Optional[str] = ..., index_type: _Optional[str] = ..., device: _Optional[str] = ..., version: _Optional[int] = ..., sparse: _Optional[bool] = ..., default_mode: _Optional[_Union[Mode, str]] = ...) -> None: ...
 
 class ModelInfo(_message.Message):
-    __slots__ = ("name", "kind", "weights", "tokenizer", "max_length", "dtype", "device", "activation", "batcher", "pooling", "similarity", "max_batch_tokens", "parallel_passes", "compiled", "cuda_graphs", "architecture", "head", "template", "accepts_instruction", "default_instruction", "padding_side")
+    __slots__ = ("name", "kind", "weights", "tokenizer", "max_length", "dtype", "device", "activation", "batcher", "pooling", "similarity", "max_batch_tokens", "parallel_passes", "compiled", "cuda_graphs", "architecture", "head", "template", "accepts_instruction", "default_instruction", "padding_side", "aliases", "dimension")
     NAME_FIELD_NUMBER: _ClassVar[int]
     KIND_FIELD_NUMBER: _ClassVar[int]
     WEIGHTS_FIELD_NUMBER: _ClassVar[int]
@@ -349,6 +358,8 @@ class ModelInfo(_message.Message):
     ACCEPTS_INSTRUCTION_FIELD_NUMBER: _ClassVar[int]
     DEFAULT_INSTRUCTION_FIELD_NUMBER: _ClassVar[int]
     PADDING_SIDE_FIELD_NUMBER: _ClassVar[int]
+    ALIASES_FIELD_NUMBER: _ClassVar[int]
+    DIMENSION_FIELD_NUMBER: _ClassVar[int]
     name: str
     kind: ModelKind
     weights: str
@@ -370,7 +381,9 @@ class ModelInfo(_message.Message):
     accepts_instruction: bool
     default_instruction: str
     padding_side: str
-    def __init__(self, name: _Optional[str] = ..., kind: _Optional[_Union[ModelKind, str]] = ..., weights: _Optional[str] = ..., tokenizer: _Optional[str] = ..., max_length: _Optional[int] = ..., dtype: _Optional[str] = ..., device: _Optional[str] = ..., activation: _Optional[str] = ..., batcher: _Optional[_Union[BatcherStats, _Mapping]] = ..., pooling: _Optional[str] = ..., similarity: _Optional[str] = ..., max_batch_tokens: _Optional[int] = ..., parallel_passes: _Optional[int] = ..., compiled: _Optional[bool] = ..., cuda_graphs: _Optional[int] = ..., architecture: _Optional[str] = ..., head: _Optional[str] = ..., template: _Optional[str] = ..., accepts_instruction: _Optional[bool] = ..., default_instruction: _Optional[str] = ..., padding_side: _Optional[str] = ...) -> None: ...
+    aliases: _containers.RepeatedScalarFieldContainer[str]
+    dimension: int
+    def __init__(self, name: _Optional[str] = ..., kind: _Optional[_Union[ModelKind, str]] = ..., weights: _Optional[str] = ..., tokenizer: _Optional[str] = ..., max_length: _Optional[int] = ..., dtype: _Optional[str] = ..., device: _Optional[str] = ..., activation: _Optional[str] = ..., batcher: _Optional[_Union[BatcherStats, _Mapping]] = ..., pooling: _Optional[str] = ..., similarity: _Optional[str] = ..., max_batch_tokens: _Optional[int] = ..., parallel_passes: _Optional[int] = ..., compiled: _Optional[bool] = ..., cuda_graphs: _Optional[int] = ..., architecture: _Optional[str] = ..., head: _Optional[str] = ..., template: _Optional[str] = ..., accepts_instruction: _Optional[bool] = ..., default_instruction: _Optional[str] = ..., padding_side: _Optional[str] = ..., aliases: _Optional[_Iterable[str]] = ..., dimension: _Optional[int] = ...) -> None: ...
 
 class BatcherStats(_message.Message):
     __slots__ = ("batches", "items", "dropped", "in_flight", "capacity", "rejected", "max_requests_per_batch", "max_batch_size", "tokens", "padded_tokens")
@@ -395,3 +408,35 @@ class BatcherStats(_message.Message):
     tokens: int
     padded_tokens: int
     def __init__(self, batches: _Optional[int] = ..., items: _Optional[int] = ..., dropped: _Optional[int] = ..., in_flight: _Optional[int] = ..., capacity: _Optional[int] = ..., rejected: _Optional[int] = ..., max_requests_per_batch: _Optional[int] = ..., max_batch_size: _Optional[int] = ..., tokens: _Optional[int] = ..., padded_tokens: _Optional[int] = ...) -> None: ...
+
+class EmbedRequest(_message.Message):
+    __slots__ = ("model", "inputs", "input_type", "normalize")
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    INPUTS_FIELD_NUMBER: _ClassVar[int]
+    INPUT_TYPE_FIELD_NUMBER: _ClassVar[int]
+    NORMALIZE_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    inputs: _containers.RepeatedScalarFieldContainer[str]
+    input_type: InputType
+    normalize: bool
+    def __init__(self, model: _Optional[str] = ..., inputs: _Optional[_Iterable[str]] = ..., input_type: _Optional[_Union[InputType, str]] = ..., normalize: _Optional[bool] = ...) -> None: ...
+
+class Embedding(_message.Message):
+    __slots__ = ("values",)
+    VALUES_FIELD_NUMBER: _ClassVar[int]
+    values: _containers.RepeatedScalarFieldContainer[float]
+    def __init__(self, values: _Optional[_Iterable[float]] = ...) -> None: ...
+
+class EmbedResponse(_message.Message):
+    __slots__ = ("embeddings", "model", "dimension", "tokens", "truncated")
+    EMBEDDINGS_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    DIMENSION_FIELD_NUMBER: _ClassVar[int]
+    TOKENS_FIELD_NUMBER: _ClassVar[int]
+    TRUNCATED_FIELD_NUMBER: _ClassVar[int]
+    embeddings: _containers.RepeatedCompositeFieldContainer[Embedding]
+    model: str
+    dimension: int
+    tokens: int
+    truncated: int
+    def __init__(self, embeddings: _Optional[_Iterable[_Union[Embedding, _Mapping]]] = ..., model: _Optional[str] = ..., dimension: _Optional[int] = ..., tokens: _Optional[int] = ..., truncated: _Optional[int] = ...) -> None: ...
