@@ -11,7 +11,6 @@ import pytest
 from rankstream_server.config import BatchingConfig
 from rankstream_server.errors import InferenceFailed, ResourceExhausted
 from rankstream_server.inference.batcher import DynamicBatcher, Job
-from rankstream_server.inference.batches import Batch
 from rankstream_server.inference.tokenization import Tokens
 
 
@@ -152,19 +151,3 @@ async def test_a_failing_model_reports_an_error_and_the_thread_survives():
     assert await collect(healthy) == {0: 3.0}
     subject.close()
     assert subject.in_flight == 0
-
-
-def test_the_wait_estimate_counts_passes_that_run_side_by_side():
-    """A model with two CPU workers drains its queue twice as fast: the estimate admission refuses
-    on halves for the queued work (the pass running now aside). Without this, 8 MiniLM clients on
-    2 cores were refused as 'saturated' at half the real wait."""
-    estimates = {}
-    for parallel in (1, 2):
-        backend = RecordingBackend()
-        backend.parallel_passes = parallel
-        subject = batcher(backend, max_batch_tokens=64)
-        subject._measure(Batch(8, 8, 8, 64, []), elapsed=0.064)  # a full pass: 1 ms a padded token
-        estimates[parallel] = subject.expected_wait(1000)
-        subject.close()
-    assert estimates[1] == pytest.approx(1000 * 0.001 * 1.1 + 0.064)
-    assert estimates[2] == pytest.approx(1000 * 0.001 * 1.1 / 2 + 0.064)

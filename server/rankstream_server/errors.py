@@ -3,7 +3,11 @@ error-to-status map: each transport only picks its column)."""
 
 from __future__ import annotations
 
+import random
+
 import grpc
+
+MIN_RETRY_AFTER = 0.05  # seconds: the shortest pushback a refusal gives
 
 
 class RankstreamError(Exception):
@@ -40,10 +44,22 @@ class PermissionDenied(RankstreamError):
 
 
 class ResourceExhausted(RankstreamError):
-    """Overload: retry later (HTTP 429 with Retry-After)."""
+    """Overload: retry later (HTTP 429 with Retry-After, gRPC trailer grpc-retry-pushback-ms).
+
+    `retry_after`: seconds until the server expects to take the call, from its queue's drain rate,
+    jittered here (x0.5 to x1.5) so clients refused together do not come back together; None when
+    there is no estimate yet; negative when a retry cannot succeed (the caller's deadline would
+    pass first). `reason` names the limit: queue, deadline, capacity or concurrency."""
 
     code = grpc.StatusCode.RESOURCE_EXHAUSTED
     http_status = 429
+
+    def __init__(self, message: str, retry_after: float | None = None, reason: str = "queue"):
+        super().__init__(message)
+        if retry_after is not None and retry_after >= 0:
+            retry_after = max(MIN_RETRY_AFTER, retry_after * random.uniform(0.5, 1.5))
+        self.retry_after = retry_after
+        self.reason = reason
 
 
 class Unavailable(RankstreamError):

@@ -11,10 +11,11 @@ Two lanes: interactive work (queries, reranks) goes before bulk work (upserts, i
 so a query never waits behind a big upsert; bulk work that has waited `bulk_max_wait_ms` is
 taken first, so it is never starved.
 
-Admission is by expected wait, not only by size: the batcher keeps a running measure of seconds
-per token, and a request whose deadline cannot be met behind the work already queued, or that
-would make the queue longer than `max_queue_seconds`, is refused at once (ResourceExhausted), so
-no work is spent on requests that would expire anyway. Within a lane work is served first come,
+Admission is by expected wait, not only by size: the batcher measures how fast its queue drains
+(tokens per second of busy wall time, estimates.DrainRate), and a request whose deadline cannot
+be met behind the work already queued or running, or that would make the queue longer than
+`max_queue_seconds`, is refused at once (ResourceExhausted, with the seconds until the queue
+will have room as its retry_after), so no work is spent on requests that would expire anyway. Within a lane work is served first come,
 first served, so the wait admission promised holds (earliest-deadline-first would let later
 short-deadline work push admitted work past its deadline); queued work whose deadline has
 become unreachable anyway is dropped before it runs.
@@ -48,6 +49,7 @@ import numpy as np
 from rankstream_server.config import BatchingConfig
 from rankstream_server.errors import DeadlineExceeded, InferenceFailed, ResourceExhausted, Unavailable
 from rankstream_server.inference.batches import Batch, ShapePolicy, cut_batches
+from rankstream_server.inference.estimates import DrainRate
 from rankstream_server.inference.tokenization import Tokens
 
 log = logging.getLogger(__name__)
@@ -163,7 +165,10 @@ class BatcherCounters:
     batches: int = 0
     items: int = 0
     dropped: int = 0
-    rejected: int = 0
+    rejected: int = 0  # refusals, all reasons; by reason:
+    refused_capacity: int = 0  # the queue's pair capacity
+    refused_queue: int = 0  # max_queue_seconds
+    refused_deadline: int = 0  # the caller's deadline
     max_requests_per_batch: int = 0
     max_batch_size: int = 0
     tokens: int = 0
@@ -182,7 +187,6 @@ class DynamicBatcher:
             max_tokens = config.max_batch_tokens or (GPU_BATCH_TOKENS if backend.asynchronous else CPU_BATCH_TOKENS)
             shapes = ShapePolicy(max_length=1 << 30, max_rows=config.max_batch_size, max_tokens=max_tokens)
         self._shapes = shapes
-        self._parallel_passes = max(1, getattr(backend, "parallel_passes", 1))  # queued work drains this much faster
         self._max_wait = config.max_wait_ms / 1000.0
         self._bulk_max_wait = config.bulk_max_wait_ms / 1000.0
         self._cond = threading.Condition()
@@ -192,6 +196,8 @@ class DynamicBatcher:
         self._seconds_per_token: float | None = None  # running measure of pass time per token
         self._pass_seconds = 0.0
         self._pass_tokens = 0.0
+        self._drain = DrainRate()
+        self._running_tokens = 0  # tokens of passes launched and not yet back
         self._failed_passes = 0  # consecutive passes that failed even when split
         self._held: list[Batch] = []  # passes cut or running: failed, not lost, if the loop breaks
         self._queued_rows = 0
@@ -227,18 +233,21 @@ class DynamicBatcher:
             heapq.heappush(self._lanes[job.lane], job.work)
             self._cond.notify()
 
-    def _refuse(self, message: str) -> None:
-        self.counters.rejected += 1
-        raise ResourceExhausted(message)
+    def _refuse(self, message: str, reason: str, retry_after: float | None) -> None:
+        counters = self.counters
+        counters.rejected += 1
+        setattr(counters, f"refused_{reason}", getattr(counters, f"refused_{reason}") + 1)
+        raise ResourceExhausted(message, retry_after=retry_after, reason=reason)
 
     def expected_wait(self, tokens: int = 0) -> float | None:
-        """Seconds until `tokens` more tokens would be done behind everything queued, the pass
-        running now included (None until the first passes are measured). Passes side by side (CPU
-        workers) drain the queue that many times faster."""
-        if self._seconds_per_token is None:
-            return None
-        queued = (self._queued_tokens + tokens) * self._seconds_per_token * 1.1
-        return queued / self._parallel_passes + self._pass_seconds
+        """Seconds until `tokens` more tokens would be done behind everything queued or running,
+        at the measured drain rate (None until measured)."""
+        return self._drain.seconds_for(self._queued_tokens + self._running_tokens + tokens)
+
+    @property
+    def drain_rate(self) -> float | None:
+        """Tokens per second the queue drains at, as measured (None until measured)."""
+        return self._drain.tokens_per_second
 
     def precheck(self, rows: int, tokens: int, deadline: float | None) -> None:
         """The admission checks on an estimate, before any tokenizing: a request that will be
@@ -252,9 +261,12 @@ class DynamicBatcher:
         if self._closed:
             raise Unavailable(f"model {self.name!r} is shutting down")
         if self._in_flight + rows > self.capacity:
+            excess = self._in_flight + rows - self.capacity
+            per_row = (self._queued_tokens + self._running_tokens) / max(self._in_flight, 1)
             self._refuse(
                 f"model {self.name!r} queue is full: {self._in_flight} of {self.capacity} pairs in flight, "
-                f"request adds {rows}; retry later"
+                f"request adds {rows}; retry later",
+                "capacity", self._drain.seconds_for(excess * per_row),
             )
         self._check_time(tokens, deadline)
 
@@ -266,13 +278,16 @@ class DynamicBatcher:
             return
         if self._max_queue_seconds and self._queued_rows and wait > self._max_queue_seconds:
             self._refuse(
-                f"model {self.name!r} is saturated: about {wait:.1f} s of queued work, limit is "
-                f"batching.max_queue_seconds={self._max_queue_seconds:g}; retry later"
+                f"model {self.name!r} is saturated: about {wait:.1f} s of queued work with this request, limit is "
+                f"batching.max_queue_seconds={self._max_queue_seconds:g}; retry later",
+                "queue", wait - self._max_queue_seconds,
             )
         if deadline is not None and time.monotonic() + wait > deadline:
+            # The queue ahead drains no faster than the deadline nears: a retry within it cannot succeed.
             self._refuse(
                 f"model {self.name!r} cannot finish this request before its deadline: about {wait:.2f} s of work "
-                f"queued, {max(deadline - time.monotonic(), 0):.2f} s left; retry later or with a longer deadline"
+                f"queued with it, {max(deadline - time.monotonic(), 0):.2f} s left; retry later or with a longer deadline",
+                "deadline", -1.0,
             )
 
     def cancel(self, job: Job) -> None:
@@ -403,6 +418,9 @@ class DynamicBatcher:
                 return
             except Exception:  # noqa: BLE001 - the thread must outlive any one bad batch
                 log.exception("batcher %s: unexpected error; failing the passes it held and continuing", self.name)
+                with self._cond:
+                    self._drain.forget_running()
+                    self._running_tokens = 0
                 held, self._held = self._held, []
                 for batch in held:
                     self._finish(batch, None, 0.0, 0.0)
@@ -451,6 +469,9 @@ class DynamicBatcher:
 
     def _launch(self, batch: Batch) -> _Running:
         started = time.perf_counter()
+        with self._cond:
+            self._drain.launched(started)
+            self._running_tokens += batch.tokens
         for piece in batch.pieces:
             if piece.owner.stats.first_batch_at is None:
                 piece.owner.stats.first_batch_at = started
@@ -481,6 +502,9 @@ class DynamicBatcher:
                 outputs = pending.result()
             except Exception:  # noqa: BLE001
                 log.exception("model %s failed on a pass of %d", self.name, batch.real)
+        with self._cond:
+            self._running_tokens -= batch.tokens
+            self._drain.finished(time.perf_counter(), batch.tokens if outputs is not None else 0, self._is_full(batch))
         # The pass's own run where the backend times it (a CPU pass may wait for a free worker).
         started = getattr(pending, "started_at", None) or launched.started
         elapsed = (getattr(pending, "ended_at", None) or time.perf_counter()) - started
@@ -548,8 +572,7 @@ class DynamicBatcher:
         """Learns seconds per token from well-filled passes only (lock held): a small pass is mostly
         fixed overhead and would make the per-token figure, and so every estimate, far too high."""
         padded = batch.rows * batch.width
-        full = padded >= self._shapes.max_tokens // 4 or batch.real >= self._shapes.max_rows
-        if elapsed <= 0 or not full:
+        if elapsed <= 0 or not self._is_full(batch):
             return
         if self._seconds_per_token is None:
             self._pass_seconds, self._pass_tokens = elapsed, float(padded)
@@ -557,3 +580,7 @@ class DynamicBatcher:
             self._pass_seconds = 0.8 * self._pass_seconds + 0.2 * elapsed
             self._pass_tokens = 0.8 * self._pass_tokens + 0.2 * padded
         self._seconds_per_token = self._pass_seconds / self._pass_tokens
+
+    def _is_full(self, batch: Batch) -> bool:
+        """Well filled: a pass's worth of rows, or a quarter of its token budget or more."""
+        return batch.rows * batch.width >= self._shapes.max_tokens // 4 or batch.real >= self._shapes.max_rows

@@ -1,0 +1,90 @@
+"""The two estimates admission decides on: how fast a model's queue drains (DrainRate), and how
+many tokens a request holds before it is tokenized (TokenSizes).
+
+Both learn from what the server does, not from constants: a refusal is only as right as these
+are. DrainRate measures tokens finished per second of wall time while passes run, so passes
+side by side on CPU workers, contention with other processes and a machine that slows down or
+speeds up are all in the figure (a per-pass time divided by the number of workers counts none
+of them). TokenSizes learns characters per token from the requests it has tokenized.
+"""
+
+from __future__ import annotations
+
+DEFAULT_CHARS_PER_TOKEN = 4.0  # English text under WordPiece/BPE, until requests have been measured
+
+
+class DrainRate:
+    """Tokens a model finishes per second of busy wall time (time with at least one pass out).
+
+    Measured over windows of `window_seconds` of busy time; each window moves the estimate by
+    `weight` (an exponential average), so a change of speed is followed within a few windows.
+    Windows made mostly of small passes (light load: mostly fixed per-pass cost) are skipped:
+    they would understate how fast a long queue, cut into full passes, drains.
+
+    Not thread-safe: the batcher calls it with its lock held.
+    """
+
+    def __init__(self, window_seconds: float = 0.25, weight: float = 0.4):
+        self._window_seconds = window_seconds
+        self._weight = weight
+        self._running = 0
+        self._busy_since = 0.0
+        self._busy = 0.0
+        self._tokens = 0
+        self._full_tokens = 0
+        self.tokens_per_second: float | None = None
+
+    def launched(self, now: float) -> None:
+        """A pass went out at `now`."""
+        if self._running == 0:
+            self._busy_since = now
+        self._running += 1
+
+    def finished(self, now: float, tokens: int, full: bool) -> None:
+        """A pass came back at `now` with `tokens` done (0 for a failed pass); `full`: it was cut
+        from a queue that held at least a pass's worth of work."""
+        if self._running == 0:
+            return
+        self._busy += max(0.0, now - self._busy_since)
+        self._busy_since = now
+        self._running -= 1
+        self._tokens += tokens
+        if full:
+            self._full_tokens += tokens
+        if self._busy >= self._window_seconds or (self.tokens_per_second is None and self._full_tokens):
+            self._fold()  # the first full pass gives a first estimate; windows refine it
+
+    def forget_running(self) -> None:
+        """The passes out were abandoned (the batcher loop failed): none is running now."""
+        self._running = 0
+
+    def _fold(self) -> None:
+        if self._tokens and self._full_tokens * 2 >= self._tokens:
+            rate = self._tokens / self._busy
+            old = self.tokens_per_second
+            self.tokens_per_second = rate if old is None else old + self._weight * (rate - old)
+        self._busy, self._tokens, self._full_tokens = 0.0, 0, 0
+
+    def seconds_for(self, tokens: float) -> float | None:
+        """Seconds to drain `tokens` at the measured rate (None until measured)."""
+        rate = self.tokens_per_second
+        if rate is None:
+            return None
+        return tokens / rate
+
+
+class TokenSizes:
+    """Characters per token of one model's tokenizer, learned from the requests it tokenized,
+    to estimate a request's tokens from its size before tokenizing it."""
+
+    def __init__(self, weight: float = 0.1):
+        self._weight = weight
+        self.chars_per_token = DEFAULT_CHARS_PER_TOKEN
+
+    def learn(self, chars: int, tokens: int) -> None:
+        if chars <= 0 or tokens <= 0:
+            return
+        self.chars_per_token += self._weight * (chars / tokens - self.chars_per_token)
+
+    def tokens(self, chars: float) -> int:
+        return int(chars / self.chars_per_token)
