@@ -1,6 +1,10 @@
-"""Channel settings shared by the sync and asyncio clients: TLS, bearer tokens, client-side
-round_robin (for `dns:///` targets of a headless Kubernetes Service), and retries with
-exponential backoff on UNAVAILABLE only (gRPC's own retry machinery, from the service config)."""
+"""Channel settings shared by the sync and asyncio clients (and so the LangChain wrappers): TLS,
+bearer tokens, client-side round_robin (for `dns:///` targets of a headless Kubernetes Service),
+and retries by gRPC's own retry machinery, from the service config: on UNAVAILABLE (a replica
+starting or stopping) and RESOURCE_EXHAUSTED (an overloaded server). gRPC waits the server's
+`grpc-retry-pushback-ms` when the refusal carries one (the server jitters it from its queue's
+drain rate; -1 means do not retry), else a jittered exponential backoff, and never retries past
+the call's deadline."""
 
 from __future__ import annotations
 
@@ -14,6 +18,8 @@ from rankstream.v1 import rankstream_pb2_grpc as pb_grpc
 
 TOKEN_ENV = "RANKSTREAM_TOKEN"  # the bearer token when none is passed
 SERVICES = ("rankstream.v1.Reranker", "rankstream.v1.Retriever", "rankstream.v1.Info", "rankstream.v1.Embedder")
+RETRYABLE = ("UNAVAILABLE", "RESOURCE_EXHAUSTED")
+RETRY_BUFFER_BYTES = 16 * 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -25,7 +31,7 @@ class ChannelSettings:
     certificate_chain: bytes | None = None  # PEM client certificate, for mTLS
     private_key: bytes | None = None  # PEM client key, for mTLS
     token: str | None = None  # sent as "authorization: Bearer <token>"
-    max_attempts: int = 5  # per call, counting the first; retried only on UNAVAILABLE
+    max_attempts: int = 5  # per call, counting the first; retried on UNAVAILABLE and RESOURCE_EXHAUSTED
     initial_backoff: float = 0.2
     max_backoff: float = 5.0
 
@@ -40,7 +46,7 @@ class ChannelSettings:
                         "initialBackoff": f"{self.initial_backoff}s",
                         "maxBackoff": f"{self.max_backoff}s",
                         "backoffMultiplier": 2,
-                        "retryableStatusCodes": ["UNAVAILABLE"],
+                        "retryableStatusCodes": list(RETRYABLE),
                     },
                 }
             ],
@@ -49,6 +55,9 @@ class ChannelSettings:
         if self.max_attempts <= 1:
             options[1] = ("grpc.enable_retries", 0)
         options.append(("grpc.max_receive_message_length", 64 * 1024 * 1024))
+        # gRPC keeps a call's request to resend it, up to this size (default 256 KiB: a 100-passage
+        # rerank is more, and would not be retried at all).
+        options.append(("grpc.per_rpc_retry_buffer_size", RETRY_BUFFER_BYTES))
         return options
 
     def credentials(self) -> grpc.ChannelCredentials | None:

@@ -18,8 +18,8 @@ class DrainRate:
 
     Measured over windows of `window_seconds` of busy time; each window moves the estimate by
     `weight` (an exponential average), so a change of speed is followed within a few windows.
-    Windows made mostly of small passes (light load: mostly fixed per-pass cost) are skipped:
-    they would understate how fast a long queue, cut into full passes, drains.
+    Small passes (light load: mostly fixed per-pass cost) are left out, their time with their
+    tokens: they would understate how fast a long queue, cut into full passes, drains.
 
     Not thread-safe: the batcher calls it with its lock held.
     """
@@ -31,8 +31,8 @@ class DrainRate:
         self._busy_since = 0.0
         self._busy = 0.0
         self._tokens = 0
-        self._full_tokens = 0
         self.tokens_per_second: float | None = None
+        self._provisional = False
 
     def launched(self, now: float) -> None:
         """A pass went out at `now`."""
@@ -45,25 +45,33 @@ class DrainRate:
         from a queue that held at least a pass's worth of work."""
         if self._running == 0:
             return
-        self._busy += max(0.0, now - self._busy_since)
+        busy = max(0.0, now - self._busy_since)
         self._busy_since = now
         self._running -= 1
+        if not full:
+            return  # its share of busy time is left out with its tokens
+        self._busy += busy
         self._tokens += tokens
-        if full:
-            self._full_tokens += tokens
-        if self._busy >= self._window_seconds or (self.tokens_per_second is None and self._full_tokens):
-            self._fold()  # the first full pass gives a first estimate; windows refine it
+        if self._busy >= self._window_seconds:
+            self._fold()
+        elif self.tokens_per_second is None and self._tokens and self._busy > 0:
+            # A first, provisional figure from the first full pass (passes side by side may not
+            # have ended yet): replaced, not averaged, by the first whole window.
+            self.tokens_per_second = self._tokens / self._busy
+            self._provisional = True
 
     def forget_running(self) -> None:
         """The passes out were abandoned (the batcher loop failed): none is running now."""
         self._running = 0
 
     def _fold(self) -> None:
-        if self._tokens and self._full_tokens * 2 >= self._tokens:
+        if self._tokens:
             rate = self._tokens / self._busy
             old = self.tokens_per_second
-            self.tokens_per_second = rate if old is None else old + self._weight * (rate - old)
-        self._busy, self._tokens, self._full_tokens = 0.0, 0, 0
+            fresh = old is None or self._provisional
+            self.tokens_per_second = rate if fresh else old + self._weight * (rate - old)
+            self._provisional = False
+        self._busy, self._tokens = 0.0, 0
 
     def seconds_for(self, tokens: float) -> float | None:
         """Seconds to drain `tokens` at the measured rate (None until measured)."""

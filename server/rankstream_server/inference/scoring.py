@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from rankstream_server.errors import DeadlineExceeded
 from rankstream_server.inference.batcher import BULK, INTERACTIVE, Job
 from rankstream_server.inference.tokenization import Tokens
 from rankstream_server.serving.registry import ServedModel
@@ -39,21 +40,29 @@ class ModelCall:
         self.passages = 0
         self.scored = 0
 
-    def _precheck(self, model: ServedModel, texts: list[str], extra_chars: int = 0, chunks: int = 1) -> None:
-        """Refuses at once, before tokenizing, what the batcher would refuse: the token count is
-        estimated from characters (~4 a token, each row capped at the model's max_length, or at
-        `chunks` windows of it)."""
-        max_length = model.loaded.max_length
-        tokens = sum(min(len(text) + extra_chars, 4 * max_length * chunks) for text in texts) // 4
-        rows = len(texts) if chunks == 1 else sum(min(chunks, 1 + len(text) // (4 * max_length)) for text in texts)
+    def _precheck(self, model: ServedModel, texts: list[str], extra_chars: int = 0, chunks: int = 1) -> int:
+        """Refuses at once, before tokenizing, what the batcher would refuse, and work whose caller's
+        deadline has passed already. The token count is estimated from characters (at the model's
+        measured characters per token, each row capped at its max_length, or at `chunks` windows
+        of it). Returns the characters counted, for learning that ratio."""
+        if self._deadline is not None and time.monotonic() >= self._deadline:
+            raise DeadlineExceeded("deadline passed before the request was tokenized")
+        ratio = model.sizes.chars_per_token
+        cap = ratio * model.loaded.max_length
+        chars = sum(len(text) for text in texts) + extra_chars * len(texts)
+        tokens = int(sum(min(len(text) + extra_chars, cap * chunks) for text in texts) / ratio)
+        rows = len(texts) if chunks == 1 else sum(min(chunks, 1 + int(len(text) // cap)) for text in texts)
         model.batcher.precheck(rows, tokens, self._deadline)
+        return chars
 
-    async def _tokenize(self, function, *args) -> Tokens:
+    async def _tokenize(self, model: ServedModel, chars: int, function, *args) -> Tokens:
         started = time.perf_counter()
         tokens = await asyncio.get_running_loop().run_in_executor(self._pool, function, *args)
         self.tokenize_s += time.perf_counter() - started
         self.truncated += tokens.truncated
         self.chunked += tokens.chunked
+        if not tokens.truncated and not tokens.chunked:  # truncated rows would overstate characters per token
+            model.sizes.learn(chars, tokens.token_count)
         return tokens
 
     def _submit(self, model: ServedModel, tokens: Tokens, lane: int) -> Job:
@@ -65,8 +74,8 @@ class ModelCall:
     async def embed(self, model: ServedModel, texts: list[str], role: str, lane: int | None = None) -> np.ndarray:
         """Bi-encoder embeddings of texts ("query" or "passage" role), one row per text. By default
         passages (upserts) go in the bulk lane, behind queries."""
-        self._precheck(model, texts)
-        tokens = await self._tokenize(model.tokenizer.encode, texts, role)
+        chars = self._precheck(model, texts)
+        tokens = await self._tokenize(model, chars, model.tokenizer.encode, texts, role)
         job = self._submit(model, tokens, lane if lane is not None else (BULK if role == "passage" else INTERACTIVE))
         output = np.zeros((len(texts), model.loaded.dimension), dtype=np.float32)
         async for indices, rows in job.results():
@@ -82,8 +91,9 @@ class ModelCall:
         with the best window's score."""
         self.passages += len(texts)
         if model.kind == "cross":
-            self._precheck(model, texts, extra_chars=len(query) + len(options.instruction or ""), chunks=options.chunks)
-            tokens = await self._tokenize(model.tokenizer.encode, query, texts, reuse and options.chunks == 1,
+            chars = self._precheck(model, texts, extra_chars=len(query) + len(options.instruction or ""),
+                                   chunks=options.chunks)
+            tokens = await self._tokenize(model, chars, model.tokenizer.encode, query, texts, reuse and options.chunks == 1,
                                           options.instruction, options.chunks)
             self.windows += len(tokens)
             results = self._submit(model, tokens, INTERACTIVE).results()

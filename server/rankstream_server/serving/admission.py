@@ -5,6 +5,10 @@ id, a place under the concurrency cap, one access-log line and its request metri
 - Past `server.max_concurrent_rpcs` calls in progress (gRPC and HTTP together), a new one is
   refused at once (ResourceExhausted: gRPC RESOURCE_EXHAUSTED, HTTP 429). Health checks are
   neither capped nor logged at INFO: probes must get through a busy server.
+- Then the load gate (serving/shedding.py) refuses, from the request's size and deadline alone,
+  a call the models' queues cannot take: before the request is decoded.
+- Refusals are counted in the metrics (by reason), but logged as one summary line a second
+  (RefusalSummary), not one line each: under overload they are most calls.
 - The access-log line (logger `rankstream.access`, INFO) names the call, its status code,
   duration, passages in and out and the request id (and, as fields, the client's address and
   the transport), and never any query or document text. Its fields are also log-record
@@ -13,6 +17,7 @@ id, a place under the concurrency cap, one access-log line and its request metri
 
 from __future__ import annotations
 
+import collections
 import logging
 import re
 import time
@@ -20,10 +25,13 @@ import uuid
 
 from rankstream_server.errors import ResourceExhausted
 from rankstream_server.serving.metrics import Metrics
+from rankstream_server.serving.shedding import LoadGate
 
 access_log = logging.getLogger("rankstream.access")
 
 REQUEST_ID = "x-request-id"
+REFUSED = "RESOURCE_EXHAUSTED"
+BUSY_RETRY_AFTER = 0.25  # seconds, before jitter: the pushback of a call refused by the concurrency cap
 _USABLE_ID = re.compile(r"[A-Za-z0-9._:/+=-]{1,128}")
 
 
@@ -39,7 +47,7 @@ class CallRecord:
     the same name on both transports; `route` says which front and dialect carried it."""
 
     __slots__ = ("rpc", "request_id", "started", "passages_in", "passages_out", "code", "peer", "quiet", "route",
-                 "admitted")
+                 "admitted", "reason")
 
     def __init__(self, rpc: str, request_id: str, peer: str = "", quiet: bool = False, route: str = "grpc"):
         self.peer = peer
@@ -52,25 +60,77 @@ class CallRecord:
         self.quiet = quiet
         self.route = route
         self.admitted = False
+        self.reason = ""  # why a refused call was refused (ResourceExhausted.reason)
+
+    def refused(self, error: ResourceExhausted) -> None:
+        self.code = REFUSED
+        self.reason = error.reason
+
+
+class RefusalSummary:
+    """Refused calls, logged as one line per `interval` seconds with their count by operation
+    (the first refusal after a quiet spell is logged at once). Event loop only."""
+
+    def __init__(self, interval: float = 1.0):
+        self._interval = interval
+        self._counts: collections.Counter[str] = collections.Counter()
+        self._first = 0.0  # when the first refusal of the coming line came
+        self._last_line = float("-inf")
+        self._latest = ""
+
+    def add(self, call: CallRecord) -> None:
+        if not self._counts:
+            self._first = time.monotonic()
+        self._counts[call.rpc] += 1
+        self._latest = call.request_id
+        self.flush()
+
+    def flush(self) -> None:
+        """Writes the summary line if one is due."""
+        now = time.monotonic()
+        if not self._counts or now - self._last_line < self._interval:
+            return
+        total = sum(self._counts.values())
+        by_rpc = ", ".join(f"{rpc} {count}" for rpc, count in self._counts.most_common())
+        access_log.info("%d calls refused (RESOURCE_EXHAUSTED) in %.1f s: %s; latest request_id=%s", total,
+                        now - self._first, by_rpc, self._latest,
+                        extra={"code": REFUSED, "refused": total, "refused_by_rpc": dict(self._counts),
+                               "request_id": self._latest})
+        self._counts.clear()
+        self._last_line = now
 
 
 class Admission:
-    """The concurrency cap over both transports, and the access log and request metrics."""
+    """The concurrency cap and the load gate over both transports, and the access log and
+    request metrics."""
 
-    def __init__(self, max_concurrent: int, metrics: Metrics | None = None):
+    def __init__(self, max_concurrent: int, metrics: Metrics | None = None, gate: LoadGate | None = None):
         self.max_concurrent = max_concurrent
         self._metrics = metrics
+        self._gate = gate
+        self._refusals = RefusalSummary()
         self.active = 0
 
-    def enter(self, call: CallRecord) -> None:
-        """Takes a place for the call, or refuses it (logged and counted as RESOURCE_EXHAUSTED)."""
+    def enter(self, call: CallRecord, size_bytes: int | None = None, time_remaining: float | None = None) -> None:
+        """Takes a place for the call, or refuses it (counted, and summarised in the access log):
+        past the concurrency cap, or when the load gate finds no queue that can take a request of
+        `size_bytes` (None: not known yet) within `time_remaining`."""
         if call.quiet:
             return
         if self.active >= self.max_concurrent:
-            call.code = "RESOURCE_EXHAUSTED"
+            refused = ResourceExhausted(f"server busy: {self.active} calls in progress, limit is "
+                                        f"server.max_concurrent_rpcs={self.max_concurrent}; retry with backoff",
+                                        retry_after=BUSY_RETRY_AFTER, reason="concurrency")
+            call.refused(refused)
             self.finish(call)
-            raise ResourceExhausted(f"server busy: {self.active} calls in progress, limit is "
-                                    f"server.max_concurrent_rpcs={self.max_concurrent}; retry with backoff")
+            raise refused
+        if self._gate is not None and size_bytes is not None:
+            try:
+                self._gate.check(call.rpc, size_bytes, time_remaining)
+            except ResourceExhausted as refused:
+                call.refused(refused)
+                self.finish(call)
+                raise
         self.active += 1
         call.admitted = True
 
@@ -85,6 +145,12 @@ class Admission:
         seconds = time.perf_counter() - call.started
         if self._metrics is not None:
             self._metrics.observe_request(call.rpc, call.code, seconds)
+            if call.code == REFUSED:
+                self._metrics.observe_refusal(call.rpc, call.reason or "model")
+        if call.code == REFUSED and not call.quiet:
+            self._refusals.add(call)
+            return
+        self._refusals.flush()
         access_log.log(
             logging.DEBUG if call.quiet else logging.INFO,
             "%s %s %.1f ms passages %d in, %d out request_id=%s",

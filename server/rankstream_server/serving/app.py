@@ -35,6 +35,7 @@ from rankstream_server.serving.operations import (
     Services,
 )
 from rankstream_server.serving.registry import ModelRegistry
+from rankstream_server.serving.shedding import LoadGate
 from rankstream_server.serving.tls import CertificateFiles
 
 log = logging.getLogger(__name__)
@@ -65,7 +66,7 @@ class RankstreamServer:
         self._tokens = token_store(settings.auth)
         self._certificates = CertificateFiles(settings.server.tls) if settings.server.tls else None
         self.metrics = Metrics([m.name for m in settings.models]) if settings.server.metrics_port is not None else None
-        self.admission = Admission(settings.server.max_concurrent_rpcs, self.metrics)
+        self.admission = Admission(settings.server.max_concurrent_rpcs, self.metrics, LoadGate(self._readiness))
         self.observer = CallObserver(self.admission)
         interceptors = [self.observer, *([Authenticator(self._tokens)] if self._tokens else []), DecodeGuard()]
         self._server = grpc.aio.server(

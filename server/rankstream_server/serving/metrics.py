@@ -14,7 +14,7 @@ import platform
 from collections.abc import Iterator
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, Info, start_http_server
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 log = logging.getLogger(__name__)
@@ -39,6 +39,9 @@ class _Live(Collector):
                                     labels=["model"])
         ready = GaugeMetricFamily("rankstream_model_ready", "1 when the model is loaded and its passes run.", labels=["model"])
         passages = GaugeMetricFamily("rankstream_index_passages", "Passages searchable in the index.", labels=["index"])
+        refused = CounterMetricFamily("rankstream_model_refused", "Requests a model's queue refused, by reason "
+                                      "(capacity, queue seconds, deadline); both admission checks.",
+                                      labels=["model", "reason"])
         registry = self.registry
         if registry is None:
             for name in self.configured_models:
@@ -51,12 +54,14 @@ class _Live(Collector):
                 share = 1 - counters.tokens / counters.padded_tokens if counters.padded_tokens else 0.0
                 padding.add_metric([model.name], share)
                 ready.add_metric([model.name], 1 if batcher.healthy else 0)
+                for reason in ("capacity", "queue", "deadline"):
+                    refused.add_metric([model.name, reason], getattr(counters, f"refused_{reason}"))
             for index in registry.indexes:
                 try:
                     passages.add_metric([index.config.name], index.count)
                 except Exception:  # noqa: BLE001 - a scrape never fails on one index
                     log.exception("metrics: cannot count index %s", index.config.name)
-        yield from (queue, padding, ready, passages)
+        yield from (queue, padding, ready, passages, refused)
 
 
 class Metrics:
@@ -69,6 +74,10 @@ class Metrics:
         self.batch_size = Histogram("rankstream_batch_size", "Rows per forward pass.", ["model"], buckets=ROWS_BUCKETS, registry=r)
         self.batch_tokens = Histogram("rankstream_batch_tokens", "Padded tokens per forward pass.", ["model"],
                                       buckets=TOKEN_BUCKETS, registry=r)
+        self.refused = Counter("rankstream_refused", "Calls refused under overload (RESOURCE_EXHAUSTED, HTTP 429), by "
+                               "method and reason: concurrency, or the model queue's capacity, queue (seconds) or "
+                               "deadline when refused before decoding, model when refused after it.", ["rpc", "reason"],
+                               registry=r)
         self.stage = Histogram("rankstream_stage_seconds", "Seconds a request spent in each stage, by model.",
                                ["model", "stage"], buckets=DURATION_BUCKETS, registry=r)
         build = Info("rankstream_build", "Versions this server runs.", registry=r)
@@ -93,6 +102,9 @@ class Metrics:
     def observe_request(self, rpc: str, code: str, seconds: float) -> None:
         self.requests.labels(rpc, code).inc()
         self.duration.labels(rpc).observe(seconds)
+
+    def observe_refusal(self, rpc: str, reason: str) -> None:
+        self.refused.labels(rpc, reason).inc()
 
     def observe_stages(self, model: str, tokenize_s: float, queue_s: float, inference_s: float) -> None:
         for stage, seconds in zip(STAGES, (tokenize_s, queue_s, inference_s)):

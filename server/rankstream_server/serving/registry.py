@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -14,6 +14,7 @@ from rankstream_server.index.milvus import MilvusIndex
 from rankstream_server.inference.backend import TorchBackend, backend_for
 from rankstream_server.inference.batcher import DynamicBatcher
 from rankstream_server.inference.batches import cut_batches
+from rankstream_server.inference.estimates import TokenSizes
 from rankstream_server.inference.model_loading import LoadedModel, dtype_name, load_model
 from rankstream_server.inference.tokenization import ChatPairTokenizer, PairTokenizer, TextTokenizer
 
@@ -30,6 +31,7 @@ class ServedModel:
     tokenizer: PairTokenizer | ChatPairTokenizer | TextTokenizer  # pairs for cross-encoders, single texts for bi-encoders
     batcher: DynamicBatcher
     backend: TorchBackend
+    sizes: TokenSizes = field(default_factory=TokenSizes)  # characters per token, for estimates before tokenizing
 
     @property
     def kind(self) -> str:

@@ -16,6 +16,7 @@ from rankstream import STATS_TRAILER
 from rankstream.v1 import rankstream_pb2 as pb
 from rankstream.v1 import rankstream_pb2_grpc as pb_grpc
 from rankstream_server.errors import RankstreamError
+from rankstream_server.serving.grpc.access import pushback_trailer
 from rankstream_server.serving.operations import EmbedderService, InfoService, RerankerService, RetrieverService
 
 log = logging.getLogger(__name__)
@@ -39,6 +40,9 @@ class GrpcCall:
 
 async def _abort_for(exc: BaseException, context: grpc.aio.ServicerContext) -> None:
     if isinstance(exc, RankstreamError):
+        pushback = pushback_trailer(exc)
+        if pushback:
+            context.set_trailing_metadata((*context.trailing_metadata(), *pushback))
         await context.abort(exc.code, str(exc))
     incident = uuid.uuid4().hex[:12]
     log.error("internal error %s", incident, exc_info=exc)

@@ -4,6 +4,7 @@ the proto's field names turned into the dialect's (passages -> documents, ...)."
 
 from __future__ import annotations
 
+import math
 import re
 
 import grpc
@@ -68,9 +69,16 @@ def body(dialect: str, status: int, message: str, code: grpc.StatusCode | None =
     return {"code": code.value[0] if code is not None else 2, "status": name, "message": message}
 
 
+def retry_after(error: RankstreamError) -> str:
+    """Retry-After in whole seconds (HTTP allows no fraction): the refusal's own estimate, from
+    the queue's drain rate, rounded up; 1 where it has none."""
+    after = getattr(error, "retry_after", None)
+    return str(max(1, math.ceil(after))) if after is not None and after >= 0 else "1"
+
+
 def render(dialect: str, error: RankstreamError, status: int | None = None) -> Response:
     status = status or status_of(dialect, error)
-    headers = {"retry-after": "1"} if status in (429, 503) else None
+    headers = {"retry-after": retry_after(error)} if status in (429, 503) else None
     content = body(dialect, status, dialect_message(dialect, str(error)), error.code)
     return Response(orjson.dumps(content), status_code=status, media_type="application/json", headers=headers)
 

@@ -1,7 +1,8 @@
 """The HTTP front: a FastAPI app on uvicorn, run in the gRPC server's event loop.
 
 Every request first passes `Guard`, a plain ASGI layer that refuses cheaply, before the body is
-read: the shared admission (concurrency cap, access log, metrics), 503 once the server stops,
+read: the shared admission (concurrency cap, and the load gate sizing the call by its
+Content-Length; access log, metrics), 503 once the server stops,
 the shared bearer-token check, and the body limit (Content-Length, and a count of the bytes as
 they arrive for chunked bodies). The dialect modules (cohere, jina, tei, openai, native) only
 translate JSON to the proto requests of serving/operations.py and back; `Calls.run` runs an
@@ -208,10 +209,11 @@ class Guard:
             except RankstreamError as refused:
                 return refused
         length = headers.get("content-length")
-        if length is not None and length.isdigit() and int(length) > self._max_body:
-            return TooLarge(f"body: {int(length)} bytes, limit is {self._max_body} (from the server's limits)")
+        size = int(length) if length is not None and length.isdigit() else None
+        if size is not None and size > self._max_body:
+            return TooLarge(f"body: {size} bytes, limit is {self._max_body} (from the server's limits)")
         try:
-            self._admission.enter(call)
+            self._admission.enter(call, size)  # the load gate sizes the call by its Content-Length
         except RankstreamError as refused:
             return refused
         return None
