@@ -18,6 +18,10 @@ e. An LLM reranker of Qwen3-Reranker-0.6B's shape (benchmarks/decoder_reranker.p
 f. HTTP front vs gRPC: part a's rerank load (host-path model, 32 clients x 100 passages) over
    Cohere's `POST /v2/rerank` (keep-alive aiohttp clients) and over gRPC, alternated, in one run
    against the same server. Target: HTTP >= 0.9x gRPC pairs/s (reported, not asserted).
+g. Goodput under overload (benchmarks/overload.py, `--parts overload`): MiniLM-L6 on a server
+   pinned to its own core, peak pairs/s at 4 clients, then 48 clients that retry refusals at
+   once, over gRPC and HTTP: goodput, refusals/s, CPU per refusal, RSS before and after.
+   Target: goodput >= 0.9x peak (reported, not asserted).
 
 The server runs as `rankstream serve --config ...` in a child process (its own GIL) on 127.0.0.1;
 clients are grpc.aio calls through the generated stubs. A miss is printed, never an error exit.
@@ -34,6 +38,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import common  # noqa: E402
+import overload  # noqa: E402
 
 import decoder_reranker  # noqa: E402
 
@@ -48,6 +53,9 @@ SIZES = {
     "upsert_passages": (512, 128, 64),
     "http_calls": (192, 96, 8),  # part e: calls per front and round, 100 passages each
 }
+
+
+SHARED_SERVER_PARTS = {"host", "minilm", "retrieval", "http"}  # parts e and g start servers of their own
 
 
 def size(args: argparse.Namespace, name: str) -> int:
@@ -283,8 +291,9 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="smaller workloads (about half the time)")
     parser.add_argument("--smoke", action="store_true", help="tiny workloads: checks that it runs (make test), measures nothing")
-    parser.add_argument("--parts", default="host,minilm,index,retrieval,decoder,http",
-                        help="comma-separated subset of host,minilm,index,retrieval,decoder,http (retrieval needs index)")
+    parser.add_argument("--parts", default="host,minilm,index,retrieval,decoder,http,overload",
+                        help="comma-separated subset of host,minilm,index,retrieval,decoder,http,overload "
+                             "(retrieval needs index)")
     parser.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)),
                         help="cores for the model: sentence-transformers gets this many torch threads, the server "
                              "this many one-thread passes side by side, its default (default: all cores)")
@@ -347,24 +356,27 @@ def main() -> int:
             index_part(args, config, corpus_text, scratch, summary)
             config["indexes"].append({"name": "upsert", "path": str(scratch / "upsert"), "model": "bi", "create": True})
         apply_overrides(config, args.set)
-        print(f"\nserver config: {config}")
-        with common.Server(config, scratch) as server:
-            print(f"server up in {server.startup_seconds:.1f} s (start-up, load, warm-up), pid {server.pid}, {server.address}")
-            for name, info in common.model_info(server.address).items():
-                print(f"  {name}: {info.device}, {info.dtype}, {info.parallel_passes} passes side by side of "
-                      f"{info.max_batch_tokens} padded tokens, torch.compile {'on' if info.compiled else 'off'}")
-            if "host" in parts:
-                host_path(args, server, host_dir, pairs_text, summary)
-            if "minilm" in parts:
-                minilm(args, server, minilm_dir, pairs_text, summary)
-            if "retrieval" in parts:
-                retrieval(args, server, corpus_text, summary)
-            if "http" in parts:
-                http_front(args, server, pairs_text, summary)
+        if parts & SHARED_SERVER_PARTS:
+            print(f"\nserver config: {config}")
+            with common.Server(config, scratch) as server:
+                print(f"server up in {server.startup_seconds:.1f} s (start-up, load, warm-up), pid {server.pid}, {server.address}")
+                for name, info in common.model_info(server.address).items():
+                    print(f"  {name}: {info.device}, {info.dtype}, {info.parallel_passes} passes side by side of "
+                          f"{info.max_batch_tokens} padded tokens, torch.compile {'on' if info.compiled else 'off'}")
+                if "host" in parts:
+                    host_path(args, server, host_dir, pairs_text, summary)
+                if "minilm" in parts:
+                    minilm(args, server, minilm_dir, pairs_text, summary)
+                if "retrieval" in parts:
+                    retrieval(args, server, corpus_text, summary)
+                if "http" in parts:
+                    http_front(args, server, pairs_text, summary)
         if "decoder" in parts:
             decoder_reranker.run(args, scratch, pairs_text, summary, smoke=args.smoke)  # part e
+        if "overload" in parts:
+            overload.run(args, scratch, pairs_text, summary, smoke=args.smoke)  # part g, its own pinned server
 
-    common.heading("Summary against issue 7's CPU targets" + (" (SMOKE: verdicts mean nothing)" if args.smoke else ""))
+    common.heading("Summary against the CPU targets (issues 7 and 20)" + (" (SMOKE: verdicts mean nothing)" if args.smoke else ""))
     common.table(["measure", "value", "target", "verdict"], summary)
     print(f"\ntotal {clock.elapsed():.0f} s")
     return 0

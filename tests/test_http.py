@@ -303,7 +303,9 @@ def test_overload_and_shutdown_answer_429_and_503_with_retry_after(front, dialec
     path, body = RERANKS[dialect]
     admission = front.server.admission
     cap = admission.max_concurrent
-    admission.max_concurrent = admission.active  # as if every place were taken by calls in progress
+    # As if every place were taken by calls in progress (0, not `active`: the previous call's place
+    # is given back just after its answer is sent, so `active` read here may be one too high).
+    admission.max_concurrent = 0
     try:
         busy = post(front, path, body(["a"]))
         assert busy.status_code == 429 and busy.headers["retry-after"] == "1"

@@ -16,7 +16,8 @@ DEFAULT_CHARS_PER_TOKEN = 4.0  # English text under WordPiece/BPE, until request
 class DrainRate:
     """Tokens a model finishes per second of busy wall time (time with at least one pass out).
 
-    Measured over windows of `window_seconds` of busy time; each window moves the estimate by
+    Measured over windows of `window_seconds` of busy time and `window_passes` passes at least;
+    each window moves the estimate by
     `weight` (an exponential average), so a change of speed is followed within a few windows.
     Small passes (light load: mostly fixed per-pass cost) are left out, their time with their
     tokens: they would understate how fast a long queue, cut into full passes, drains.
@@ -24,8 +25,10 @@ class DrainRate:
     Not thread-safe: the batcher calls it with its lock held.
     """
 
-    def __init__(self, window_seconds: float = 0.25, weight: float = 0.4):
+    def __init__(self, window_seconds: float = 0.25, window_passes: int = 4, weight: float = 0.4):
         self._window_seconds = window_seconds
+        self._window_passes = window_passes
+        self._passes = 0
         self._weight = weight
         self._running = 0
         self._busy_since = 0.0
@@ -47,17 +50,20 @@ class DrainRate:
             return
         busy = max(0.0, now - self._busy_since)
         self._busy_since = now
+        side_by_side = self._running
         self._running -= 1
         if not full:
             return  # its share of busy time is left out with its tokens
         self._busy += busy
         self._tokens += tokens
-        if self._busy >= self._window_seconds:
+        self._passes += 1
+        if self._busy >= self._window_seconds and self._passes >= self._window_passes:
             self._fold()
         elif self.tokens_per_second is None and self._tokens and self._busy > 0:
-            # A first, provisional figure from the first full pass (passes side by side may not
-            # have ended yet): replaced, not averaged, by the first whole window.
-            self.tokens_per_second = self._tokens / self._busy
+            # A first, provisional figure from the first full pass, counting the passes that ran
+            # beside it as equally fast (they have not ended yet): replaced, not averaged, by the
+            # first whole window.
+            self.tokens_per_second = self._tokens * side_by_side / self._busy
             self._provisional = True
 
     def forget_running(self) -> None:
@@ -71,7 +77,7 @@ class DrainRate:
             fresh = old is None or self._provisional
             self.tokens_per_second = rate if fresh else old + self._weight * (rate - old)
             self._provisional = False
-        self._busy, self._tokens = 0.0, 0
+        self._busy, self._tokens, self._passes = 0.0, 0, 0
 
     def seconds_for(self, tokens: float) -> float | None:
         """Seconds to drain `tokens` at the measured rate (None until measured)."""

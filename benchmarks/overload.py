@@ -1,0 +1,330 @@
+"""Part g of `make bench`: goodput under overload (issue 20), over gRPC and over HTTP (Cohere
+`POST /v2/rerank`).
+
+One server process, pinned to its own core where the machine has two or more (clients on the
+others): with a single core for both, the clients' CPU would be counted against the server.
+Per transport:
+- peak: a few clients (4) reranking 5-300 passages a request with 30 s deadlines, no retries
+  needed: pairs/s of correct answers;
+- storm: 48 clients, the same requests, deadlines drawn from 50 ms to 30 s (HTTP: the client
+  gives up and disconnects at its deadline), 5% cancelled at a random moment, and every refusal
+  (RESOURCE_EXHAUSTED / 429) retried at once, as naive clients do: goodput (pairs/s of correct
+  answers within their deadline), refusals per second, and the server's event-loop CPU per
+  refusal (an upper bound: the loop's work for the admitted calls is in it too);
+- gRPC only: a refusal-only burst (300-passage requests with a 30 ms deadline against an idle
+  queue, refused by the load gate before decoding): the whole server's CPU per refusal;
+- the server's RSS after warm-up and after each storm, pairs run for callers that had gone
+  (pairs the model scored minus pairs answered), and whether every answer was its request's.
+Targets (reported, not asserted): goodput >= 0.9x peak; RSS after the storms within 10% of RSS
+after warm-up. Bounded in count and time, 127.0.0.1 only.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import os
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import common
+
+SIZES = (5, 10, 20, 50, 100, 300)
+PEAK_CLIENTS, STORM_CLIENTS = 4, 48
+CANCELLED = 0.05
+DEADLINES = (0.05, 30.0)
+
+
+@dataclass
+class Phase:
+    """What one phase of load measured (client side)."""
+
+    seconds: float = 0.0
+    good_pairs: int = 0
+    ok: int = 0
+    refused: int = 0
+    deadline: int = 0  # DEADLINE_EXCEEDED, or an HTTP client that gave up at its deadline
+    cancelled: int = 0
+    other: collections.Counter = field(default_factory=collections.Counter)  # other codes, by name
+    wrong: list[str] = field(default_factory=list)
+
+    @property
+    def goodput(self) -> float:
+        return self.good_pairs / self.seconds if self.seconds else 0.0
+
+    def outcomes(self) -> str:
+        extra = "".join(f", {name} {count}" for name, count in self.other.items())
+        return (f"OK {self.ok}, refused {self.refused}, deadline {self.deadline}, cancelled {self.cancelled}{extra}, "
+                f"wrong {len(self.wrong)}")
+
+
+@dataclass(frozen=True)
+class Workload:
+    """Pre-built requests of every size (ids name the request, so a mixed-up answer is seen)."""
+
+    grpc: dict[int, list[bytes]]
+    http: dict[int, list[bytes]]
+    ids: dict[tuple[int, int], set[str]]
+
+
+def workload(text: common.Text, variants: int = 6) -> Workload:
+    import orjson
+
+    from rankstream.v1 import rankstream_pb2 as pb
+
+    rng = random.Random(20)
+    grpc_bodies: dict[int, list[bytes]] = {}
+    http_bodies: dict[int, list[bytes]] = {}
+    ids: dict[tuple[int, int], set[str]] = {}
+    for size in SIZES:
+        grpc_bodies[size], http_bodies[size] = [], []
+        for variant in range(variants):
+            query = rng.choice(text.queries)
+            texts = [rng.choice(text.passages) for _ in range(size)]
+            names = [f"s{size}v{variant}:{i}" for i in range(size)]
+            ids[size, variant] = set(names)
+            grpc_bodies[size].append(pb.RerankRequest(query=query, passages=[
+                pb.Passage(id=name, text=t) for name, t in zip(names, texts)]).SerializeToString())
+            http_bodies[size].append(orjson.dumps({"query": query, "documents": texts}))
+    return Workload(grpc_bodies, http_bodies, ids)
+
+
+def pin(pid: int, cores: set[int]) -> None:
+    """Every thread of a process onto `cores` (threads made later inherit their maker's)."""
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        with contextlib.suppress(OSError):
+            os.sched_setaffinity(int(tid), cores)
+
+
+async def grpc_phase(address: str, work: Workload, clients: int, seconds: float, storm: bool, seed: int) -> Phase:
+    import grpc
+
+    from rankstream.v1 import rankstream_pb2 as pb
+
+    phase = Phase()
+    rng = random.Random(seed)
+    # Naive clients: gRPC's own retries off, every refusal retried at once by the loop below.
+    channel = grpc.aio.insecure_channel(address, options=[("grpc.enable_retries", 0),
+                                                          ("grpc.max_receive_message_length", 64 << 20)])
+    rerank = channel.unary_stream("/rankstream.v1.Reranker/Rerank", response_deserializer=pb.ScoredPassages.FromString)
+    stop = time.perf_counter() + seconds
+
+    async def client() -> None:
+        while time.perf_counter() < stop:
+            size, variant = rng.choice(SIZES), rng.randrange(len(work.grpc[SIZES[0]]))
+            deadline = rng.uniform(*DEADLINES) if storm else 30.0
+            cancel_after = rng.uniform(0, deadline) if storm and rng.random() < CANCELLED else None
+            started = time.perf_counter()
+            while True:  # retried at once while refused
+                call = rerank(work.grpc[size][variant], timeout=max(0.001, deadline - (time.perf_counter() - started)))
+                timer = (asyncio.get_running_loop().call_later(cancel_after, call.cancel)
+                         if cancel_after is not None else None)
+                try:
+                    returned = [p.id async for message in call for p in message.passages]
+                except grpc.aio.AioRpcError as error:
+                    if error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED:
+                        phase.refused += 1
+                        if time.perf_counter() - started < deadline and time.perf_counter() < stop:
+                            continue
+                    elif error.code() == grpc.StatusCode.DEADLINE_EXCEEDED:
+                        phase.deadline += 1
+                    else:
+                        phase.other[error.code().name] += 1
+                    break
+                except asyncio.CancelledError:
+                    phase.cancelled += 1
+                    break
+                finally:
+                    if timer is not None:
+                        timer.cancel()
+                if call.cancelled():
+                    phase.cancelled += 1
+                    break
+                if set(returned) != work.ids[size, variant] or len(returned) != size:
+                    phase.wrong.append(f"a {size}-passage request got {len(returned)} answers, not all its own")
+                else:
+                    phase.ok += 1
+                    phase.good_pairs += size
+                break
+
+    started = time.perf_counter()
+    try:
+        await asyncio.gather(*(client() for _ in range(clients)))
+    finally:
+        phase.seconds = time.perf_counter() - started
+        await channel.close()
+    return phase
+
+
+async def http_phase(base: str, work: Workload, clients: int, seconds: float, storm: bool, seed: int) -> Phase:
+    import aiohttp
+    import orjson
+
+    phase = Phase()
+    rng = random.Random(seed)
+    stop = time.perf_counter() + seconds
+    url = base + "/v2/rerank"
+    headers = {"content-type": "application/json"}
+
+    async def client() -> None:
+        async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=1), headers=headers) as session:
+            while time.perf_counter() < stop:
+                size, variant = rng.choice(SIZES), rng.randrange(len(work.http[SIZES[0]]))
+                deadline = rng.uniform(*DEADLINES) if storm else 30.0
+                cancel = storm and rng.random() < CANCELLED
+                started = time.perf_counter()
+                while True:
+                    left = deadline - (time.perf_counter() - started)
+                    if left <= 0:
+                        phase.deadline += 1
+                        break
+                    limit = rng.uniform(0, left) if cancel else left
+                    try:
+                        async with asyncio.timeout(limit):
+                            async with session.post(url, data=work.http[size][variant]) as answer:
+                                body = await answer.read()
+                    except TimeoutError:
+                        if cancel:
+                            phase.cancelled += 1
+                        else:
+                            phase.deadline += 1
+                        break
+                    except aiohttp.ClientError as error:
+                        phase.other[type(error).__name__] += 1
+                        break
+                    if answer.status == 429:
+                        phase.refused += 1
+                        if time.perf_counter() < stop:
+                            continue
+                        break
+                    if answer.status != 200:
+                        phase.other[f"HTTP {answer.status}"] += 1
+                        break
+                    indices = [r["index"] for r in orjson.loads(body)["results"]]
+                    if sorted(indices) != list(range(size)):
+                        phase.wrong.append(f"a {size}-document request got {len(indices)} answers, not all its own")
+                    else:
+                        phase.ok += 1
+                        phase.good_pairs += size
+                    break
+
+    started = time.perf_counter()
+    await asyncio.gather(*(client() for _ in range(clients)))
+    phase.seconds = time.perf_counter() - started
+    return phase
+
+
+async def refusal_burst(address: str, work: Workload, clients: int, calls: int) -> int:
+    """gRPC calls that the load gate refuses by their deadline alone (300 passages, 30 ms)."""
+    import grpc
+
+    from rankstream.v1 import rankstream_pb2 as pb
+
+    channel = grpc.aio.insecure_channel(address, options=[("grpc.enable_retries", 0)])
+    rerank = channel.unary_stream("/rankstream.v1.Reranker/Rerank", response_deserializer=pb.ScoredPassages.FromString)
+    refused = 0
+    left = iter(range(calls))
+
+    async def client() -> None:
+        nonlocal refused
+        for _ in left:
+            try:
+                async for _message in rerank(work.grpc[300][0], timeout=0.03):
+                    pass
+            except grpc.aio.AioRpcError as error:
+                refused += error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+
+    try:
+        await asyncio.gather(*(client() for _ in range(clients)))
+    finally:
+        await channel.close()
+    return refused
+
+
+def counters(server: common.Server) -> dict[str, int]:
+    batcher = common.model_info(server.address)["scorer"].batcher
+    return {"items": batcher.items, "dropped": batcher.dropped, "rejected": batcher.rejected}
+
+
+def loop_cpu(pid: int) -> float:
+    return common.thread_cpu_seconds(pid).get(pid, float("nan"))  # the main thread runs the event loop
+
+
+def run(args, scratch: Path, text: common.Text, summary: list, smoke: bool) -> None:
+    peak_s, storm_s, burst_calls = (2.0, 3.0, 40) if smoke else (10.0, 30.0, 400) if args.quick else (20.0, 80.0, 1000)
+    model_dir = common.host_path_model() if smoke else common.minilm_cross()
+    cores = sorted(os.sched_getaffinity(0))
+    pinned = len(cores) >= 2
+    server_cores, client_cores = ({cores[0]}, set(cores[1:])) if pinned else (set(cores), set(cores))
+    common.heading(f"g. Goodput under overload: {'host-path model' if smoke else 'MiniLM-L6 cross-encoder fp32'}, "
+                   f"{STORM_CLIENTS} immediate-retry clients, gRPC and HTTP (Cohere /v2/rerank)")
+    config = {"server": {"torch_threads": 1, "http_port": 0}, "limits": {"max_passages": 300},
+              "batching": {"cpu_passes": len(server_cores)},
+              "models": [{"name": "scorer", "weights": str(model_dir)}], "default_model": "scorer"}
+    work = workload(text)
+    own_before = os.sched_getaffinity(0)
+    with common.Server(config, scratch, name="overload") as server:
+        if pinned:
+            pin(server.pid, server_cores)
+            pin(os.getpid(), client_cores)
+        print(f"server pid {server.pid} on core(s) {sorted(server_cores)}, clients on {sorted(client_cores)}"
+              + ("" if pinned else " (one core: server and clients share it)"))
+        print(f"requests: {', '.join(map(str, SIZES))} passages (~60 words) each; peak: {PEAK_CLIENTS} clients, 30 s "
+              f"deadlines, {peak_s:g} s; storm: {STORM_CLIENTS} clients, deadlines {DEADLINES[0] * 1000:.0f} ms-"
+              f"{DEADLINES[1]:g} s, {CANCELLED:.0%} cancelled, refusals retried at once, {storm_s:g} s")
+        try:
+            asyncio.run(grpc_phase(server.address, work, PEAK_CLIENTS, min(peak_s, 5.0), False, 1))  # warm-up
+            asyncio.run(http_phase(server.http_base, work, PEAK_CLIENTS, min(peak_s, 3.0), False, 2))
+            rss_warm = rss_mib(server.pid)
+            rows, ratios, rss_after = [], [], []
+            gone_pairs = 0
+            for transport in ("gRPC", "HTTP"):
+                phase_of = grpc_phase if transport == "gRPC" else http_phase
+                target = server.address if transport == "gRPC" else server.http_base
+                peak = asyncio.run(phase_of(target, work, PEAK_CLIENTS, peak_s, False, 3))
+                before, loop_before = counters(server), loop_cpu(server.pid)
+                with common.Watch(server.pid) as watched:
+                    storm = asyncio.run(phase_of(target, work, STORM_CLIENTS, storm_s, True, 4))
+                after, loop_after = counters(server), loop_cpu(server.pid)
+                rss_after.append(rss_mib(server.pid))
+                scored = after["items"] - before["items"]
+                gone_pairs += max(0, scored - storm.good_pairs)
+                ratio = storm.goodput / peak.goodput if peak.goodput else float("nan")
+                ratios.append((transport, ratio, watched.other_pct))
+                loop_us = (loop_after - loop_before) / storm.refused * 1e6 if storm.refused else float("nan")
+                rows.append([transport, peak.goodput, storm.goodput, ratio, storm.refused / storm.seconds, loop_us,
+                             scored - storm.good_pairs, after["dropped"] - before["dropped"], len(peak.wrong) + len(storm.wrong)])
+                print(f"{transport} peak: {peak.outcomes()}")
+                print(f"{transport} storm: {storm.outcomes()}; others took {watched.other_pct:.0f}% of the cores")
+            cpu_before = server.cpu_seconds()
+            refused = asyncio.run(refusal_burst(server.address, work, 16, burst_calls))
+            burst_us = (server.cpu_seconds() - cpu_before) / refused * 1e6 if refused else float("nan")
+            alive = server.process.poll() is None
+        finally:
+            os.sched_setaffinity(0, own_before)
+    print()
+    common.table(["transport", "peak pairs/s (4 clients)", f"goodput pairs/s ({STORM_CLIENTS} clients)", "goodput / peak",
+                  "refusals/s", "loop CPU us per refusal (upper bound)", "pairs scored not answered in time",
+                  "pairs dropped unrun", "wrong answers"], rows)
+    print(f"refusal-only burst over gRPC ({refused} of {burst_calls} calls refused before decoding, 300 passages, "
+          f"30 ms deadline): {burst_us:,.0f} us of server CPU per refusal, all threads")
+    growth = max(rss_after) / rss_warm - 1 if rss_warm == rss_warm else float("nan")
+    print(f"server RSS: {rss_warm:.0f} MiB after warm-up, {' / '.join(f'{r:.0f}' for r in rss_after)} MiB after the "
+          f"gRPC / HTTP storms ({growth:+.1%}); server alive: {alive}")
+    for transport, ratio, others in ratios:
+        summary.append([f"overload: {transport} goodput at {STORM_CLIENTS} clients / peak", ratio, ">= 0.9",
+                        common.verdict(ratio, 0.9, others=[others])])
+    summary.append(["overload: server RSS growth over the storms", growth, "<= 0.10",
+                    common.verdict(growth, 0.10, higher_is_better=False)])
+    summary.append(["overload: server CPU per refusal before decoding, us (gRPC burst)", burst_us, "-", "-"])
+
+
+def rss_mib(pid: int) -> float:
+    """Resident memory of a process, MiB (/proc)."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
