@@ -12,7 +12,6 @@ import grpc
 import httpx
 import pytest
 
-from conftest import QUERY, ThreadedServer, make_settings, passages
 from rankstream import AsyncRankstreamClient, RankstreamClient
 from rankstream.errors import RankstreamError
 from rankstream.v1 import rankstream_pb2 as pb
@@ -21,6 +20,8 @@ from rankstream_server.errors import ResourceExhausted
 from rankstream_server.inference.estimates import DrainRate, TokenSizes
 from rankstream_server.serving.admission import CallRecord, RefusalSummary
 from rankstream_server.serving.grpc.access import PUSHBACK
+
+from conftest import QUERY, ThreadedServer, make_settings, passages
 
 # -- the estimate against a simulated drain -----------------------------------------------------
 
