@@ -273,3 +273,26 @@ def test_a_do_not_retry_pushback_and_the_deadline_stop_retries(refusing):
     with RankstreamClient(target, timeout=0.5) as client, pytest.raises(RankstreamError):
         client.rerank(QUERY, ["a"])
     assert servicer.calls == 1, "no retry past the caller's deadline"
+
+
+async def test_a_caller_whose_deadline_has_passed_is_dropped_before_tokenizing(server):
+    from concurrent.futures import ThreadPoolExecutor
+
+    from rankstream_server.errors import DeadlineExceeded
+    from rankstream_server.inference.scoring import ModelCall
+
+    model = server.server._readiness.registry.get("tiny-bert")
+    tokenized = []
+    real_encode = model.tokenizer.encode
+    model.tokenizer.encode = lambda *args, **kwargs: tokenized.append(args) or real_encode(*args, **kwargs)
+    try:
+        with ThreadPoolExecutor(1) as pool:
+            call = ModelCall(pool, time_remaining=0.0)
+            with pytest.raises(DeadlineExceeded, match="before the request was tokenized"):
+                async for _ in call.score(model, QUERY, ["a passage"]):
+                    pass
+            live = ModelCall(pool, time_remaining=30.0)
+            assert [len(indices) async for indices, _ in live.score(model, QUERY, ["a passage"])] == [1]
+    finally:
+        model.tokenizer.encode = real_encode
+    assert len(tokenized) == 1, "only the live call was tokenized"
