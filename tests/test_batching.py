@@ -87,7 +87,7 @@ async def test_full_queue_is_refused_at_once_and_the_server_recovers(slow):
     # work at the measured drain), or by the pair capacity once decoded, whichever is measured first.
     assert ("queue is full" in details and "of 64 pairs" in details and "adds 16" in details) or (
         "max_queue_seconds=10" in details), details
-    assert int(dict(caught.value.trailing_metadata())["grpc-retry-pushback-ms"]) > 0
+    assert int(dict(caught.value.trailing_metadata())["grpc-retry-pushback-ms"]) >= 0  # less the time it was held
     busy = await slow.model_info("minilm")
     assert busy.batcher.in_flight > 0, "the event loop answers while the model works"
     while (message := await big.read()) is not grpc.aio.EOF:

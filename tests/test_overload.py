@@ -121,13 +121,53 @@ def test_refusals_are_summarised_not_logged_one_line_each(caplog):
     assert last.refused == 500 and last.refused_by_rpc == {"Rerank": 499, "Embed": 1}
 
 
+@pytest.mark.parametrize(("pushback", "time_remaining", "held", "left"), [
+    (2.0, None, 1.0, 1.0),  # held up to the limit; the client is told to wait the rest
+    (0.3, None, 0.3, 0.0),  # held for all of a short pushback
+    (-1.0, 0.5, 0.45, -1.0),  # no retry can succeed: held until just before the deadline
+    (-1.0, None, None, -1.0),  # ... and with no deadline, answered at once
+    (None, 5.0, None, None),  # no estimate: answered at once
+])
+async def test_a_refusal_is_held_within_its_pushback_or_deadline(monkeypatch, pushback, time_remaining, held, left):
+    from rankstream_server.serving import admission as module
+
+    slept = []
+
+    async def sleep(seconds):
+        slept.append(seconds)
+
+    monkeypatch.setattr(module.asyncio, "sleep", sleep)
+    refused = ResourceExhausted("busy")
+    refused.retry_after = pushback
+    await module.Admission(8, hold_seconds=1.0).hold(refused, time_remaining)
+    assert slept == ([] if held is None else [pytest.approx(held)])
+    assert refused.retry_after == (None if left is None else pytest.approx(left))
+
+
+async def test_no_more_refusals_are_held_than_calls_are_allowed(monkeypatch):
+    from rankstream_server.serving import admission as module
+
+    slept = []
+
+    async def sleep(seconds):
+        slept.append(seconds)
+
+    monkeypatch.setattr(module.asyncio, "sleep", sleep)
+    gate = module.Admission(2, hold_seconds=1.0)
+    gate.held = 2
+    refused = ResourceExhausted("busy", retry_after=2.0)
+    before = refused.retry_after
+    await gate.hold(refused)
+    assert slept == [] and refused.retry_after == before
+
+
 # -- a server: refusals before decoding, with a pushback -----------------------------------------
 
 
 @pytest.fixture(scope="module")
 def server(models):
-    settings = make_settings([{"name": "tiny-bert", "weights": str(models.bert)}],
-                             server={"http_port": 0, "metrics_port": 0}, batching={"max_wait_ms": 0})
+    settings = make_settings([{"name": "tiny-bert", "weights": str(models.bert)}],  # refusals answered at once
+                             server={"http_port": 0, "metrics_port": 0, "refusal_hold_ms": 0}, batching={"max_wait_ms": 0})
     running = ThreadedServer(settings).start()
     running.batcher = running.server._readiness.registry.get("tiny-bert").batcher
     yield running

@@ -9,6 +9,10 @@ id, a place under the concurrency cap, one access-log line and its request metri
   a call the models' queues cannot take: before the request is decoded.
 - Refusals are counted in the metrics (by reason), but logged as one summary line a second
   (RefusalSummary), not one line each: under overload they are most calls.
+- A refusal is answered late, up to `server.refusal_hold_ms` (`Admission.hold`): within the
+  time it tells the client to wait anyway (its pushback, shortened by the hold), or until just
+  before the caller's deadline when no retry can succeed. A waiting coroutine costs no CPU, so
+  clients that retry at once (no backoff) can no longer spend the server's CPU on refusals.
 - The access-log line (logger `rankstream.access`, INFO) names the call, its status code,
   duration, passages in and out and the request id (and, as fields, the client's address and
   the transport), and never any query or document text. Its fields are also log-record
@@ -17,6 +21,7 @@ id, a place under the concurrency cap, one access-log line and its request metri
 
 from __future__ import annotations
 
+import asyncio
 import collections
 import logging
 import re
@@ -32,6 +37,7 @@ access_log = logging.getLogger("rankstream.access")
 REQUEST_ID = "x-request-id"
 REFUSED = "RESOURCE_EXHAUSTED"
 BUSY_RETRY_AFTER = 0.25  # seconds, before jitter: the pushback of a call refused by the concurrency cap
+DEADLINE_MARGIN = 0.05  # seconds: a refusal held for a deadline is answered this long before it
 _USABLE_ID = re.compile(r"[A-Za-z0-9._:/+=-]{1,128}")
 
 
@@ -104,12 +110,39 @@ class Admission:
     """The concurrency cap and the load gate over both transports, and the access log and
     request metrics."""
 
-    def __init__(self, max_concurrent: int, metrics: Metrics | None = None, gate: LoadGate | None = None):
+    def __init__(self, max_concurrent: int, metrics: Metrics | None = None, gate: LoadGate | None = None,
+                 hold_seconds: float = 0.0):
         self.max_concurrent = max_concurrent
         self._metrics = metrics
         self._gate = gate
+        self._hold_seconds = hold_seconds
         self._refusals = RefusalSummary()
         self.active = 0
+        self.held = 0  # refusals being held
+
+    async def hold(self, refused: ResourceExhausted, time_remaining: float | None = None) -> None:
+        """Waits before a refusal is answered: up to the hold limit, within the refusal's own
+        pushback (which is shortened by the wait, so a client that honours it waits no longer in
+        all), or, for a call no retry can help (pushback -1), until just before its deadline.
+        Answers at once past max_concurrent_rpcs refusals held."""
+        after = refused.retry_after
+        if after is None:
+            return
+        if after >= 0:
+            seconds = min(self._hold_seconds, after)
+        elif time_remaining is not None:
+            seconds = min(self._hold_seconds, time_remaining - DEADLINE_MARGIN)
+        else:
+            return
+        if seconds <= 0 or self.held >= self.max_concurrent:
+            return
+        self.held += 1
+        try:
+            await asyncio.sleep(seconds)
+        finally:
+            self.held -= 1
+        if after >= 0:
+            refused.retry_after = max(0.0, after - seconds)
 
     def enter(self, call: CallRecord, size_bytes: int | None = None, time_remaining: float | None = None) -> None:
         """Takes a place for the call, or refuses it (counted, and summarised in the access log):

@@ -66,7 +66,8 @@ class RankstreamServer:
         self._tokens = token_store(settings.auth)
         self._certificates = CertificateFiles(settings.server.tls) if settings.server.tls else None
         self.metrics = Metrics([m.name for m in settings.models]) if settings.server.metrics_port is not None else None
-        self.admission = Admission(settings.server.max_concurrent_rpcs, self.metrics, LoadGate(self._readiness))
+        self.admission = Admission(settings.server.max_concurrent_rpcs, self.metrics, LoadGate(self._readiness),
+                                   settings.server.refusal_hold_ms / 1000)
         self.observer = CallObserver(self.admission)
         interceptors = [self.observer, *([Authenticator(self._tokens)] if self._tokens else []), DecodeGuard()]
         self._server = grpc.aio.server(

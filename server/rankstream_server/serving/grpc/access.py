@@ -8,7 +8,7 @@ Admission is decided on the raw request: the message stays bytes (the deserializ
 until the call is admitted, so a call refused by the cap or the load gate (from its size and
 deadline) is never parsed. A refusal gets RESOURCE_EXHAUSTED with `grpc-retry-pushback-ms` in its
 trailers: when to come back, from the queue's drain rate (-1: do not retry, the deadline cannot be
-met), which gRPC's built-in retry honours.
+met), which gRPC's built-in retry honours; the refusal is held first (Admission.hold).
 """
 
 from __future__ import annotations
@@ -76,9 +76,11 @@ class CallObserver(grpc.aio.ServerInterceptor):
             """Admits the call from its raw message (None: a request stream, not sized), or ends it."""
             context.set_trailing_metadata(((REQUEST_ID, request_id),))
             call = CallRecord(rpc, request_id, context.peer(), quiet)
+            time_remaining = context.time_remaining()
             try:
-                admission.enter(call, None if raw is None else len(raw), context.time_remaining())
+                admission.enter(call, None if raw is None else len(raw), time_remaining)
             except ResourceExhausted as refused:
+                await admission.hold(refused, time_remaining)
                 context.set_trailing_metadata(((REQUEST_ID, request_id), *pushback_trailer(refused)))
                 await context.abort(refused.code, str(refused))
             return call

@@ -30,7 +30,7 @@ from starlette.responses import Response
 
 from rankstream.v1 import rankstream_pb2 as pb
 from rankstream_server.config import Settings, TlsConfig
-from rankstream_server.errors import NotFound, RankstreamError, TooLarge, Unavailable
+from rankstream_server.errors import NotFound, RankstreamError, ResourceExhausted, TooLarge, Unavailable
 from rankstream_server.serving.admission import REQUEST_ID, Admission, CallRecord, usable_request_id
 from rankstream_server.serving.auth import TokenStore, authorize, bearer_of_header
 from rankstream_server.serving.http import errors as http_errors
@@ -189,6 +189,8 @@ class Guard:
             if refusal is not None:
                 status = refusal.http_status
                 call.code = refusal.code.name
+                if isinstance(refusal, ResourceExhausted):
+                    await self._admission.hold(refusal)
                 await http_errors.respond(route.dialect, refusal, scope, receive, observed_send)
                 return
             await self._app(scope, self._counted(receive), observed_send)
