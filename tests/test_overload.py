@@ -336,3 +336,25 @@ async def test_a_caller_whose_deadline_has_passed_is_dropped_before_tokenizing(s
     finally:
         model.tokenizer.encode = real_encode
     assert len(tokenized) == 1, "only the live call was tokenized"
+
+
+def test_a_refused_call_is_counted_once_when_the_transport_also_leaves():
+    from rankstream_server.serving.admission import Admission
+
+    class Metrics:
+        def __init__(self):
+            self.requests, self.refusals = [], []
+
+        def observe_request(self, rpc, code, seconds):
+            self.requests.append(code)
+
+        def observe_refusal(self, rpc, reason):
+            self.refusals.append(reason)
+
+    metrics = Metrics()
+    admission = Admission(0, metrics)  # every call past the cap
+    call = CallRecord("Rerank", "r1")
+    with pytest.raises(ResourceExhausted):
+        admission.enter(call)
+    admission.leave(call)  # what the HTTP front's Guard does however a call ends
+    assert metrics.requests == ["RESOURCE_EXHAUSTED"] and metrics.refusals == ["concurrency"]

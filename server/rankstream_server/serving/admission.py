@@ -53,7 +53,7 @@ class CallRecord:
     the same name on both transports; `route` says which front and dialect carried it."""
 
     __slots__ = ("rpc", "request_id", "started", "passages_in", "passages_out", "code", "peer", "quiet", "route",
-                 "admitted", "reason")
+                 "admitted", "reason", "finished")
 
     def __init__(self, rpc: str, request_id: str, peer: str = "", quiet: bool = False, route: str = "grpc"):
         self.peer = peer
@@ -67,6 +67,7 @@ class CallRecord:
         self.route = route
         self.admitted = False
         self.reason = ""  # why a refused call was refused (ResourceExhausted.reason)
+        self.finished = False  # its log line and metrics are written (once, however it ends)
 
     def refused(self, error: ResourceExhausted) -> None:
         self.code = REFUSED
@@ -175,6 +176,9 @@ class Admission:
         self.finish(call)
 
     def finish(self, call: CallRecord) -> None:
+        if call.finished:  # a call refused at admission is finished there; the transport's leave() may follow
+            return
+        call.finished = True
         seconds = time.perf_counter() - call.started
         if self._metrics is not None:
             self._metrics.observe_request(call.rpc, call.code, seconds)
