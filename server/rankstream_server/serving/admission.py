@@ -124,17 +124,15 @@ class Admission:
     async def hold(self, refused: ResourceExhausted, time_remaining: float | None = None) -> None:
         """Waits before a refusal is answered: up to the hold limit, within the refusal's own
         pushback (which is shortened by the wait, so a client that honours it waits no longer in
-        all), or, for a call no retry can help (pushback -1), until just before its deadline.
-        Answers at once past max_concurrent_rpcs refusals held."""
+        all), and always answering just before the caller's deadline at the latest (so a call no
+        retry can help, pushback -1, is held until then). Answers at once past
+        max_concurrent_rpcs refusals held."""
         after = refused.retry_after
-        if after is None:
+        if after is None or (after < 0 and time_remaining is None):
             return
-        if after >= 0:
-            seconds = min(self._hold_seconds, after)
-        elif time_remaining is not None:
-            seconds = min(self._hold_seconds, time_remaining - DEADLINE_MARGIN)
-        else:
-            return
+        seconds = self._hold_seconds if after < 0 else min(self._hold_seconds, after)
+        if time_remaining is not None:  # the caller hears of the refusal before its deadline
+            seconds = min(seconds, time_remaining - DEADLINE_MARGIN)
         if seconds <= 0 or self.held >= self.max_concurrent:
             return
         self.held += 1
