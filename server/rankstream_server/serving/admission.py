@@ -124,7 +124,7 @@ class Admission:
     async def hold(self, refused: ResourceExhausted, time_remaining: float | None = None) -> None:
         """Waits before a refusal is answered: up to the hold limit, within the refusal's own
         pushback (which is shortened by the wait, so a client that honours it waits no longer in
-        all), and always answering just before the caller's deadline at the latest (so a call no
+        all), and answering just before the caller's deadline at the latest (so a call no
         retry can help, pushback -1, is held until then). Answers at once past
         max_concurrent_rpcs refusals held."""
         after = refused.retry_after
