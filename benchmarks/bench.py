@@ -1,7 +1,8 @@
-"""`make bench`: the CPU benchmarks of issue 7, one run, printed as tables.
+"""`make bench`: the CPU benchmarks of issues 7 and 20, one run, printed as tables.
 
-    .venv/bin/python benchmarks/bench.py            # about 3-5 minutes on 2 cores
-    .venv/bin/python benchmarks/bench.py --quick    # smaller workloads, about 2 minutes
+    .venv/bin/python benchmarks/bench.py            # about 8-10 minutes on 2 cores (part g: 4.5)
+    .venv/bin/python benchmarks/bench.py --quick    # smaller workloads, about 4 minutes
+    .venv/bin/python benchmarks/bench.py --parts overload   # part g alone
 
 a. Host-path ceiling. BERT with 1 layer and hidden size 32 (seeded random weights, BERT uncased
    vocabulary), 32 concurrent clients x 100 passages per Rerank, ~60-word passages. On the same
