@@ -124,6 +124,7 @@ def test_refusals_are_summarised_not_logged_one_line_each(caplog):
 @pytest.mark.parametrize(("pushback", "time_remaining", "held", "left"), [
     (2.0, None, 1.0, 1.0),  # held up to the limit; the client is told to wait the rest
     (2.0, 0.3, 0.25, 1.75),  # ... answered before the caller's deadline
+    (2.0, 0.08, 0.08, 1.92),  # ... unless too little is left to use it: then held to the deadline
     (0.3, None, 0.3, 0.0),  # held for all of a short pushback
     (-1.0, 0.5, 0.45, -1.0),  # no retry can succeed: held until just before the deadline
     (-1.0, None, None, -1.0),  # ... and with no deadline, answered at once

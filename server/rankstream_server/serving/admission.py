@@ -131,8 +131,12 @@ class Admission:
         if after is None or (after < 0 and time_remaining is None):
             return
         seconds = self._hold_seconds if after < 0 else min(self._hold_seconds, after)
-        if time_remaining is not None:  # the caller hears of the refusal before its deadline
-            seconds = min(seconds, time_remaining - DEADLINE_MARGIN)
+        if time_remaining is not None:
+            # The caller hears of the refusal before its deadline; with less than two margins
+            # left, no answer is of use to it, and an early one only invites a retry at once:
+            # held until the deadline.
+            seconds = min(seconds, time_remaining - DEADLINE_MARGIN) if time_remaining > 2 * DEADLINE_MARGIN \
+                else time_remaining
         if seconds <= 0 or self.held >= self.max_concurrent:
             return
         self.held += 1
