@@ -327,7 +327,7 @@ class IndexInfo(_message.Message):
     def __init__(self, name: _Optional[str] = ..., model: _Optional[str] = ..., count: _Optional[int] = ..., dimension: _Optional[int] = ..., similarity: _Optional[str] = ..., index_type: _Optional[str] = ..., device: _Optional[str] = ..., version: _Optional[int] = ..., sparse: _Optional[bool] = ..., default_mode: _Optional[_Union[Mode, str]] = ...) -> None: ...
 
 class ModelInfo(_message.Message):
-    __slots__ = ("name", "kind", "weights", "tokenizer", "max_length", "dtype", "device", "activation", "batcher", "pooling", "similarity", "max_batch_tokens", "parallel_passes", "compiled", "cuda_graphs", "architecture", "head", "template", "accepts_instruction", "default_instruction", "padding_side")
+    __slots__ = ("name", "kind", "weights", "tokenizer", "max_length", "dtype", "device", "activation", "batcher", "pooling", "similarity", "max_batch_tokens", "parallel_passes", "compiled", "cuda_graphs", "architecture", "head", "template", "accepts_instruction", "default_instruction", "padding_side", "dtype_reason", "dtype_measurements", "cpu_flags")
     NAME_FIELD_NUMBER: _ClassVar[int]
     KIND_FIELD_NUMBER: _ClassVar[int]
     WEIGHTS_FIELD_NUMBER: _ClassVar[int]
@@ -349,6 +349,9 @@ class ModelInfo(_message.Message):
     ACCEPTS_INSTRUCTION_FIELD_NUMBER: _ClassVar[int]
     DEFAULT_INSTRUCTION_FIELD_NUMBER: _ClassVar[int]
     PADDING_SIDE_FIELD_NUMBER: _ClassVar[int]
+    DTYPE_REASON_FIELD_NUMBER: _ClassVar[int]
+    DTYPE_MEASUREMENTS_FIELD_NUMBER: _ClassVar[int]
+    CPU_FLAGS_FIELD_NUMBER: _ClassVar[int]
     name: str
     kind: ModelKind
     weights: str
@@ -370,7 +373,30 @@ class ModelInfo(_message.Message):
     accepts_instruction: bool
     default_instruction: str
     padding_side: str
-    def __init__(self, name: _Optional[str] = ..., kind: _Optional[_Union[ModelKind, str]] = ..., weights: _Optional[str] = ..., tokenizer: _Optional[str] = ..., max_length: _Optional[int] = ..., dtype: _Optional[str] = ..., device: _Optional[str] = ..., activation: _Optional[str] = ..., batcher: _Optional[_Union[BatcherStats, _Mapping]] = ..., pooling: _Optional[str] = ..., similarity: _Optional[str] = ..., max_batch_tokens: _Optional[int] = ..., parallel_passes: _Optional[int] = ..., compiled: _Optional[bool] = ..., cuda_graphs: _Optional[int] = ..., architecture: _Optional[str] = ..., head: _Optional[str] = ..., template: _Optional[str] = ..., accepts_instruction: _Optional[bool] = ..., default_instruction: _Optional[str] = ..., padding_side: _Optional[str] = ...) -> None: ...
+    dtype_reason: str
+    dtype_measurements: _containers.RepeatedCompositeFieldContainer[DtypeMeasurement]
+    cpu_flags: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, name: _Optional[str] = ..., kind: _Optional[_Union[ModelKind, str]] = ..., weights: _Optional[str] = ..., tokenizer: _Optional[str] = ..., max_length: _Optional[int] = ..., dtype: _Optional[str] = ..., device: _Optional[str] = ..., activation: _Optional[str] = ..., batcher: _Optional[_Union[BatcherStats, _Mapping]] = ..., pooling: _Optional[str] = ..., similarity: _Optional[str] = ..., max_batch_tokens: _Optional[int] = ..., parallel_passes: _Optional[int] = ..., compiled: _Optional[bool] = ..., cuda_graphs: _Optional[int] = ..., architecture: _Optional[str] = ..., head: _Optional[str] = ..., template: _Optional[str] = ..., accepts_instruction: _Optional[bool] = ..., default_instruction: _Optional[str] = ..., padding_side: _Optional[str] = ..., dtype_reason: _Optional[str] = ..., dtype_measurements: _Optional[_Iterable[_Union[DtypeMeasurement, _Mapping]]] = ..., cpu_flags: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class DtypeMeasurement(_message.Message):
+    __slots__ = ("dtype", "rows_per_second", "guard_passed", "top_overlap", "max_score_diff", "score_spread", "min_cosine", "strict_top_overlap")
+    DTYPE_FIELD_NUMBER: _ClassVar[int]
+    ROWS_PER_SECOND_FIELD_NUMBER: _ClassVar[int]
+    GUARD_PASSED_FIELD_NUMBER: _ClassVar[int]
+    TOP_OVERLAP_FIELD_NUMBER: _ClassVar[int]
+    MAX_SCORE_DIFF_FIELD_NUMBER: _ClassVar[int]
+    SCORE_SPREAD_FIELD_NUMBER: _ClassVar[int]
+    MIN_COSINE_FIELD_NUMBER: _ClassVar[int]
+    STRICT_TOP_OVERLAP_FIELD_NUMBER: _ClassVar[int]
+    dtype: str
+    rows_per_second: float
+    guard_passed: bool
+    top_overlap: float
+    max_score_diff: float
+    score_spread: float
+    min_cosine: float
+    strict_top_overlap: float
+    def __init__(self, dtype: _Optional[str] = ..., rows_per_second: _Optional[float] = ..., guard_passed: _Optional[bool] = ..., top_overlap: _Optional[float] = ..., max_score_diff: _Optional[float] = ..., score_spread: _Optional[float] = ..., min_cosine: _Optional[float] = ..., strict_top_overlap: _Optional[float] = ...) -> None: ...
 
 class BatcherStats(_message.Message):
     __slots__ = ("batches", "items", "dropped", "in_flight", "capacity", "rejected", "max_requests_per_batch", "max_batch_size", "tokens", "padded_tokens")

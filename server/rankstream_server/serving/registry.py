@@ -15,6 +15,7 @@ from rankstream_server.inference.backend import TorchBackend, backend_for
 from rankstream_server.inference.batcher import DynamicBatcher
 from rankstream_server.inference.batches import cut_batches
 from rankstream_server.inference.model_loading import LoadedModel, dtype_name, load_model
+from rankstream_server.inference.precision import settle_precision
 from rankstream_server.inference.tokenization import ChatPairTokenizer, PairTokenizer, TextTokenizer
 
 log = logging.getLogger(__name__)
@@ -81,6 +82,7 @@ class ServedModel:
             "parallel_passes": self.backend.parallel_passes,
             "compiled": self.backend.compiled,
             "cuda_graphs": self.backend.graphs,
+            **(loaded.precision.as_info() if loaded.precision else {}),
         }
 
 
@@ -105,7 +107,7 @@ class ModelRegistry:
 
     def _load_all(self) -> None:
         for cfg in self._settings.models:
-            loaded = load_model(cfg)
+            loaded = settle_precision(load_model(cfg), self._settings.batching)
             backend = backend_for(loaded, self._settings.batching)
             if loaded.pair_template is not None:
                 tokenizer = ChatPairTokenizer(loaded.tokenizer, loaded.max_length, cfg.name, loaded.pair_template)
