@@ -8,18 +8,19 @@ from tqdm import tqdm
 
 from rankstream_server.inference.backend import backend_for
 from rankstream_server.inference.batches import cut_batches
-from rankstream_server.inference.model_loading import LoadedModel
+from rankstream_server.inference.model_loading import LoadedModel, dtype_name
 from rankstream_server.inference.tokenization import PairTokenizer, TextTokenizer, Tokens
 
 
-def _run(loaded: LoadedModel, tokens: Tokens, label: str, progress: bool) -> np.ndarray | None:
-    """Every row through the model in length-sorted passes; outputs in row order."""
+def _run(loaded: LoadedModel, tokens: Tokens, label: str, progress: bool, unit: str = "texts") -> np.ndarray | None:
+    """Every row through the model in length-sorted passes; outputs in row order. The progress
+    bar counts `unit` (its rate reads e.g. "212 passages/s")."""
     backend = backend_for(loaded)
     if len(tokens) == 0:
         return None
     output: np.ndarray | None = None
     everything = np.arange(len(tokens), dtype=np.int64)
-    with tqdm(total=len(tokens), unit="text", desc=label, disable=not progress) as bar:
+    with tqdm(total=len(tokens), unit=f" {unit}", desc=label, disable=not progress) as bar:
         for batch in cut_batches([(None, tokens, everything)], backend.shapes):
             result = backend.launch(batch).result()
             if output is None:
@@ -33,7 +34,8 @@ def _run(loaded: LoadedModel, tokens: Tokens, label: str, progress: bool) -> np.
 def encode_texts(loaded: LoadedModel, texts: list[str], role: str, progress: bool = False) -> np.ndarray:
     """Bi-encoder embeddings, one row per text; role is "query" or "passage"."""
     tokenizer = TextTokenizer(loaded.tokenizer, loaded.max_length, loaded.config.query_prefix, loaded.config.passage_prefix)
-    output = _run(loaded, tokenizer.encode(texts, role), f"encoding {role}s with {loaded.config.name}", progress)
+    output = _run(loaded, tokenizer.encode(texts, role), f"encoding {role}s with {loaded.config.name} "
+                  f"({dtype_name(loaded.dtype)})", progress, unit=f"{role}s")
     return output if output is not None else np.zeros((0, 0), dtype=np.float32)
 
 
@@ -49,7 +51,8 @@ def score_pairs(loaded: LoadedModel, pairs: list[tuple[str, str]], progress: boo
     for i, (query, _) in enumerate(pairs):
         by_query.setdefault(query, []).append(i)
     for query, positions in by_query.items():  # each query tokenized once, with all its passages
-        scores = _run(loaded, tokenizer.encode(query, [pairs[i][1] for i in positions]), f"reranking with {loaded.config.name}", progress)
+        scores = _run(loaded, tokenizer.encode(query, [pairs[i][1] for i in positions]),
+                      f"reranking with {loaded.config.name} ({dtype_name(loaded.dtype)})", progress, unit="pairs")
         output[positions] = scores
     return output
 

@@ -63,16 +63,23 @@ FLOAT16 = "float16"
 
 
 @lru_cache(maxsize=1)
-def cpu_flags() -> tuple[str, ...]:
-    """The CPU's precision-relevant feature flags (py-cpuinfo), sorted."""
+def _cpu_info() -> dict:
     import cpuinfo
 
     try:
-        flags = set(cpuinfo.get_cpu_info().get("flags", []))
+        return cpuinfo.get_cpu_info()
     except Exception:  # noqa: BLE001 - an unknown CPU is reported as such; measurement still decides
         log.warning("could not read the CPU's feature flags", exc_info=True)
-        return ()
-    return tuple(sorted(flag for flag in flags if flag in PRECISION_FLAGS))
+        return {}
+
+
+def cpu_flags() -> tuple[str, ...]:
+    """The CPU's precision-relevant feature flags (py-cpuinfo), sorted."""
+    return tuple(sorted(flag for flag in set(_cpu_info().get("flags", [])) if flag in PRECISION_FLAGS))
+
+
+def cpu_name() -> str:
+    return _cpu_info().get("brand_raw") or "unknown CPU"
 
 
 def candidates_for(flags: tuple[str, ...]) -> list[str]:
@@ -286,10 +293,9 @@ def measure(loaded: LoadedModel, dtypes: list[str], batching: BatchingConfig | N
     """Times float32 and `dtypes` through the backend's passes; guards those fast enough.
     Returns speeds (rows/s), guards, and the loaded variants by dtype name."""
     config = (batching or BatchingConfig()).model_copy(update={"compile": False})
-    variants = {dtype_name(loaded.dtype): loaded}
-    for name in [FLOAT32, *dtypes]:
-        if name not in variants:
-            variants[name] = _variant(loaded, getattr(torch, name))
+    current = dtype_name(loaded.dtype)
+    variants = {name: loaded if name == current else _variant(loaded, getattr(torch, name))
+                for name in dict.fromkeys([FLOAT32, current, *dtypes])}  # float32 first
     backends = {name: backend_for(variant, config) for name, variant in variants.items()}
     try:
         parts = _calibration_tokens(loaded)
