@@ -216,3 +216,19 @@ async def test_list_models_reports_the_measured_choice(models):
                            for m in measured.values())
     bi_guard_fields = [m for m in by_name["auto-bi"].dtype_measurements if m.HasField("guard_passed")]
     assert all(m.HasField("min_cosine") and not m.HasField("top_overlap") for m in bi_guard_fields)
+
+
+def test_doctor_prints_each_models_choice_without_serving(models, tmp_path, capsys):
+    from rankstream_server.cli.main import main
+
+    config = tmp_path / "c.yaml"
+    config.write_text(f"models:\n  - {{name: auto-cross, weights: {models.bert}}}\n"
+                      f"  - {{name: pinned, weights: {models.bert}, dtype: float32}}\n")
+    assert main(["--log-level", "WARNING", "doctor", "--config", str(config)]) == 0
+    out = capsys.readouterr().out
+    assert "flags:" in out and "intra-op threads per pass" in out
+    rows = [line.split() for line in out.splitlines() if line.startswith(("auto-cross ", "pinned "))]
+    auto_rows = [row for row in rows if row[0] == "auto-cross"]
+    assert [row[3].lstrip("*") for row in auto_rows] == ["float32", "bfloat16"]
+    assert sum(row[3].startswith("*") for row in auto_rows) == 1  # the one serve would run
+    assert "auto-cross: runs in" in out and "pinned: runs in float32: configured" in out
