@@ -59,9 +59,11 @@ def family_dirs(tmp_path_factory, models) -> dict[str, Path]:
 
 @pytest.fixture(scope="module")
 async def family_server(family_dirs, models):
-    entries = [{"name": name, "weights": str(folder)} for name, folder in family_dirs.items()]
-    entries.append({"name": "tiny-deberta", "weights": str(models.deberta_reference)})
-    entries.append({"name": "tiny-distilbert", "weights": str(models.distilbert)})
+    # float32 pinned: scores are checked against CrossEncoder.predict's float32 to 1e-5 on any
+    # machine (dtype auto is chosen by measurement, issue 19; tests/test_precision.py).
+    entries = [{"name": name, "weights": str(folder), "dtype": "float32"} for name, folder in family_dirs.items()]
+    entries.append({"name": "tiny-deberta", "weights": str(models.deberta_reference), "dtype": "float32"})
+    entries.append({"name": "tiny-distilbert", "weights": str(models.distilbert), "dtype": "float32"})
     settings = make_settings(entries, limits={"max_passages": 64, "max_passage_chars": 20000})
     async with running(settings) as harness:
         yield harness

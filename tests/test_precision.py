@@ -232,3 +232,20 @@ def test_doctor_prints_each_models_choice_without_serving(models, tmp_path, caps
     assert [row[3].lstrip("*") for row in auto_rows] == ["float32", "bfloat16"]
     assert sum(row[3].startswith("*") for row in auto_rows) == 1  # the one serve would run
     assert "auto-cross: runs in" in out and "pinned: runs in float32: configured" in out
+
+
+@pytest.mark.parametrize("family", ["modernbert", "qwen3-seq-cls-template", "qwen3-yes-no"])
+def test_every_reranker_family_is_measured_and_guarded_through_its_own_passes(tmp_path, monkeypatch, family):
+    import family_factory
+
+    folder = {
+        "modernbert": lambda: family_factory.tiny_modernbert(tmp_path / "mb", "cls"),
+        "qwen3-seq-cls-template": lambda: family_factory.tiny_qwen3_seq_cls(tmp_path / "q3t", chat_template=True),
+        "qwen3-yes-no": lambda: family_factory.tiny_qwen3_yes_no(tmp_path / "yn"),
+    }[family]()
+    monkeypatch.setattr(precision, "_time", lambda backends, timed: {"float32": 10.0, "bfloat16": 30.0})
+    loaded = settle_precision(load_model(ModelConfig(name=family, weights=str(folder))))
+    guard = loaded.precision.guards["bfloat16"]  # computed on the family's real bf16 and fp32 outputs
+    assert np.isfinite(guard.max_score_diff) and guard.score_spread > 0 and 0 <= guard.top_overlap <= 1
+    assert loaded.precision.dtype == ("bfloat16" if guard.passed else "float32")
+    assert {p.dtype for p in loaded.model.parameters()} == {getattr(torch, loaded.precision.dtype)}

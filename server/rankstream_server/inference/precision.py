@@ -31,7 +31,7 @@ from rankstream_server.config import BatchingConfig
 from rankstream_server.inference.backend import TorchBackend, backend_for
 from rankstream_server.inference.batches import cut_batches
 from rankstream_server.inference.model_loading import LoadedModel, dtype_name
-from rankstream_server.inference.tokenization import PairTokenizer, TextTokenizer, Tokens
+from rankstream_server.inference.tokenization import ChatPairTokenizer, PairTokenizer, TextTokenizer, Tokens
 
 log = logging.getLogger(__name__)
 
@@ -222,9 +222,13 @@ def _calibration_tokens(loaded: LoadedModel) -> list[Tokens]:
     """Cross-encoders: one Tokens per query (its pairs with every passage). Bi-encoders: the
     queries, then the passages."""
     queries, passages = _calibration_text()
-    if loaded.kind == "cross":
-        tokenizer = PairTokenizer(loaded.tokenizer, loaded.max_length, loaded.config.name, loaded.uses_token_type_ids)
-        return [tokenizer.encode(query, passages) for query in queries]
+    if loaded.kind == "cross":  # pairs laid out as the server lays them out for this family
+        if loaded.pair_template is not None:
+            tokenizer = ChatPairTokenizer(loaded.tokenizer, loaded.max_length, loaded.config.name, loaded.pair_template)
+        else:
+            tokenizer = PairTokenizer(loaded.tokenizer, loaded.max_length, loaded.config.name, loaded.uses_token_type_ids)
+        instruction = loaded.family.default_instruction if loaded.family is not None else None
+        return [tokenizer.encode(query, passages, instruction=instruction) for query in queries]
     tokenizer = TextTokenizer(loaded.tokenizer, loaded.max_length, loaded.config.query_prefix, loaded.config.passage_prefix)
     return [tokenizer.encode(queries, "query"), tokenizer.encode(passages, "passage")]
 
