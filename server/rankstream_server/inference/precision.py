@@ -46,7 +46,9 @@ TIMING_SECONDS = 2.0  # timed rounds stop after about this long (at least MIN_RO
 MIN_ROUNDS = 2
 MAX_ROUNDS = 5
 GIVE_UP_RATIO = 2.0  # a candidate this much slower than float32 after a round is timed no more
-TIMED_PASSAGES = 16  # passages per copy of a timed round (a few passes of the server's shapes)
+ROUND_SECONDS = 0.5  # a timed float32 round's rough cost: big models time passes of fewer rows
+GUARD_SECONDS = 2.0  # the float32 guard pass's rough cost: big models are guarded on fewer pairs
+MIN_GUARD_PASSAGES = 20  # per query (top-10 overlap needs more than 10)
 CALIBRATION_QUERIES = (
     "how does a cross-encoder rerank retrieved passages",
     "what should a server do when its work queue is full",
@@ -283,13 +285,23 @@ def _time(backends: dict[str, TorchBackend], timed: dict[str, list[Part]]) -> di
     return {name: rows / seconds for name, seconds in best.items()}
 
 
-def _timed_round(loaded: LoadedModel, parts: list[Tokens], backend: TorchBackend) -> list[Part]:
-    """One timed round: full passes of the server's shapes, one per pass the backend runs side by
-    side, of a query's pairs (cross-encoders) or of passages (bi-encoders), rows cycled to fill."""
-    source = parts[0] if loaded.kind == "cross" else parts[1]
-    width = backend.shapes.width(int(source.lengths.max()))
-    rows = np.arange(backend.parallel_passes * backend.shapes.rows_for(width), dtype=np.int64) % len(source)
-    return [(source, rows)]
+def _timed_round(source: Tokens, backend: TorchBackend, seconds_per_row: float) -> list[Part]:
+    """One timed round: a pass per pass the backend runs side by side, in the server's shapes
+    (full passes; fewer rows where float32 would take over ROUND_SECONDS), rows cycled to fill."""
+    full = backend.shapes.rows_for(backend.shapes.width(int(source.lengths.max())))
+    rows_per_pass = max(1, min(full, int(ROUND_SECONDS / max(seconds_per_row, 1e-9))))
+    return [(source, np.arange(backend.parallel_passes * rows_per_pass, dtype=np.int64) % len(source))]
+
+
+def _guard_parts(loaded: LoadedModel, parts: list[Tokens], rows_budget: int) -> list[Part]:
+    """The calibration inputs the guard compares, cut to about `rows_budget` rows (big models):
+    cross-encoders keep at least MIN_GUARD_PASSAGES passages of at least one query."""
+    if loaded.kind == "cross":
+        passages = min(len(parts[0]), max(MIN_GUARD_PASSAGES, rows_budget // len(parts)))
+        queries = min(len(parts), max(1, rows_budget // passages))
+        return [(tokens, np.arange(passages, dtype=np.int64)) for tokens in parts[:queries]]
+    queries, passages = parts
+    return [_whole(queries), (passages, np.arange(min(len(passages), max(MIN_GUARD_PASSAGES, rows_budget)), dtype=np.int64))]
 
 
 def measure(loaded: LoadedModel, dtypes: list[str], batching: BatchingConfig | None = None,
@@ -303,17 +315,23 @@ def measure(loaded: LoadedModel, dtypes: list[str], batching: BatchingConfig | N
     backends = {name: backend_for(variant, config) for name, variant in variants.items()}
     try:
         parts = _calibration_tokens(loaded)
-        timed = {name: _timed_round(loaded, parts, backend) for name, backend in backends.items()}
-        for name, backend in backends.items():  # meets the shapes once, untimed
-            _run_all(backend, timed[name])
+        source = parts[0] if loaded.kind == "cross" else parts[1]  # a query's pairs, or passages
+        probe = [(source, np.arange(min(2, len(source)), dtype=np.int64))]
+        for backend in backends.values():  # each meets the model once, untimed
+            _run_all(backend, probe)
+        begun = time.perf_counter()
+        _run_all(backends[FLOAT32], probe)
+        seconds_per_row = (time.perf_counter() - begun) / len(probe[0][1])
+        timed = {name: _timed_round(source, backend, seconds_per_row) for name, backend in backends.items()}
         speeds = _time(backends, timed)
         guards: dict[str, Guard] = {}
         checked = fast_enough(speeds) if guard else []
         if checked:
-            whole = [_whole(tokens) for tokens in parts]
-            reference = _run_all(backends[FLOAT32], whole)
+            rows_budget = int(GUARD_SECONDS * backends[FLOAT32].parallel_passes / max(seconds_per_row, 1e-9))
+            compared = _guard_parts(loaded, parts, rows_budget)
+            reference = [out[rows] for out, (_, rows) in zip(_run_all(backends[FLOAT32], compared), compared)]
             for name in checked:
-                outputs = _run_all(backends[name], whole)
+                outputs = [out[rows] for out, (_, rows) in zip(_run_all(backends[name], compared), compared)]
                 guards[name] = (cross_guard(reference, outputs) if loaded.kind == "cross"
                                 else bi_guard(np.concatenate(reference), np.concatenate(outputs)))
     finally:
