@@ -239,7 +239,7 @@ SENTENCES = ["gravity bends the path of a planet around its star", "the recipe n
 
 @pytest.fixture(scope="module")
 async def short_window_server(models):
-    settings = make_settings([{"name": "minilm-32", "weights": str(models.minilm), "max_length": 32}])
+    settings = make_settings([{"name": "minilm-32", "weights": str(models.minilm), "max_length": 32, "dtype": "float32"}])
     async with running(settings) as harness:
         yield harness
 
