@@ -93,6 +93,20 @@ def test_cohere_v1_client_echoes_documents_and_objects(front):
     assert all(r.document is None for r in quiet.results)
 
 
+def test_cohere_v1_max_chunks_per_doc_scores_long_documents_in_windows(front):
+    """Cohere's max_chunks_per_doc is rankstream's long_passages: CHUNK (best window's score)."""
+    client = cohere.Client(api_key=READ, base_url=front.http)
+    long_text = " ".join(TEXTS8[:7]) * 3  # past tiny-bert's 128 tokens
+    documents = [long_text, TEXTS8[0]]
+    chunked = client.rerank(query=QUERY, documents=documents, max_chunks_per_doc=4, return_documents=False)
+    expected = grpc_scores(front, documents, long_passages=pb.CHUNK, max_chunks_per_passage=4)
+    assert {r.index: r.relevance_score for r in chunked.results} == pytest.approx(expected, abs=1e-6)
+    assert expected != pytest.approx(grpc_scores(front, documents), abs=1e-6)  # windows changed the long one's score
+    with pytest.raises(cohere.core.api_error.ApiError) as error:
+        client.rerank(query=QUERY, documents=documents, max_chunks_per_doc=99)
+    assert error.value.status_code == 400 and "max_chunks_per_doc" in str(error.value.body)
+
+
 def test_jina_clients_read_model_usage_and_document_text(front):
     answer = post(front, "/v1/rerank", {"model": ALIAS, "query": QUERY, "documents": TEXTS8[:3], "top_n": 2}).json()
     assert answer["model"] == "tiny-bert" and answer["usage"]["total_tokens"] > 0

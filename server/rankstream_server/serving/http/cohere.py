@@ -30,6 +30,9 @@ class RerankV1(_Body):
         None, description="Echo each document in its result. Default: true (Jina's default; Cohere's clients "
         "ignore the extra field).")
     raw_scores: bool = Field(False, description="rankstream extension: the model's logits, not its activation.")
+    max_chunks_per_doc: int | None = Field(
+        None, description="Score a long document in up to this many windows and keep the best window's score "
+        "(rankstream's long_passages: CHUNK); default: documents are truncated to the model's max_length.")
 
 
 class RerankV2(_Body):
@@ -48,6 +51,9 @@ def _request(body: RerankV1 | RerankV2) -> tuple[pb.RerankRequest, list[str]]:
     texts = [jina.document_text(document, i) for i, document in enumerate(body.documents)]
     message = pb.RerankRequest(query=body.query, model=body.model or "", top_n=body.top_n or 0,
                                raw_scores=body.raw_scores)
+    chunks = getattr(body, "max_chunks_per_doc", None)
+    if chunks is not None:
+        message.long_passages, message.max_chunks_per_passage = pb.CHUNK, chunks
     message.passages.extend(pb.Passage(text=text) for text in texts)
     return message, texts
 
