@@ -79,7 +79,7 @@ class Passage(_message.Message):
     def __init__(self, id: _Optional[str] = ..., text: _Optional[str] = ..., title: _Optional[str] = ..., metadata: _Optional[_Mapping[str, str]] = ...) -> None: ...
 
 class RerankRequest(_message.Message):
-    __slots__ = ("query", "passages", "top_n", "model", "raw_scores", "order", "return_text", "score_threshold", "return_metadata", "instruction", "long_passages", "max_chunks_per_passage")
+    __slots__ = ("query", "passages", "top_n", "model", "raw_scores", "order", "return_text", "score_threshold", "return_metadata", "instruction", "long_passages", "max_chunks_per_passage", "max_passage_tokens")
     QUERY_FIELD_NUMBER: _ClassVar[int]
     PASSAGES_FIELD_NUMBER: _ClassVar[int]
     TOP_N_FIELD_NUMBER: _ClassVar[int]
@@ -92,6 +92,7 @@ class RerankRequest(_message.Message):
     INSTRUCTION_FIELD_NUMBER: _ClassVar[int]
     LONG_PASSAGES_FIELD_NUMBER: _ClassVar[int]
     MAX_CHUNKS_PER_PASSAGE_FIELD_NUMBER: _ClassVar[int]
+    MAX_PASSAGE_TOKENS_FIELD_NUMBER: _ClassVar[int]
     query: str
     passages: _containers.RepeatedCompositeFieldContainer[Passage]
     top_n: int
@@ -104,7 +105,8 @@ class RerankRequest(_message.Message):
     instruction: str
     long_passages: LongPassages
     max_chunks_per_passage: int
-    def __init__(self, query: _Optional[str] = ..., passages: _Optional[_Iterable[_Union[Passage, _Mapping]]] = ..., top_n: _Optional[int] = ..., model: _Optional[str] = ..., raw_scores: _Optional[bool] = ..., order: _Optional[_Union[Order, str]] = ..., return_text: _Optional[bool] = ..., score_threshold: _Optional[float] = ..., return_metadata: _Optional[bool] = ..., instruction: _Optional[str] = ..., long_passages: _Optional[_Union[LongPassages, str]] = ..., max_chunks_per_passage: _Optional[int] = ...) -> None: ...
+    max_passage_tokens: int
+    def __init__(self, query: _Optional[str] = ..., passages: _Optional[_Iterable[_Union[Passage, _Mapping]]] = ..., top_n: _Optional[int] = ..., model: _Optional[str] = ..., raw_scores: _Optional[bool] = ..., order: _Optional[_Union[Order, str]] = ..., return_text: _Optional[bool] = ..., score_threshold: _Optional[float] = ..., return_metadata: _Optional[bool] = ..., instruction: _Optional[str] = ..., long_passages: _Optional[_Union[LongPassages, str]] = ..., max_chunks_per_passage: _Optional[int] = ..., max_passage_tokens: _Optional[int] = ...) -> None: ...
 
 class ScoredPassage(_message.Message):
     __slots__ = ("id", "index", "score", "rank", "text", "title", "metadata", "stage", "retrieval_score", "dense_score", "sparse_score", "dense_rank", "sparse_rank")
@@ -177,7 +179,7 @@ class RetrieveRequest(_message.Message):
     def __init__(self, query: _Optional[str] = ..., top_k: _Optional[int] = ..., filter: _Optional[_Mapping[str, str]] = ..., return_text: _Optional[bool] = ..., return_metadata: _Optional[bool] = ..., index: _Optional[str] = ..., score_threshold: _Optional[float] = ..., mode: _Optional[_Union[Mode, str]] = ...) -> None: ...
 
 class RetrieveAndRerankRequest(_message.Message):
-    __slots__ = ("query", "top_k", "top_n", "reranker", "filter", "return_text", "return_metadata", "index", "raw_scores", "order", "score_threshold", "mode", "instruction", "long_passages", "max_chunks_per_passage")
+    __slots__ = ("query", "top_k", "top_n", "reranker", "filter", "return_text", "return_metadata", "index", "raw_scores", "order", "score_threshold", "mode", "instruction", "long_passages", "max_chunks_per_passage", "max_passage_tokens")
     class FilterEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -200,6 +202,7 @@ class RetrieveAndRerankRequest(_message.Message):
     INSTRUCTION_FIELD_NUMBER: _ClassVar[int]
     LONG_PASSAGES_FIELD_NUMBER: _ClassVar[int]
     MAX_CHUNKS_PER_PASSAGE_FIELD_NUMBER: _ClassVar[int]
+    MAX_PASSAGE_TOKENS_FIELD_NUMBER: _ClassVar[int]
     query: str
     top_k: int
     top_n: int
@@ -215,7 +218,8 @@ class RetrieveAndRerankRequest(_message.Message):
     instruction: str
     long_passages: LongPassages
     max_chunks_per_passage: int
-    def __init__(self, query: _Optional[str] = ..., top_k: _Optional[int] = ..., top_n: _Optional[int] = ..., reranker: _Optional[str] = ..., filter: _Optional[_Mapping[str, str]] = ..., return_text: _Optional[bool] = ..., return_metadata: _Optional[bool] = ..., index: _Optional[str] = ..., raw_scores: _Optional[bool] = ..., order: _Optional[_Union[Order, str]] = ..., score_threshold: _Optional[float] = ..., mode: _Optional[_Union[Mode, str]] = ..., instruction: _Optional[str] = ..., long_passages: _Optional[_Union[LongPassages, str]] = ..., max_chunks_per_passage: _Optional[int] = ...) -> None: ...
+    max_passage_tokens: int
+    def __init__(self, query: _Optional[str] = ..., top_k: _Optional[int] = ..., top_n: _Optional[int] = ..., reranker: _Optional[str] = ..., filter: _Optional[_Mapping[str, str]] = ..., return_text: _Optional[bool] = ..., return_metadata: _Optional[bool] = ..., index: _Optional[str] = ..., raw_scores: _Optional[bool] = ..., order: _Optional[_Union[Order, str]] = ..., score_threshold: _Optional[float] = ..., mode: _Optional[_Union[Mode, str]] = ..., instruction: _Optional[str] = ..., long_passages: _Optional[_Union[LongPassages, str]] = ..., max_chunks_per_passage: _Optional[int] = ..., max_passage_tokens: _Optional[int] = ...) -> None: ...
 
 class UpsertPassagesRequest(_message.Message):
     __slots__ = ("index", "passages")
