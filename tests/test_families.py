@@ -326,3 +326,18 @@ def test_retrieve_and_rerank_takes_the_same_pair_options(demo_server):
         assert chunked.stats.windows == 5 and chunked.stats.chunked == 0
         with pytest.raises(InvalidArgument, match="instruction"):
             client.retrieve_and_rerank("what is a cross-encoder", top_k=5, reranker="tiny-bert", instruction="Judge relevance")
+
+
+@pytest.mark.parametrize("name", ["qwen3-yes-no", "electra"])
+async def test_max_passage_tokens_cuts_the_document_and_keeps_the_template(family_server, family_dirs, name):
+    """Each passage keeps its first N tokens; the query and the template's suffix stay whole, so
+    the result equals scoring the passage's first N tokens' text."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(family_dirs[name]))
+    heads = [tokenizer.decode(tokenizer(t, add_special_tokens=False)["input_ids"][:3]) for t in TEXTS]
+    cut, stats = await family_server.rerank(query=QUERY, passages=passages(TEXTS), model=name, raw_scores=True,
+                                            max_passage_tokens=3)
+    whole, _ = await family_server.rerank(query=QUERY, passages=passages(heads), model=name, raw_scores=True)
+    np.testing.assert_allclose(by_index(cut, len(TEXTS)), by_index(whole, len(TEXTS)), rtol=0, atol=TOLERANCE)
+    assert stats.truncated == sum(len(tokenizer(t, add_special_tokens=False)["input_ids"]) > 3 for t in TEXTS)
