@@ -18,6 +18,9 @@ d. Retrieve and RetrieveAndRerank (top_k 100, host-path reranker) over that flat
    more clients, and UpsertPassages.
 e. An LLM reranker of Qwen3-Reranker-0.6B's shape (benchmarks/decoder_reranker.py) vs
    `CrossEncoder.predict` on the same pairs, and their largest score difference.
+f. HTTP front vs gRPC: part a's rerank load (host-path model, 32 clients x 100 passages) over
+   Cohere's `POST /v2/rerank` (keep-alive aiohttp clients) and over gRPC, alternated, in one run
+   against the same server. Target: HTTP >= 0.9x gRPC pairs/s (reported, not asserted).
 
 The server runs as `rankstream serve --config ...` in a child process (its own GIL) on 127.0.0.1;
 clients are grpc.aio calls through the generated stubs. A miss is printed, never an error exit.
@@ -47,6 +50,7 @@ SIZES = {
     "retrieve_calls": (200, 80, 4),
     "rr_calls": (120, 48, 4),
     "upsert_passages": (512, 128, 64),
+    "http_calls": (192, 96, 8),  # part e: calls per front and round, 100 passages each
 }
 
 
@@ -206,6 +210,37 @@ def minilm(args, server: common.Server, model_dir: Path, text: common.Text, summ
         summary.append([f"CPU MiniLM-L6 auto ({info.dtype}): server / CE.predict bf16 (no target)", over_bf16, "-", "-"])
 
 
+def http_front(args, server: common.Server, text: common.Text, summary: list) -> None:
+    import http_load
+
+    common.heading("f. The same rerank load over HTTP (Cohere /v2/rerank) and gRPC, one server")
+    requests = common.rerank_requests(text, size(args, "host_requests"), 100, model="host")
+    calls = size(args, "http_calls")
+    http_load.drive_http(server, requests[:32], clients=32, calls=32)  # warm: connections, JSON paths
+    common.drive(server, "Rerank", requests[:32], clients=32, calls=32)
+    grpc_loads, http_loads = [], []
+    for _ in range(args.rounds):  # alternated: a burst of other work hits one round of one front, not all
+        load = common.drive(server, "Rerank", requests, clients=32, calls=calls, max_seconds=120)
+        common.check(load, 100)
+        grpc_loads.append(load)
+        load = http_load.drive_http(server, requests, clients=32, calls=calls, max_seconds=120)
+        if load.errors:
+            print(f"HTTP errors: {len(load.errors)}, first: {load.errors[0]}")
+        http_loads.append(load)
+    over_grpc, over_http = common.best(grpc_loads), common.best(http_loads)
+    ratio = over_http.rate / over_grpc.rate
+    print(f"workload: {len(requests)} distinct requests of 100 passages, {calls} calls per front and round, "
+          f"32 concurrent clients (HTTP: one keep-alive connection each); best of {args.rounds} alternated rounds")
+    common.load_table("pairs", [common.load_row("gRPC Reranker.Rerank", over_grpc),
+                                common.load_row("HTTP POST /v2/rerank (Cohere)", over_http)])
+    print(f"HTTP / gRPC pairs/s: {ratio:.2f}")
+    if args.rounds > 1:
+        print("every round, pairs/s: gRPC " + ", ".join(f"{x.rate:,.1f}" for x in grpc_loads)
+              + "; HTTP " + ", ".join(f"{x.rate:,.1f}" for x in http_loads))
+    summary.append(["HTTP front: Cohere /v2/rerank / gRPC Rerank pairs/s", ratio, ">= 0.9",
+                    common.verdict(ratio, 0.9, others=[over_grpc.other_pct, over_http.other_pct])])
+
+
 def index_part(args, config: dict, text: common.Text, scratch: Path, summary: list) -> Path:
     common.heading("c. Index build: `rankstream index build`, embedded all-MiniLM-L6-v2, flat: dtype float32 "
                    "(before issue 19) vs auto")
@@ -297,8 +332,8 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="smaller workloads (about half the time)")
     parser.add_argument("--smoke", action="store_true", help="tiny workloads: checks that it runs (make test), measures nothing")
-    parser.add_argument("--parts", default="host,minilm,index,retrieval,decoder",
-                        help="comma-separated subset of host,minilm,index,retrieval,decoder (retrieval needs index)")
+    parser.add_argument("--parts", default="host,minilm,index,retrieval,decoder,http",
+                        help="comma-separated subset of host,minilm,index,retrieval,decoder,http (retrieval needs index)")
     parser.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)),
                         help="cores for the model: sentence-transformers gets this many torch threads, the server "
                              "this many one-thread passes side by side, its default (default: all cores)")
@@ -353,7 +388,7 @@ def main() -> int:
         if minilm_dir:
             models.append({"name": "minilm", "weights": str(minilm_dir)})
         # batching.compile as in deploy/config/production.yaml (`--set batching.compile=false`: eager).
-        config: dict = {"server": {"torch_threads": 1}, "batching": {"cpu_passes": args.threads, "compile": True},
+        config: dict = {"server": {"torch_threads": 1, "http_port": 0}, "batching": {"cpu_passes": args.threads, "compile": True},
                         "models": models, "default_model": "host"}
         if "index" in parts:
             models.append({"name": "bi", "kind": "bi", "weights": "embedded:all-MiniLM-L6-v2"})
@@ -373,8 +408,10 @@ def main() -> int:
                 minilm(args, server, minilm_dir, pairs_text, summary)
             if "retrieval" in parts:
                 retrieval(args, server, corpus_text, summary)
+            if "http" in parts:
+                http_front(args, server, pairs_text, summary)
         if "decoder" in parts:
-            decoder_reranker.run(args, scratch, pairs_text, summary, smoke=args.smoke)
+            decoder_reranker.run(args, scratch, pairs_text, summary, smoke=args.smoke)  # part e
 
     common.heading("Summary against issue 7's and issue 19's CPU targets" + (" (SMOKE: verdicts mean nothing)" if args.smoke else ""))
     common.table(["measure", "value", "target", "verdict"], summary)

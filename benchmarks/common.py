@@ -704,6 +704,7 @@ class Server:
         self.start_timeout = start_timeout
         self.process: subprocess.Popen | None = None
         self.address = ""
+        self.http_base = ""  # http://HOST:PORT when the config sets server.http_port
         self.startup_seconds = 0.0
 
     @property
@@ -732,6 +733,8 @@ class Server:
             if not line:
                 raise RuntimeError(f"{self.name} exited before binding:\n{self.log_tail()}")
             self.address = line.rsplit(" ", 1)[1]  # "rankstream listening on HOST:PORT"
+            if config["server"].get("http_port") is not None:  # then "rankstream HTTP on HOST:PORT"
+                self.http_base = "http://" + self.process.stdout.readline().strip().rsplit(" ", 1)[1]
             deadline = time.monotonic() + self.start_timeout
             with grpc.insecure_channel(self.address) as channel:
                 health = health_pb2_grpc.HealthStub(channel)

@@ -12,6 +12,8 @@ In one run, same text (~60-word passages, ~90 tokens a pair) and same machine:
   passages per cross-encoder (pairs/s, p50/p99);
 - embedding: `rankstream index build` of a 35k-passage flat index (passages/s) and UpsertPassages;
 - Retrieve p50 at 1 client and queries/s at 32 clients; RetrieveAndRerank top_k 100 queries/s;
+- an LLM reranker of Qwen3-Reranker-0.6B's shape (benchmarks/decoder_reranker.py): server vs
+  `CrossEncoder.predict` pairs/s and their largest score difference;
 - parity: server fp32 on the device vs sentence-transformers (max abs diff of logits), and the
   server's default precision (fp16 on CUDA) vs fp32 (max abs diff, top-10 overlap);
 - every figure against issue 7's targets, PASS/MISS (a miss is no error exit).
@@ -33,6 +35,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import common  # noqa: E402
+
+import decoder_reranker  # noqa: E402
 
 
 @dataclass
@@ -350,6 +354,8 @@ def main() -> int:
                 for row in parity_rows:
                     summary.append([f"parity {row[0]}: max |server fp32 - sentence-transformers|", row[3], "<= 1e-5",
                                     common.verdict(row[3], 1e-5, higher_is_better=False)])
+
+        decoder_reranker.run(args, scratch, pairs_text, summary, smoke=args.smoke, device=device)
 
     common.heading("Summary against issue 7's GPU targets" + (" (SMOKE: tiny CPU models, verdicts mean nothing)"
                                                              if args.smoke else ""))

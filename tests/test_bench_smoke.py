@@ -47,10 +47,11 @@ def test_cpu_benchmark_smoke_mode_runs_and_prints_its_tables(tmp_path):
     output = done.stdout
     assert done.returncode == 0, f"exit {done.returncode}\n{output[-4000:]}\n{done.stderr[-4000:]}"
     for heading in ("## Machine", "## a. Host-path ceiling", "## b. MiniLM-L6-H384", "## c. Index build",
-                    "## d. Retrieve, RetrieveAndRerank", "## Summary against issue 7's and issue 19's CPU targets"):
+                    "## d. Retrieve, RetrieveAndRerank", "## f. The same rerank load over HTTP",
+                    "## Summary against issue 7's and issue 19's CPU targets"):
         assert heading in output, f"missing {heading!r} in:\n{output[-4000:]}"
     for line in ("cpu flags for precision:", "torch ", "server / tokenizer", "server / CrossEncoder.predict",
-                 "server's start-up choice:", "server / CE.predict fp32", "/ float32 build"):
+                 "server's start-up choice:", "server / CE.predict fp32", "/ float32 build", "HTTP / gRPC pairs/s:"):
         assert line in output, f"missing {line!r} in:\n{output[-4000:]}"
     assert "WARNING:" not in output.replace("WARNING: other processes took", ""), output[-4000:]
 

@@ -185,7 +185,7 @@ def test_final_stage_is_slim_non_root_and_labelled(variant):
     volumes = {v for value in instructions(variant, final_name, "VOLUME") for v in yaml.safe_load(value)}
     assert {"/models", "/var/lib/rankstream"} <= volumes
     exposed = {p for value in instructions(variant, final_name, "EXPOSE") for p in value.split()}
-    assert {"50051", "9090"} <= exposed
+    assert {"50051", "8080", "9090"} <= exposed
     assert env["HF_HOME"] == env["HF_HUB_CACHE"] == "/models" and env["HF_HUB_OFFLINE"] == "1"
     assert yaml.safe_load(instructions(variant, final_name, "ENTRYPOINT")[-1]) == ["rankstream"]
     assert "rankstream" in pyproject()["project"]["scripts"]
@@ -344,6 +344,11 @@ def test_manifests_agree_with_the_config_they_ship(shipped, overlay, monkeypatch
     assert service["spec"]["clusterIP"] == "None", "headless: clients balance across pods (dns:/// + round_robin)"
     service_ports = {p["name"]: p for p in service["spec"]["ports"]}
     assert service_ports["grpc"]["port"] == server.port and service_ports["metrics"]["port"] == server.metrics_port
+    # The HTTP front (Cohere, Jina, TEI, OpenAI, JSON) beside gRPC, on the config's port.
+    assert server.http_port == 8080 and ports["http"] == server.http_port
+    assert service_ports["http"]["port"] == server.http_port and service_ports["http"]["targetPort"] == "http"
+    policy = one(objects, "NetworkPolicy")["spec"]["ingress"]
+    assert any({"grpc", "http"} <= {p["port"] for p in rule["ports"]} for rule in policy), "clients may reach both fronts"
     assert {p["targetPort"] for p in service_ports.values()} <= set(ports)
     labels = pod["metadata"]["labels"]
     for selector in (service["spec"]["selector"], one(objects, "PodDisruptionBudget")["spec"]["selector"]["matchLabels"],

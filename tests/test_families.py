@@ -49,6 +49,11 @@ def family_dirs(tmp_path_factory, models) -> dict[str, Path]:
         "qwen2-seq-cls": family_factory.tiny_qwen2_seq_cls(root / "q2"),
         "qwen3-yes-no": family_factory.tiny_qwen3_yes_no(root / "yn"),
     }
+    # A template that transforms its content (trims it) cannot be split once and filled in: its
+    # pairs are rendered one by one, and must still match.
+    trimmed = family_factory.tiny_qwen3_yes_no(root / "yn-trim")
+    family_factory.qwen_tokenizer(trimmed, family_factory.RERANKER_TEMPLATE.replace("{{ ns.document }}", "{{ ns.document | trim }}"))
+    dirs["qwen3-yes-no-trimming-template"] = trimmed
     dirs["st6-identity"] = family_factory.saved_by_sentence_transformers(models.bert, root / "st-identity", torch.nn.Identity())
     dirs["st6-yes-no-prompt"] = family_factory.saved_by_sentence_transformers(
         dirs["qwen3-yes-no"], root / "yn-st", prompts={"web": INSTRUCTION}, default_prompt="web")
@@ -85,7 +90,7 @@ def by_index(results, count: int) -> np.ndarray:
 
 
 FAMILIES = ["xlm-roberta", "electra", "modernbert-cls", "modernbert-mean", "qwen3-seq-cls", "qwen3-seq-cls-template",
-            "qwen2-seq-cls", "qwen3-yes-no", "st6-identity", "st6-yes-no-prompt", "st6-bert-prompt"]
+            "qwen2-seq-cls", "qwen3-yes-no", "qwen3-yes-no-trimming-template", "st6-identity", "st6-yes-no-prompt", "st6-bert-prompt"]
 
 
 @pytest.mark.parametrize("raw", [False, True], ids=["activated", "raw"])
@@ -95,6 +100,14 @@ async def test_each_family_scores_as_sentence_transformers(family_server, family
     results, stats = await family_server.rerank(query=QUERY, passages=passages(TEXTS), model=name, raw_scores=raw)
     np.testing.assert_allclose(by_index(results, len(TEXTS)), expected, rtol=0, atol=TOLERANCE)
     assert stats.truncated == 0
+
+
+def test_a_template_that_transforms_content_is_rendered_pair_by_pair(family_dirs):
+    def template(name: str):
+        return load_model(ModelConfig(name=name, weights=str(family_dirs[name]), device="cpu")).pair_template
+
+    assert template("qwen3-yes-no").split
+    assert not template("qwen3-yes-no-trimming-template").split
 
 
 async def test_identity_saved_by_sentence_transformers_6_is_not_sigmoided(family_server):
@@ -299,3 +312,34 @@ async def test_bad_chunk_settings_are_refused_naming_the_field(short_window_serv
     with pytest.raises(grpc.aio.AioRpcError) as error:
         await short_window_server.rerank(query=CHUNK_QUERY, passages=passages(SENTENCES), **fields)
     assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT and needle in error.value.details()
+
+
+def test_retrieve_and_rerank_takes_the_same_pair_options(demo_server):
+    """The clients pass instruction and long_passages through RetrieveAndRerank; the rules are the
+    same as Rerank's (a model that takes no instruction refuses one)."""
+    from rankstream import RankstreamClient
+    from rankstream.errors import InvalidArgument
+
+    with RankstreamClient(demo_server.target) as client:
+        plain = client.retrieve_and_rerank("what is a cross-encoder", top_k=5, top_n=5, reranker="tiny-bert")
+        chunked = client.retrieve_and_rerank("what is a cross-encoder", top_k=5, top_n=5, reranker="tiny-bert",
+                                             long_passages="chunk", max_chunks_per_passage=4)
+        assert [p.id for p in plain] == [p.id for p in chunked]  # the demo passages fit: one window each
+        assert chunked.stats.windows == 5 and chunked.stats.chunked == 0
+        with pytest.raises(InvalidArgument, match="instruction"):
+            client.retrieve_and_rerank("what is a cross-encoder", top_k=5, reranker="tiny-bert", instruction="Judge relevance")
+
+
+@pytest.mark.parametrize("name", ["qwen3-yes-no", "electra"])
+async def test_max_passage_tokens_cuts_the_document_and_keeps_the_template(family_server, family_dirs, name):
+    """Each passage keeps its first N tokens; the query and the template's suffix stay whole, so
+    the result equals scoring the passage's first N tokens' text."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(family_dirs[name]))
+    heads = [tokenizer.decode(tokenizer(t, add_special_tokens=False)["input_ids"][:3]) for t in TEXTS]
+    cut, stats = await family_server.rerank(query=QUERY, passages=passages(TEXTS), model=name, raw_scores=True,
+                                            max_passage_tokens=3)
+    whole, _ = await family_server.rerank(query=QUERY, passages=passages(heads), model=name, raw_scores=True)
+    np.testing.assert_allclose(by_index(cut, len(TEXTS)), by_index(whole, len(TEXTS)), rtol=0, atol=TOLERANCE)
+    assert stats.truncated == sum(len(tokenizer(t, add_special_tokens=False)["input_ids"]) > 3 for t in TEXTS)

@@ -24,9 +24,10 @@ from rankstream.v1 import rankstream_pb2_grpc as pb_grpc
 from rankstream_server.cli.demo import DEMO_CORPUS
 from rankstream_server.config import ConfigError, LimitsConfig
 from rankstream_server.index.build import build_index
-from rankstream_server.serving.access import CallObserver
+from rankstream_server.serving.admission import Admission
 from rankstream_server.serving.app import RankstreamServer
 from rankstream_server.serving.auth import TokensFileError, TokenStore, parse_tokens
+from rankstream_server.serving.grpc.access import CallObserver
 from test_client import _certificates
 
 from conftest import QUERY, TEXTS, ThreadedServer, demo_settings, make_settings, passages
@@ -218,7 +219,7 @@ async def test_rpcs_past_the_concurrency_cap_are_refused_at_once():
         return b"done"
 
     handler = grpc.method_handlers_generic_handler("test.Hold", {"Hold": grpc.unary_unary_rpc_method_handler(hold)})
-    observer = CallObserver(max_concurrent=2)
+    observer = CallObserver(Admission(max_concurrent=2))
     server = grpc.aio.server(interceptors=[observer])
     server.add_generic_rpc_handlers((handler,))
     port = server.add_insecure_port("127.0.0.1:0")

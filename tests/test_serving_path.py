@@ -29,8 +29,8 @@ from rankstream_server.inference.tokenization import (
     Tokens,
     _PlainAscii,
 )
+from rankstream_server.serving.operations import Messages
 from rankstream_server.serving.pipeline import ScoredChunk
-from rankstream_server.serving.service import Messages
 
 from conftest import QUERY, TEXTS
 
@@ -490,8 +490,9 @@ async def test_requests_are_tokenized_one_per_thread_unless_asked_or_on_cuda(mod
     servers default to off (the forward passes need the cores); true or a CUDA machine turns it on."""
     import os
 
-    from conftest import make_settings
     from rankstream_server.serving.app import RankstreamServer
+
+    from conftest import make_settings
 
     entries = [{"name": "m", "weights": str(models.bert)}]
     monkeypatch.setenv("TOKENIZERS_PARALLELISM", "unset")

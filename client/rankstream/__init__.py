@@ -16,10 +16,10 @@ from .errors import (
     Unauthenticated,
     Unavailable,
 )
-from .types import IndexInfo, ModelInfo, Passage, Ranking, ScoredPassage, ServerInfo, Stats, WriteResult
+from .types import Embeddings, IndexInfo, ModelInfo, Passage, Ranking, ScoredPassage, ServerInfo, Stats, WriteResult
 
 __all__ = [
-    "STATS_TRAILER", "AsyncRankstreamClient", "AsyncScoredStream", "DeadlineExceeded", "IndexInfo", "InvalidArgument", "ModelInfo",
+    "STATS_TRAILER", "AsyncRankstreamClient", "AsyncScoredStream", "DeadlineExceeded", "Embeddings", "IndexInfo", "InvalidArgument", "ModelInfo",
     "NotFound", "Passage", "Ranking", "RankstreamClient", "RankstreamError", "ResourceExhausted", "ScoredPassage",
     "ScoredStream", "ServerInfo", "Stats", "Unauthenticated", "Unavailable", "WriteResult",
 ]

@@ -13,7 +13,7 @@ import grpc
 from rankstream.v1 import rankstream_pb2_grpc as pb_grpc
 
 TOKEN_ENV = "RANKSTREAM_TOKEN"  # the bearer token when none is passed
-SERVICES = ("rankstream.v1.Reranker", "rankstream.v1.Retriever", "rankstream.v1.Info")
+SERVICES = ("rankstream.v1.Reranker", "rankstream.v1.Retriever", "rankstream.v1.Info", "rankstream.v1.Embedder")
 
 
 @dataclass(frozen=True)
@@ -95,6 +95,7 @@ class ClientBase:
         self._reranker = pb_grpc.RerankerStub(self._channel)
         self._retriever = pb_grpc.RetrieverStub(self._channel)
         self._info = pb_grpc.InfoStub(self._channel)
+        self._embedder = pb_grpc.EmbedderStub(self._channel)
 
     def _open_channel(self, target: str, credentials: grpc.ChannelCredentials | None, options: list):
         raise NotImplementedError

@@ -46,6 +46,17 @@ def rerank(query: str, passages: Iterable[PassageLike], *, top_n: int, model: st
     )
 
 
+_INPUT_TYPES = {"passage": pb.INPUT_TYPE_PASSAGE, "query": pb.INPUT_TYPE_QUERY}
+
+
+def embed(texts: Iterable[str], *, model: str, input_type: str, normalize: bool) -> pb.EmbedRequest:
+    if input_type not in _INPUT_TYPES:
+        raise ValueError(f"input_type must be one of {sorted(_INPUT_TYPES)}, got {input_type!r}")
+    if isinstance(texts, str):
+        raise TypeError("texts: a list of strings (for one text, pass [text])")
+    return pb.EmbedRequest(inputs=list(texts), model=model, input_type=_INPUT_TYPES[input_type], normalize=normalize)
+
+
 def retrieve(query: str, *, top_k: int, filter: Mapping[str, str] | None, index: str, score_threshold: float | None,
              return_text: bool, return_metadata: bool, mode: str = "") -> pb.RetrieveRequest:
     return pb.RetrieveRequest(

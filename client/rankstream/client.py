@@ -13,7 +13,19 @@ from rankstream.v1 import rankstream_pb2 as pb
 from . import _requests
 from ._channel import ClientBase
 from .errors import from_rpc_error
-from .types import PassageLike, Ranking, ScoredPassage, ServerInfo, Stats, WriteResult, from_info, from_scored, from_stats
+from .types import (
+    Embeddings,
+    PassageLike,
+    Ranking,
+    ScoredPassage,
+    ServerInfo,
+    Stats,
+    WriteResult,
+    from_embed,
+    from_info,
+    from_scored,
+    from_stats,
+)
 
 
 class ScoredStream:
@@ -154,6 +166,13 @@ class RankstreamClient(ClientBase):
     def delete(self, ids: Iterable[str], *, index: str = "", timeout: float | None = None) -> WriteResult:
         response = self._unary(self._retriever.DeletePassages, _requests.delete(ids, index), timeout)
         return WriteResult(response.deleted, response.count, response.version, response.not_found)
+
+    def embed(self, texts: Iterable[str], *, model: str = "", input_type: str = "passage", normalize: bool = False,
+              timeout: float | None = None) -> Embeddings:
+        """Bi-encoder embeddings of `texts` (one vector each, in order). input_type "query" or "passage"
+        (models with query/passage prefixes embed each differently); model "" = the server's default embedder."""
+        request = _requests.embed(texts, model=model, input_type=input_type, normalize=normalize)
+        return from_embed(self._unary(self._embedder.Embed, request, timeout))
 
     def models(self, *, timeout: float | None = None) -> ServerInfo:
         """The server's models and indexes."""

@@ -1,5 +1,6 @@
-"""LangChain integration (langchain-core 1.x): a document compressor over Rerank and a
-retriever over Retrieve / RetrieveAndRerank, each with native async (grpc.aio, no threads)."""
+"""LangChain integration (langchain-core 1.x): a document compressor over Rerank, a retriever
+over Retrieve / RetrieveAndRerank and Embeddings over Embed, each with native async (grpc.aio,
+no threads)."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from typing import Any, Literal
 
 from langchain_core.callbacks import AsyncCallbackManagerForRetrieverRun, CallbackManagerForRetrieverRun, Callbacks
 from langchain_core.documents import BaseDocumentCompressor, Document
+from langchain_core.embeddings import Embeddings
 from langchain_core.retrievers import BaseRetriever
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, model_validator
 
@@ -199,3 +201,41 @@ class RankstreamRetriever(_RankstreamConnection, BaseRetriever):
         client = self._connected().aio
         call = client.retrieve if self.reranker is None else client.retrieve_and_rerank
         return [self._document(s) for s in await call(query, **self._call_arguments(k))]
+
+
+class RankstreamEmbeddings(_RankstreamConnection, Embeddings):
+    """LangChain Embeddings over a rankstream bi-encoder (the Embed RPC): documents are embedded
+    as passages, queries as queries (models with query/passage prefixes treat them differently).
+
+    Example:
+        embeddings = RankstreamEmbeddings(target="localhost:50051", model="tas-b")
+        vectors = embeddings.embed_documents(["first text", "second text"])
+    """
+
+    model: str = Field("", description="Bi-encoder name or alias; empty = the server's default embedder.")
+    normalize: bool = Field(False, description="Scale vectors to unit length (cosine models already are).")
+    batch_size: int = Field(256, gt=0, description="Texts per call (each call at most the server's max_passages).")
+
+    model_config = ConfigDict(arbitrary_types_allowed=True)
+
+    def _batches(self, texts: list[str]) -> list[list[str]]:
+        return [texts[start:start + self.batch_size] for start in range(0, len(texts), self.batch_size)]
+
+    def embed_documents(self, texts: list[str]) -> list[list[float]]:
+        client = self._connected().sync
+        return [vector for batch in self._batches(list(texts))
+                for vector in client.embed(batch, model=self.model, input_type="passage", normalize=self.normalize).vectors]
+
+    def embed_query(self, text: str) -> list[float]:
+        return self._connected().sync.embed([text], model=self.model, input_type="query", normalize=self.normalize).vectors[0]
+
+    async def aembed_documents(self, texts: list[str]) -> list[list[float]]:
+        client = self._connected().aio
+        vectors: list[list[float]] = []
+        for batch in self._batches(list(texts)):
+            vectors.extend((await client.embed(batch, model=self.model, input_type="passage", normalize=self.normalize)).vectors)
+        return vectors
+
+    async def aembed_query(self, text: str) -> list[float]:
+        answer = await self._connected().aio.embed([text], model=self.model, input_type="query", normalize=self.normalize)
+        return answer.vectors[0]

@@ -87,6 +87,27 @@ class ModelInfo:
     activation: str
     pooling: str
     similarity: str
+    aliases: tuple[str, ...] = ()  # other names requests may use
+    dimension: int = 0  # bi-encoders: the embedding size
+
+
+@dataclass(frozen=True)
+class Embeddings:
+    """Embed's answer: one vector per input, in input order."""
+
+    vectors: list[list[float]]
+    model: str  # the model's name (also when the request used an alias)
+    dimension: int
+    tokens: int  # real tokens run through the model
+    truncated: int  # inputs cut to fit the model's max_length
+
+    def __len__(self) -> int:
+        return len(self.vectors)
+
+
+def from_embed(response: pb.EmbedResponse) -> Embeddings:
+    return Embeddings([list(e.values) for e in response.embeddings], response.model, response.dimension,
+                      response.tokens, response.truncated)
 
 
 @dataclass(frozen=True)
@@ -169,7 +190,7 @@ def from_info(response: pb.ListModelsResponse) -> ServerInfo:
     return ServerInfo(
         models=[
             ModelInfo(m.name, kinds.get(m.kind, "unknown"), m.weights, m.max_length, m.dtype, m.device,
-                      m.activation, m.pooling, m.similarity)
+                      m.activation, m.pooling, m.similarity, tuple(m.aliases), m.dimension)
             for m in response.models
         ],
         indexes=[

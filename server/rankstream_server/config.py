@@ -59,6 +59,7 @@ class ModelConfig(_Strict):
     )
     query_prefix: str = ""
     passage_prefix: str = ""
+    aliases: list[str] = Field([], description="Other names requests may use, e.g. another vendor's model id a client is hard-wired to.")
 
 
 class HnswConfig(_Strict):
@@ -272,6 +273,11 @@ class ServerConfig(_Strict):
         "unset = health on the main port only.",
     )
     metrics_port: int | None = Field(None, ge=0, le=65535, description="Prometheus /metrics port; unset = off.")
+    http_port: int | None = Field(
+        None, ge=0, le=65535,
+        description="The HTTP front (Cohere, Jina, TEI, OpenAI and native JSON APIs) on server.host, in the same "
+        "process and event loop as gRPC; unset = off.",
+    )
     metrics_host: str | None = Field(None, description="Address the metrics port binds; default: server.host.")
     passage_token_cache: int = Field(
         100_000, ge=0,
@@ -296,6 +302,7 @@ class Settings(BaseSettings):
     batching: BatchingConfig = BatchingConfig()
     models: list[ModelConfig] = Field(min_length=1)
     default_model: str | None = Field(None, description="Rerank's model when a request names none; default: the first cross-encoder, else the first model.")
+    default_embedder: str | None = Field(None, description="Embed's model when a request names none; default: the first bi-encoder.")
     indexes: list[IndexConfig] = []
     default_index: str | None = Field(None, description="Index used when a request names none; default: the first.")
 
@@ -322,6 +329,15 @@ class Settings(BaseSettings):
         elif self.default_model not in names:
             raise ValueError(f"default_model {self.default_model!r} is not one of models {names}")
         kinds = {m.name: m.kind for m in self.models}
+        claimed = names + [alias for m in self.models for alias in m.aliases]
+        if len(set(claimed)) != len(claimed):
+            raise ValueError(f"models: names and aliases must be unique; {sorted({n for n in claimed if claimed.count(n) > 1})} "
+                             "appear more than once")
+        if self.default_embedder is None:
+            self.default_embedder = next((m.name for m in self.models if m.kind == "bi"), None)
+        elif kinds.get(self.default_embedder) != "bi":
+            raise ValueError(f"default_embedder {self.default_embedder!r} must be a bi-encoder (kind: bi) among "
+                             f"{[n for n, k in kinds.items() if k == 'bi']}")
         index_names = [i.name for i in self.indexes]
         for index in self.indexes:
             if kinds.get(index.model) != "bi":

@@ -35,6 +35,12 @@ class ModelKind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     MODEL_KIND_UNSPECIFIED: _ClassVar[ModelKind]
     MODEL_KIND_CROSS: _ClassVar[ModelKind]
     MODEL_KIND_BI: _ClassVar[ModelKind]
+
+class InputType(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    INPUT_TYPE_UNSPECIFIED: _ClassVar[InputType]
+    INPUT_TYPE_QUERY: _ClassVar[InputType]
+    INPUT_TYPE_PASSAGE: _ClassVar[InputType]
 RANKED: Order
 AS_SCORED: Order
 TRUNCATE: LongPassages
@@ -49,6 +55,9 @@ HYBRID: Mode
 MODEL_KIND_UNSPECIFIED: ModelKind
 MODEL_KIND_CROSS: ModelKind
 MODEL_KIND_BI: ModelKind
+INPUT_TYPE_UNSPECIFIED: InputType
+INPUT_TYPE_QUERY: InputType
+INPUT_TYPE_PASSAGE: InputType
 
 class Passage(_message.Message):
     __slots__ = ("id", "text", "title", "metadata")
@@ -70,7 +79,7 @@ class Passage(_message.Message):
     def __init__(self, id: _Optional[str] = ..., text: _Optional[str] = ..., title: _Optional[str] = ..., metadata: _Optional[_Mapping[str, str]] = ...) -> None: ...
 
 class RerankRequest(_message.Message):
-    __slots__ = ("query", "passages", "top_n", "model", "raw_scores", "order", "return_text", "score_threshold", "return_metadata", "instruction", "long_passages", "max_chunks_per_passage")
+    __slots__ = ("query", "passages", "top_n", "model", "raw_scores", "order", "return_text", "score_threshold", "return_metadata", "instruction", "long_passages", "max_chunks_per_passage", "max_passage_tokens")
     QUERY_FIELD_NUMBER: _ClassVar[int]
     PASSAGES_FIELD_NUMBER: _ClassVar[int]
     TOP_N_FIELD_NUMBER: _ClassVar[int]
@@ -83,6 +92,7 @@ class RerankRequest(_message.Message):
     INSTRUCTION_FIELD_NUMBER: _ClassVar[int]
     LONG_PASSAGES_FIELD_NUMBER: _ClassVar[int]
     MAX_CHUNKS_PER_PASSAGE_FIELD_NUMBER: _ClassVar[int]
+    MAX_PASSAGE_TOKENS_FIELD_NUMBER: _ClassVar[int]
     query: str
     passages: _containers.RepeatedCompositeFieldContainer[Passage]
     top_n: int
@@ -95,7 +105,8 @@ class RerankRequest(_message.Message):
     instruction: str
     long_passages: LongPassages
     max_chunks_per_passage: int
-    def __init__(self, query: _Optional[str] = ..., passages: _Optional[_Iterable[_Union[Passage, _Mapping]]] = ..., top_n: _Optional[int] = ..., model: _Optional[str] = ..., raw_scores: _Optional[bool] = ..., order: _Optional[_Union[Order, str]] = ..., return_text: _Optional[bool] = ..., score_threshold: _Optional[float] = ..., return_metadata: _Optional[bool] = ..., instruction: _Optional[str] = ..., long_passages: _Optional[_Union[LongPassages, str]] = ..., max_chunks_per_passage: _Optional[int] = ...) -> None: ...
+    max_passage_tokens: int
+    def __init__(self, query: _Optional[str] = ..., passages: _Optional[_Iterable[_Union[Passage, _Mapping]]] = ..., top_n: _Optional[int] = ..., model: _Optional[str] = ..., raw_scores: _Optional[bool] = ..., order: _Optional[_Union[Order, str]] = ..., return_text: _Optional[bool] = ..., score_threshold: _Optional[float] = ..., return_metadata: _Optional[bool] = ..., instruction: _Optional[str] = ..., long_passages: _Optional[_Union[LongPassages, str]] = ..., max_chunks_per_passage: _Optional[int] = ..., max_passage_tokens: _Optional[int] = ...) -> None: ...
 
 class ScoredPassage(_message.Message):
     __slots__ = ("id", "index", "score", "rank", "text", "title", "metadata", "stage", "retrieval_score", "dense_score", "sparse_score", "dense_rank", "sparse_rank")
@@ -168,7 +179,7 @@ class RetrieveRequest(_message.Message):
     def __init__(self, query: _Optional[str] = ..., top_k: _Optional[int] = ..., filter: _Optional[_Mapping[str, str]] = ..., return_text: _Optional[bool] = ..., return_metadata: _Optional[bool] = ..., index: _Optional[str] = ..., score_threshold: _Optional[float] = ..., mode: _Optional[_Union[Mode, str]] = ...) -> None: ...
 
 class RetrieveAndRerankRequest(_message.Message):
-    __slots__ = ("query", "top_k", "top_n", "reranker", "filter", "return_text", "return_metadata", "index", "raw_scores", "order", "score_threshold", "mode", "instruction", "long_passages", "max_chunks_per_passage")
+    __slots__ = ("query", "top_k", "top_n", "reranker", "filter", "return_text", "return_metadata", "index", "raw_scores", "order", "score_threshold", "mode", "instruction", "long_passages", "max_chunks_per_passage", "max_passage_tokens")
     class FilterEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -191,6 +202,7 @@ class RetrieveAndRerankRequest(_message.Message):
     INSTRUCTION_FIELD_NUMBER: _ClassVar[int]
     LONG_PASSAGES_FIELD_NUMBER: _ClassVar[int]
     MAX_CHUNKS_PER_PASSAGE_FIELD_NUMBER: _ClassVar[int]
+    MAX_PASSAGE_TOKENS_FIELD_NUMBER: _ClassVar[int]
     query: str
     top_k: int
     top_n: int
@@ -206,7 +218,8 @@ class RetrieveAndRerankRequest(_message.Message):
     instruction: str
     long_passages: LongPassages
     max_chunks_per_passage: int
-    def __init__(self, query: _Optional[str] = ..., top_k: _Optional[int] = ..., top_n: _Optional[int] = ..., reranker: _Optional[str] = ..., filter: _Optional[_Mapping[str, str]] = ..., return_text: _Optional[bool] = ..., return_metadata: _Optional[bool] = ..., index: _Optional[str] = ..., raw_scores: _Optional[bool] = ..., order: _Optional[_Union[Order, str]] = ..., score_threshold: _Optional[float] = ..., mode: _Optional[_Union[Mode, str]] = ..., instruction: _Optional[str] = ..., long_passages: _Optional[_Union[LongPassages, str]] = ..., max_chunks_per_passage: _Optional[int] = ...) -> None: ...
+    max_passage_tokens: int
+    def __init__(self, query: _Optional[str] = ..., top_k: _Optional[int] = ..., top_n: _Optional[int] = ..., reranker: _Optional[str] = ..., filter: _Optional[_Mapping[str, str]] = ..., return_text: _Optional[bool] = ..., return_metadata: _Optional[bool] = ..., index: _Optional[str] = ..., raw_scores: _Optional[bool] = ..., order: _Optional[_Union[Order, str]] = ..., score_threshold: _Optional[float] = ..., mode: _Optional[_Union[Mode, str]] = ..., instruction: _Optional[str] = ..., long_passages: _Optional[_Union[LongPassages, str]] = ..., max_chunks_per_passage: _Optional[int] = ..., max_passage_tokens: _Optional[int] = ...) -> None: ...
 
 class UpsertPassagesRequest(_message.Message):
     __slots__ = ("index", "passages")
@@ -327,7 +340,7 @@ class IndexInfo(_message.Message):
     def __init__(self, name: _Optional[str] = ..., model: _Optional[str] = ..., count: _Optional[int] = ..., dimension: _Optional[int] = ..., similarity: _Optional[str] = ..., index_type: _Optional[str] = ..., device: _Optional[str] = ..., version: _Optional[int] = ..., sparse: _Optional[bool] = ..., default_mode: _Optional[_Union[Mode, str]] = ...) -> None: ...
 
 class ModelInfo(_message.Message):
-    __slots__ = ("name", "kind", "weights", "tokenizer", "max_length", "dtype", "device", "activation", "batcher", "pooling", "similarity", "max_batch_tokens", "parallel_passes", "compiled", "cuda_graphs", "architecture", "head", "template", "accepts_instruction", "default_instruction", "padding_side", "dtype_reason", "dtype_measurements", "cpu_flags")
+    __slots__ = ("name", "kind", "weights", "tokenizer", "max_length", "dtype", "device", "activation", "batcher", "pooling", "similarity", "max_batch_tokens", "parallel_passes", "compiled", "cuda_graphs", "architecture", "head", "template", "accepts_instruction", "default_instruction", "padding_side", "aliases", "dimension", "dtype_reason", "dtype_measurements", "cpu_flags")
     NAME_FIELD_NUMBER: _ClassVar[int]
     KIND_FIELD_NUMBER: _ClassVar[int]
     WEIGHTS_FIELD_NUMBER: _ClassVar[int]
@@ -349,6 +362,8 @@ class ModelInfo(_message.Message):
     ACCEPTS_INSTRUCTION_FIELD_NUMBER: _ClassVar[int]
     DEFAULT_INSTRUCTION_FIELD_NUMBER: _ClassVar[int]
     PADDING_SIDE_FIELD_NUMBER: _ClassVar[int]
+    ALIASES_FIELD_NUMBER: _ClassVar[int]
+    DIMENSION_FIELD_NUMBER: _ClassVar[int]
     DTYPE_REASON_FIELD_NUMBER: _ClassVar[int]
     DTYPE_MEASUREMENTS_FIELD_NUMBER: _ClassVar[int]
     CPU_FLAGS_FIELD_NUMBER: _ClassVar[int]
@@ -373,10 +388,12 @@ class ModelInfo(_message.Message):
     accepts_instruction: bool
     default_instruction: str
     padding_side: str
+    aliases: _containers.RepeatedScalarFieldContainer[str]
+    dimension: int
     dtype_reason: str
     dtype_measurements: _containers.RepeatedCompositeFieldContainer[DtypeMeasurement]
     cpu_flags: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, name: _Optional[str] = ..., kind: _Optional[_Union[ModelKind, str]] = ..., weights: _Optional[str] = ..., tokenizer: _Optional[str] = ..., max_length: _Optional[int] = ..., dtype: _Optional[str] = ..., device: _Optional[str] = ..., activation: _Optional[str] = ..., batcher: _Optional[_Union[BatcherStats, _Mapping]] = ..., pooling: _Optional[str] = ..., similarity: _Optional[str] = ..., max_batch_tokens: _Optional[int] = ..., parallel_passes: _Optional[int] = ..., compiled: _Optional[bool] = ..., cuda_graphs: _Optional[int] = ..., architecture: _Optional[str] = ..., head: _Optional[str] = ..., template: _Optional[str] = ..., accepts_instruction: _Optional[bool] = ..., default_instruction: _Optional[str] = ..., padding_side: _Optional[str] = ..., dtype_reason: _Optional[str] = ..., dtype_measurements: _Optional[_Iterable[_Union[DtypeMeasurement, _Mapping]]] = ..., cpu_flags: _Optional[_Iterable[str]] = ...) -> None: ...
+    def __init__(self, name: _Optional[str] = ..., kind: _Optional[_Union[ModelKind, str]] = ..., weights: _Optional[str] = ..., tokenizer: _Optional[str] = ..., max_length: _Optional[int] = ..., dtype: _Optional[str] = ..., device: _Optional[str] = ..., activation: _Optional[str] = ..., batcher: _Optional[_Union[BatcherStats, _Mapping]] = ..., pooling: _Optional[str] = ..., similarity: _Optional[str] = ..., max_batch_tokens: _Optional[int] = ..., parallel_passes: _Optional[int] = ..., compiled: _Optional[bool] = ..., cuda_graphs: _Optional[int] = ..., architecture: _Optional[str] = ..., head: _Optional[str] = ..., template: _Optional[str] = ..., accepts_instruction: _Optional[bool] = ..., default_instruction: _Optional[str] = ..., padding_side: _Optional[str] = ..., aliases: _Optional[_Iterable[str]] = ..., dimension: _Optional[int] = ..., dtype_reason: _Optional[str] = ..., dtype_measurements: _Optional[_Iterable[_Union[DtypeMeasurement, _Mapping]]] = ..., cpu_flags: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class DtypeMeasurement(_message.Message):
     __slots__ = ("dtype", "rows_per_second", "guard_passed", "top_overlap", "max_score_diff", "score_spread", "min_cosine", "strict_top_overlap")
@@ -421,3 +438,35 @@ class BatcherStats(_message.Message):
     tokens: int
     padded_tokens: int
     def __init__(self, batches: _Optional[int] = ..., items: _Optional[int] = ..., dropped: _Optional[int] = ..., in_flight: _Optional[int] = ..., capacity: _Optional[int] = ..., rejected: _Optional[int] = ..., max_requests_per_batch: _Optional[int] = ..., max_batch_size: _Optional[int] = ..., tokens: _Optional[int] = ..., padded_tokens: _Optional[int] = ...) -> None: ...
+
+class EmbedRequest(_message.Message):
+    __slots__ = ("model", "inputs", "input_type", "normalize")
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    INPUTS_FIELD_NUMBER: _ClassVar[int]
+    INPUT_TYPE_FIELD_NUMBER: _ClassVar[int]
+    NORMALIZE_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    inputs: _containers.RepeatedScalarFieldContainer[str]
+    input_type: InputType
+    normalize: bool
+    def __init__(self, model: _Optional[str] = ..., inputs: _Optional[_Iterable[str]] = ..., input_type: _Optional[_Union[InputType, str]] = ..., normalize: _Optional[bool] = ...) -> None: ...
+
+class Embedding(_message.Message):
+    __slots__ = ("values",)
+    VALUES_FIELD_NUMBER: _ClassVar[int]
+    values: _containers.RepeatedScalarFieldContainer[float]
+    def __init__(self, values: _Optional[_Iterable[float]] = ...) -> None: ...
+
+class EmbedResponse(_message.Message):
+    __slots__ = ("embeddings", "model", "dimension", "tokens", "truncated")
+    EMBEDDINGS_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    DIMENSION_FIELD_NUMBER: _ClassVar[int]
+    TOKENS_FIELD_NUMBER: _ClassVar[int]
+    TRUNCATED_FIELD_NUMBER: _ClassVar[int]
+    embeddings: _containers.RepeatedCompositeFieldContainer[Embedding]
+    model: str
+    dimension: int
+    tokens: int
+    truncated: int
+    def __init__(self, embeddings: _Optional[_Iterable[_Union[Embedding, _Mapping]]] = ..., model: _Optional[str] = ..., dimension: _Optional[int] = ..., tokens: _Optional[int] = ..., truncated: _Optional[int] = ...) -> None: ...

@@ -413,3 +413,84 @@ class Info:
             timeout,
             metadata,
             _registered_method=True)
+
+
+class EmbedderStub:
+    """Embedder turns texts into vectors with a bi-encoder: the same path as the HTTP front's
+    OpenAI `/v1/embeddings` and TEI `/embed`.
+    """
+
+    def __init__(self, channel):
+        """Constructor.
+
+        Args:
+            channel: A grpc.Channel.
+        """
+        self.Embed = channel.unary_unary(
+                '/rankstream.v1.Embedder/Embed',
+                request_serializer=rankstream_dot_v1_dot_rankstream__pb2.EmbedRequest.SerializeToString,
+                response_deserializer=rankstream_dot_v1_dot_rankstream__pb2.EmbedResponse.FromString,
+                _registered_method=True)
+
+
+class EmbedderServicer:
+    """Embedder turns texts into vectors with a bi-encoder: the same path as the HTTP front's
+    OpenAI `/v1/embeddings` and TEI `/embed`.
+    """
+
+    def Embed(self, request, context):
+        """Embed returns one vector per input, in input order.
+        Errors: INVALID_ARGUMENT (bad field, or the model is not a bi-encoder), NOT_FOUND (unknown
+        model), RESOURCE_EXHAUSTED (overload: retry later), UNAVAILABLE (models still loading).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+
+def add_EmbedderServicer_to_server(servicer, server):
+    rpc_method_handlers = {
+            'Embed': grpc.unary_unary_rpc_method_handler(
+                    servicer.Embed,
+                    request_deserializer=rankstream_dot_v1_dot_rankstream__pb2.EmbedRequest.FromString,
+                    response_serializer=rankstream_dot_v1_dot_rankstream__pb2.EmbedResponse.SerializeToString,
+            ),
+    }
+    generic_handler = grpc.method_handlers_generic_handler(
+            'rankstream.v1.Embedder', rpc_method_handlers)
+    server.add_generic_rpc_handlers((generic_handler,))
+    server.add_registered_method_handlers('rankstream.v1.Embedder', rpc_method_handlers)
+
+
+ # This class is part of an EXPERIMENTAL API.
+class Embedder:
+    """Embedder turns texts into vectors with a bi-encoder: the same path as the HTTP front's
+    OpenAI `/v1/embeddings` and TEI `/embed`.
+    """
+
+    @staticmethod
+    def Embed(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/rankstream.v1.Embedder/Embed',
+            rankstream_dot_v1_dot_rankstream__pb2.EmbedRequest.SerializeToString,
+            rankstream_dot_v1_dot_rankstream__pb2.EmbedResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)

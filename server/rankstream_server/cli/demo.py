@@ -1,16 +1,20 @@
 """`make demo`: index a small corpus shipped with the package, start a real server on the
 embedded default models, call Retrieve, Rerank and RetrieveAndRerank over gRPC, print what
-streams back (each stream message is a ScoredPassages batch), stop the server. Works with no
+streams back (each stream message is a ScoredPassages batch), then the same server over HTTP (Cohere rerank, OpenAI embeddings,
+on 8080 unless RANKSTREAM_DEMO_HTTP_PORT says otherwise), stop the server. Works with no
 network."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
 import sys
 import tempfile
 import time
+import urllib.error
+import urllib.request
 from pathlib import Path
 
 import grpc
@@ -26,7 +30,7 @@ QUERY = "How do I keep a retrieval-augmented chatbot from citing irrelevant pass
 BI, CROSS = "all-MiniLM-L6-v2", UNTRAINED_CROSS_ENCODER
 
 CONFIG = f"""
-server: {{host: 127.0.0.1, port: 0}}
+server: {{host: 127.0.0.1, port: 0, http_port: HTTP_PORT}}
 batching: {{max_batch_size: 2}}   # small batches, so AS_SCORED visibly streams in pieces
 default_model: {CROSS}
 models:
@@ -144,10 +148,39 @@ def run_requests(channel: grpc.Channel) -> None:
         print(f"  {error.code().name}: {error.details()}")
 
 
+def _post(url: str, body: dict) -> tuple[int, dict]:
+    request = urllib.request.Request(url, data=json.dumps(body).encode(), headers={"content-type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=60) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as error:
+        return error.code, json.loads(error.read())
+
+
+def run_http(base: str, channel: grpc.Channel) -> None:
+    """The same server over HTTP, as the RAG tools call it: Cohere's rerank, OpenAI's embeddings."""
+    documents = ["Rerank the retrieved passages and drop those below a relevance threshold.",
+                 "Bone broth simmers for hours.", "Cite only passages the reranker scored highly."]
+    print(f"\nHTTP front at {base} (Cohere, Jina, TEI, OpenAI and JSON dialects; API docs at {base}/docs)")
+    status, answer = _post(f"{base}/v2/rerank", {"query": QUERY, "documents": documents, "top_n": 2})
+    print(f"  POST /v2/rerank (Cohere) -> {status}: " + ", ".join(
+        f"documents[{r['index']}] {r['relevance_score']:.4f}" for r in answer["results"]))
+    grpc_scores = {p.index: p.score for p in _passages(pb_grpc.RerankerStub(channel).Rerank(pb.RerankRequest(
+        query=QUERY, passages=[pb.Passage(text=d) for d in documents]), timeout=60))}
+    same = all(abs(grpc_scores[r["index"]] - r["relevance_score"]) < 1e-6 for r in answer["results"])
+    print(f"  the same scores as gRPC Rerank: {same}")
+    status, answer = _post(f"{base}/v1/embeddings", {"model": BI, "input": ["a query about chatbots"]})
+    print(f"  POST /v1/embeddings (OpenAI) -> {status}: {len(answer['data'][0]['embedding'])}-d vector, "
+          f"{answer['usage']['prompt_tokens']} tokens")
+    status, answer = _post(f"{base}/v2/rerank", {"query": QUERY, "documents": documents, "model": "no-such-model"})
+    print(f"  an unknown model -> {status}: {answer['message']}")
+
+
 def main() -> int:
     with tempfile.TemporaryDirectory() as scratch:
         config = Path(scratch) / "demo.yaml"
-        config.write_text(CONFIG.replace("INDEX_PATH", str(Path(scratch) / "demo-index")))
+        http_port = os.environ.get("RANKSTREAM_DEMO_HTTP_PORT", "8080")  # 0: any free port
+        config.write_text(CONFIG.replace("INDEX_PATH", str(Path(scratch) / "demo-index")).replace("HTTP_PORT", http_port))
         print(f"building an index of {DEMO_CORPUS.name} with {BI} ...")
         built = subprocess.run(
             [sys.executable, "-m", "rankstream_server.cli.main", "--log-level", "WARNING", "index", "build",
@@ -165,10 +198,13 @@ def main() -> int:
                 print(f"server did not start: {line!r}", file=sys.stderr)
                 return 1
             address = line.rsplit(" ", 1)[1]
-            print(f"started: {line} (loading the embedded models...)")
+            http_line = server.stdout.readline().strip()
+            http_address = http_line.rsplit(" ", 1)[1]
+            print(f"started: {line}; {http_line} (loading the embedded models...)")
             with grpc.insecure_channel(address) as channel:
                 _wait_until_serving(channel)
                 run_requests(channel)
+                run_http(f"http://{http_address}", channel)
         finally:
             server.send_signal(signal.SIGTERM)
             code = server.wait(timeout=60)

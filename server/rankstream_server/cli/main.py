@@ -16,10 +16,13 @@ from rankstream_server.index.lock import IndexLocked
 def _serve(args: argparse.Namespace) -> int:
     from rankstream_server.serving.app import serve  # imports torch: only for the commands that need it
 
-    settings = load_settings(args.config, **{"server.port": args.port, "server.host": args.host})
+    settings = load_settings(args.config, **{"server.port": args.port, "server.host": args.host,
+                                               "server.http_port": args.http_port})
 
-    def announce(port: int) -> None:
+    def announce(port: int, http_port: int | None = None) -> None:
         print(f"rankstream listening on {settings.server.host}:{port}", flush=True)
+        if http_port is not None:  # a line of its own: readers of the first line get the gRPC port
+            print(f"rankstream HTTP on {settings.server.host}:{http_port}", flush=True)
 
     try:
         asyncio.run(serve(settings, on_bound=announce))
@@ -177,6 +180,8 @@ def main(argv: list[str] | None = None) -> int:
     serve.add_argument("--config", required=True, help="YAML config file (env RANKSTREAM_* overrides it).")
     serve.add_argument("--port", type=int, help="Port to bind; 0 picks a free one (printed on start).")
     serve.add_argument("--host", help="Address to bind.")
+    serve.add_argument("--http-port", type=int,
+                       help="Also serve the HTTP front (Cohere, Jina, TEI, OpenAI, JSON) on this port; 0 picks a free one.")
     serve.set_defaults(run=_serve)
 
     index = commands.add_parser("index", help="Manage index folders.").add_subparsers(dest="index_command", required=True)

@@ -36,6 +36,7 @@ class ChatPairTemplate:
         self._check_pair_roles()
         # The instruction reaches the prompt only if a system message changes the render.
         self.takes_instruction = self._jinja("q", "d", "first instruction") != self._jinja("q", "d", "second instruction")
+        self.split = True  # until the probes below say otherwise
         self.split = all(self.render(q, d, i) == self._jinja(q, d, i)
                          for q, d in _PROBES for i in (None, "an instruction"))
         if not self.split:
@@ -83,11 +84,8 @@ class ChatPairTemplate:
         return found
 
     def render(self, query: str, document: str, instruction: str | None) -> str:
-        parts = self.layout(instruction) if getattr(self, "split", True) else None
-        if parts is None:
-            return self._jinja(query, document, instruction)
-        prefix, middle, suffix = parts
-        return prefix + query + middle + document + suffix
+        texts, _ = self.render_all(query, [document], instruction)
+        return texts[0]
 
     def render_all(self, query: str, documents: list[str], instruction: str | None) -> tuple[list[str], list[int]]:
         """Each pair's text, and where its document starts in it."""

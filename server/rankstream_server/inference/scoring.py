@@ -23,6 +23,7 @@ class PairOptions:
 
     instruction: str | None = None
     chunks: int = 1
+    passage_tokens: int = 0  # a passage's (or window's) tokens at most; 0 = what max_length leaves
 
 
 class ModelCall:
@@ -84,7 +85,7 @@ class ModelCall:
         if model.kind == "cross":
             self._precheck(model, texts, extra_chars=len(query) + len(options.instruction or ""), chunks=options.chunks)
             tokens = await self._tokenize(model.tokenizer.encode, query, texts, reuse and options.chunks == 1,
-                                          options.instruction, options.chunks)
+                                          options.instruction, options.chunks, options.passage_tokens)
             self.windows += len(tokens)
             results = self._submit(model, tokens, INTERACTIVE).results()
             if tokens.owners is not None:

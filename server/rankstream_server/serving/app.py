@@ -20,27 +20,39 @@ from rankstream.v1 import rankstream_pb2 as pb
 from rankstream.v1 import rankstream_pb2_grpc as pb_grpc
 from rankstream_server.config import Settings
 from rankstream_server.inference.backend import available_cores
-from rankstream_server.serving.access import CallObserver
-from rankstream_server.serving.auth import Authenticator, check_exposure, token_store, watch_file
-from rankstream_server.serving.interceptors import DecodeGuard
+from rankstream_server.serving.admission import Admission
+from rankstream_server.serving.auth import check_exposure, token_store, watch_file
+from rankstream_server.serving.grpc.access import CallObserver
+from rankstream_server.serving.grpc.interceptors import Authenticator, DecodeGuard
+from rankstream_server.serving.grpc.servicers import EmbedderServicer, InfoServicer, RerankerServicer, RetrieverServicer
 from rankstream_server.serving.metrics import Metrics
+from rankstream_server.serving.operations import (
+    EmbedderService,
+    InfoService,
+    Readiness,
+    RerankerService,
+    RetrieverService,
+    Services,
+)
 from rankstream_server.serving.registry import ModelRegistry
-from rankstream_server.serving.service import InfoService, Readiness, RerankerService, RetrieverService
 from rankstream_server.serving.tls import CertificateFiles
 
 log = logging.getLogger(__name__)
 
-SERVICE_NAMES = [pb.DESCRIPTOR.services_by_name[name].full_name for name in ("Reranker", "Retriever", "Info")]
+SERVICE_NAMES = [pb.DESCRIPTOR.services_by_name[name].full_name for name in ("Reranker", "Retriever", "Embedder", "Info")]
 
 
 class RankstreamServer:
-    """One gRPC server process: services, health, reflection and the model registry."""
+    """One server process: the gRPC server (services, health, reflection) and, when
+    server.http_port is set, the HTTP front in the same event loop, both over the same
+    operations, admission, auth and model registry."""
 
     def __init__(self, settings: Settings):
         check_exposure(settings.server, settings.auth)
         self.settings = settings
         self.port: int | None = None
         self.metrics_port: int | None = None
+        self.http_port: int | None = None
         self._readiness = Readiness()
         self._health = health.aio.HealthServicer()
         # The `tokenizers` library reads this at every batch call: the process's one switch for it.
@@ -53,7 +65,8 @@ class RankstreamServer:
         self._tokens = token_store(settings.auth)
         self._certificates = CertificateFiles(settings.server.tls) if settings.server.tls else None
         self.metrics = Metrics([m.name for m in settings.models]) if settings.server.metrics_port is not None else None
-        self.observer = CallObserver(settings.server.max_concurrent_rpcs, self.metrics)
+        self.admission = Admission(settings.server.max_concurrent_rpcs, self.metrics)
+        self.observer = CallObserver(self.admission)
         interceptors = [self.observer, *([Authenticator(self._tokens)] if self._tokens else []), DecodeGuard()]
         self._server = grpc.aio.server(
             interceptors=interceptors,
@@ -65,13 +78,18 @@ class RankstreamServer:
                 *_connection_age(settings.server),
             ]
         )
-        pb_grpc.add_RerankerServicer_to_server(
-            RerankerService(settings, self._readiness, self._tokenize_pool, self.metrics), self._server
-        )
-        pb_grpc.add_RetrieverServicer_to_server(
-            RetrieverService(settings, self._readiness, self._tokenize_pool, self.metrics), self._server
-        )
-        pb_grpc.add_InfoServicer_to_server(InfoService(self._readiness), self._server)
+        shared = (settings, self._readiness, self._tokenize_pool, self.metrics)
+        self.services = Services(RerankerService(*shared), RetrieverService(*shared), EmbedderService(*shared),
+                                 InfoService(self._readiness))
+        pb_grpc.add_RerankerServicer_to_server(RerankerServicer(self.services.reranker), self._server)
+        pb_grpc.add_RetrieverServicer_to_server(RetrieverServicer(self.services.retriever), self._server)
+        pb_grpc.add_EmbedderServicer_to_server(EmbedderServicer(self.services.embedder), self._server)
+        pb_grpc.add_InfoServicer_to_server(InfoServicer(self.services.info), self._server)
+        self._http = None
+        if settings.server.http_port is not None:
+            from rankstream_server.serving.http.front import HttpFront  # the ASGI stack loads only when asked for
+
+            self._http = HttpFront(settings, self.services, self._readiness, self.admission, self._tokens)
         self.health_port: int | None = None
         self._health_server: grpc.aio.Server | None = None
         if settings.server.health_port is not None:  # plaintext, health only: for probes that cannot do TLS
@@ -84,6 +102,7 @@ class RankstreamServer:
         reflection.enable_server_reflection([*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME], self._server)
 
     async def _set_health(self, status: int) -> None:
+        self._readiness.serving = status == health_pb2.HealthCheckResponse.SERVING
         for name in ["", *SERVICE_NAMES]:
             await self._health.set(name, status)
 
@@ -105,6 +124,9 @@ class RankstreamServer:
             if self.health_port == 0:
                 raise OSError(f"cannot bind {server.host}:{server.health_port} (server.health_port)")
             await self._health_server.start()
+        if self._http is not None:
+            self.http_port = await self._http.start(server.host, server.http_port, self.settings.server.tls)
+            log.info("HTTP front on %s:%d", server.host, self.http_port)
         if self.metrics is not None:
             self.metrics_port = self.metrics.serve(server.metrics_host or server.host, server.metrics_port)
             log.info("metrics on http://%s:%d/metrics", server.metrics_host or server.host, self.metrics_port)
@@ -157,6 +179,7 @@ class RankstreamServer:
         load balancers and clients stop sending here before the port closes."""
         if self._watcher is not None:
             self._watcher.cancel()
+        self._readiness.serving = False  # HTTP /health: 503 too
         await self._health.enter_graceful_shutdown()
         drain = self.settings.server.drain_seconds
         if drain > 0:
@@ -169,9 +192,15 @@ class RankstreamServer:
         for task in (self._saver, self._watcher, self._file_watcher):
             if task is not None:
                 task.cancel()
+        self._readiness.serving = False
+        self._readiness.closing = True  # new HTTP calls: 503, as gRPC refuses new calls once stopping
         await self._health.enter_graceful_shutdown()
         log.info("closing the port: in-flight calls get up to %.1f s", self.settings.server.grace_seconds)
-        await self._server.stop(self.settings.server.grace_seconds)
+        grace = self.settings.server.grace_seconds
+        if self._http is not None:
+            await asyncio.gather(self._server.stop(grace), self._http.stop(grace))
+        else:
+            await self._server.stop(grace)
         if self._readiness.registry is not None:
             await asyncio.to_thread(self._readiness.registry.close)
         if self.metrics is not None:
@@ -221,7 +250,7 @@ async def _in_daemon_thread(function: Callable[[], object]) -> object:
     return await done
 
 
-async def serve(settings: Settings, on_bound: Callable[[int], None] | None = None) -> None:
+async def serve(settings: Settings, on_bound: Callable[..., None] | None = None) -> None:
     """Runs until SIGTERM (drains first: see RankstreamServer.drain) or SIGINT (stops at once,
     still giving in-flight calls the grace period)."""
     server = RankstreamServer(settings)
@@ -231,7 +260,10 @@ async def serve(settings: Settings, on_bound: Callable[[int], None] | None = Non
         loop.add_signal_handler(sig, lambda sig=sig: received.done() or received.set_result(sig))
     port = await server.start()
     if on_bound is not None:
-        on_bound(port)
+        if server.http_port is not None:
+            on_bound(port, server.http_port)
+        else:
+            on_bound(port)
     loader = asyncio.create_task(server.load_models())
     done, _ = await asyncio.wait({loader, received}, return_when=asyncio.FIRST_COMPLETED)
     if loader in done and loader.exception() is not None:

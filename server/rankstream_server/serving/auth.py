@@ -3,9 +3,11 @@
 The tokens file has one `ROLE TOKEN` per line (blank lines and `#` comments allowed). Only the
 SHA-256 digests of the tokens are kept, and a presented token is compared with every digest in
 constant time. The file is re-read when it changes (a mounted Kubernetes Secret is updated in
-place), and a file that turns bad keeps the tokens already loaded. Every RPC except
-grpc.health.v1 needs `authorization: Bearer <token>`: a missing or unknown token gets
-UNAUTHENTICATED, a read token on a write RPC PERMISSION_DENIED; no message echoes the token.
+place), and a file that turns bad keeps the tokens already loaded. Every call except health
+checks needs `authorization: Bearer <token>` (gRPC metadata or HTTP header alike): a missing or
+unknown token gets UNAUTHENTICATED (HTTP 401), a read token on a write call PERMISSION_DENIED
+(HTTP 403); no message echoes the token. The gRPC interceptor is in serving/grpc/interceptors.py,
+the HTTP check in serving/http/front.py: both call `authorize` here.
 """
 
 from __future__ import annotations
@@ -19,10 +21,8 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-import grpc
-
 from rankstream_server.config import AuthConfig, ConfigError, ServerConfig
-from rankstream_server.serving.interceptors import aborting_handler
+from rankstream_server.errors import PermissionDenied, Unauthenticated
 
 log = logging.getLogger(__name__)
 
@@ -34,6 +34,7 @@ READ_METHODS = frozenset({
     "/rankstream.v1.Retriever/Retrieve",
     "/rankstream.v1.Retriever/RetrieveAndRerank",
     "/rankstream.v1.Info/ListModels",
+    "/rankstream.v1.Embedder/Embed",
     "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo",
     "/grpc.reflection.v1.ServerReflection/ServerReflectionInfo",
 })
@@ -124,10 +125,7 @@ class TokenStore:
 def bearer_token(metadata) -> str | None:
     for key, value in metadata or ():
         if key == "authorization" and isinstance(value, str):
-            scheme, _, token = value.partition(" ")
-            if scheme.lower() == "bearer" and token.strip():
-                return token.strip()
-            return None
+            return bearer_of_header(value)
     return None
 
 
@@ -137,26 +135,29 @@ def required_role(method: str) -> str | None:
     return READ if method in READ_METHODS else WRITE
 
 
-class Authenticator(grpc.aio.ServerInterceptor):
-    def __init__(self, tokens: TokenStore):
-        self._tokens = tokens
+def bearer_of_header(value: str | None) -> str | None:
+    """The token of an `Authorization: Bearer <token>` value, or None."""
+    if not value:
+        return None
+    scheme, _, token = value.partition(" ")
+    if scheme.lower() == "bearer" and token.strip():
+        return token.strip()
+    return None
 
-    async def intercept_service(self, continuation, handler_call_details):
-        needed = required_role(handler_call_details.method)
-        handler = await continuation(handler_call_details)
-        if needed is None or handler is None:
-            return handler
-        token = bearer_token(handler_call_details.invocation_metadata)
-        role = self._tokens.role_of(token) if token is not None else None
-        if role is None:
-            reason = "unknown bearer token" if token is not None else "missing bearer token"
-            return aborting_handler(handler, grpc.StatusCode.UNAUTHENTICATED,
-                                    f"{reason}: send metadata `authorization: Bearer <token>` with a token from the server's tokens file")
-        if ROLES[role] < ROLES[needed]:
-            rpc = handler_call_details.method.rsplit("/", 1)[-1]
-            return aborting_handler(handler, grpc.StatusCode.PERMISSION_DENIED,
-                                    f"{rpc} needs a {needed} token; this token's role is {role}")
-        return handler
+
+def authorize(tokens: TokenStore, token: str | None, method: str) -> None:
+    """Raises Unauthenticated or PermissionDenied unless `token` may call `method` (a gRPC method
+    path; the HTTP routes name the method they serve)."""
+    needed = required_role(method)
+    if needed is None:
+        return
+    role = tokens.role_of(token) if token is not None else None
+    if role is None:
+        reason = "unknown bearer token" if token is not None else "missing bearer token"
+        raise Unauthenticated(f"{reason}: send `authorization: Bearer <token>` with a token from the server's tokens file")
+    if ROLES[role] < ROLES[needed]:
+        rpc = method.rsplit("/", 1)[-1]
+        raise PermissionDenied(f"{rpc} needs a {needed} token; this token's role is {role}")
 
 
 async def watch_file(interval: float, check) -> None:

@@ -82,6 +82,8 @@ class ServedModel:
             "parallel_passes": self.backend.parallel_passes,
             "compiled": self.backend.compiled,
             "cuda_graphs": self.backend.graphs,
+            "aliases": list(loaded.config.aliases),
+            "dimension": loaded.dimension or 0,
             **(loaded.precision.as_info() if loaded.precision else {}),
         }
 
@@ -95,6 +97,9 @@ class ModelRegistry:
         self._indexes: dict[str, CorpusIndex | MilvusIndex] = {}
         self.default_name = settings.default_model or settings.models[0].name
         self.default_index = settings.default_index or ""
+        self.default_embedder = settings.default_embedder or ""
+        # Each alias names its model (aliases are unique across names and aliases: see Settings).
+        self._aliases = {alias: m.name for m in settings.models for alias in m.aliases}
 
     def load_all(self) -> None:
         """Blocking: load and warm every model, then open every index (call from a worker thread).
@@ -139,11 +144,22 @@ class ModelRegistry:
         return list(self._indexes.values())
 
     def get(self, name: str) -> ServedModel:
+        """The model with this name or alias; empty = the default reranker."""
         name = name or self.default_name
         try:
-            return self._models[name]
+            return self._models[self._aliases.get(name, name)]
         except KeyError:
             raise NotFound(f"model: {name!r} is not loaded; loaded models: {sorted(self._models)}") from None
+
+    def embedder(self, name: str) -> ServedModel:
+        """The bi-encoder with this name or alias; empty = the default embedder."""
+        if not name and not self.default_embedder:
+            raise InvalidArgument("model: this server loads no bi-encoder (kind: bi), so it cannot embed")
+        model = self.get(name or self.default_embedder)
+        if model.kind != "bi":
+            raise InvalidArgument(f"model: {name!r} is a cross-encoder; embedding needs a bi-encoder: "
+                                  f"{sorted(m.name for m in self._models.values() if m.kind == 'bi')}")
+        return model
 
     def index(self, name: str) -> tuple[CorpusIndex | MilvusIndex, ServedModel]:
         """The index and the bi-encoder that embeds for it."""

@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 
 from rankstream_server.config import LimitsConfig
-from rankstream_server.errors import InvalidArgument
+from rankstream_server.errors import InvalidArgument, TooLarge
 
 KNOWN_ORDERS = (0, 1)  # rankstream.v1.Order: RANKED, AS_SCORED
 
@@ -58,7 +58,7 @@ def _check_passages(passages, limits: LimitsConfig) -> None:
     if count == 0:
         raise InvalidArgument("passages: at least one passage is required")
     if count > limits.max_passages:
-        raise InvalidArgument(f"passages: {count} passages, limit is max_passages={limits.max_passages}")
+        raise TooLarge(f"passages: {count} passages, limit is max_passages={limits.max_passages}")
     for i, passage in enumerate(passages):
         length = len(passage.text) + len(passage.title)
         if length > limits.max_passage_chars:
@@ -135,8 +135,23 @@ def check_delete(request, limits: LimitsConfig) -> None:
     if not request.ids:
         raise InvalidArgument("ids: at least one id is required")
     if len(request.ids) > limits.max_passages:
-        raise InvalidArgument(f"ids: {len(request.ids)} ids, limit is max_passages={limits.max_passages}")
+        raise TooLarge(f"ids: {len(request.ids)} ids, limit is max_passages={limits.max_passages}")
     for i, value in enumerate(request.ids):
         if not value:
             raise InvalidArgument("ids: ids must not be empty")
         _check_id(value, f"ids[{i}]", limits)
+
+
+def check_embed(request, limits: LimitsConfig) -> None:
+    """Validates a rankstream.v1.EmbedRequest: as many inputs as passages, each as long as one."""
+    count = len(request.inputs)
+    if count == 0:
+        raise InvalidArgument("inputs: at least one input is required")
+    if count > limits.max_passages:
+        raise TooLarge(f"inputs: {count} inputs, limit is max_passages={limits.max_passages}")
+    for i, text in enumerate(request.inputs):
+        if len(text) > limits.max_passage_chars:
+            raise InvalidArgument(f"inputs[{i}]: {len(text)} characters, limit is max_passage_chars={limits.max_passage_chars}")
+    for i, text in enumerate(request.inputs):
+        if not _has_content(text):
+            raise InvalidArgument(f"inputs[{i}]: must not be empty (or only spaces and control characters)")

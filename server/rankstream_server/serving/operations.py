@@ -1,34 +1,35 @@
-"""gRPC servicers: proto in, domain calls, proto out. Domain errors become statuses here, and
-unexpected errors become a plain INTERNAL (the traceback stays in the server log)."""
+"""The operations both transports serve (Rerank, Retrieve, RetrieveAndRerank, Upsert, Delete,
+Embed, ListModels): proto request in, validation, model and index work, proto messages out.
+No transport here: each call gets a CallContext (its deadline and where its stats go), and
+errors are raised as domain errors (errors.py), which the gRPC servicers and the HTTP dialects
+each turn into their own status."""
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import functools
 import logging
 import time
-import uuid
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Protocol
 
-import grpc
 import numpy as np
 
-from rankstream import STATS_TRAILER
 from rankstream.v1 import rankstream_pb2 as pb
-from rankstream.v1 import rankstream_pb2_grpc as pb_grpc
 from rankstream_server.config import Settings
-from rankstream_server.errors import InvalidArgument, RankstreamError, Unavailable
+from rankstream_server.errors import InvalidArgument, Unavailable
 from rankstream_server.index.corpus import passage_text
 from rankstream_server.index.local import Hit
 from rankstream_server.index.store import Document
+from rankstream_server.inference.batcher import INTERACTIVE
 from rankstream_server.inference.scoring import ModelCall
 from rankstream_server.serving.metrics import Metrics
 from rankstream_server.serving.pipeline import ScoredChunk, pair_options, retrieved_chunk, scored_chunks
 from rankstream_server.serving.registry import ModelRegistry
 from rankstream_server.serving.validation import (
     check_delete,
+    check_embed,
     check_rerank,
     check_retrieve,
     check_retrieve_and_rerank,
@@ -38,45 +39,14 @@ from rankstream_server.serving.validation import (
 log = logging.getLogger(__name__)
 
 
+class CallContext(Protocol):
+    """What an operation needs from the transport carrying the call."""
 
-async def _abort_for(exc: BaseException, context: grpc.aio.ServicerContext) -> None:
-    if isinstance(exc, RankstreamError):
-        await context.abort(exc.code, str(exc))
-    incident = uuid.uuid4().hex[:12]
-    log.error("internal error %s", incident, exc_info=exc)
-    await context.abort(grpc.StatusCode.INTERNAL, f"internal error (server log reference {incident})")
+    def time_remaining(self) -> float | None:
+        """Seconds until the caller's deadline; None = no deadline."""
 
-
-def streaming_errors(method: Callable) -> Callable:
-    """Maps errors of a server-streaming handler to statuses."""
-
-    @functools.wraps(method)
-    async def wrapper(self, request, context):
-        try:
-            # aclosing: the handler's cleanup (cancelling queued work, trailers) runs here, at
-            # once, even when the client goes away mid-stream.
-            async with contextlib.aclosing(method(self, request, context)) as messages:
-                async for message in messages:
-                    yield message
-        except (asyncio.CancelledError, grpc.aio.AbortError):
-            raise
-        except Exception as exc:  # noqa: BLE001 - every error gets a status
-            await _abort_for(exc, context)
-
-    return wrapper
-
-
-def unary_errors(method: Callable) -> Callable:
-    @functools.wraps(method)
-    async def wrapper(self, request, context):
-        try:
-            return await method(self, request, context)
-        except (asyncio.CancelledError, grpc.aio.AbortError):
-            raise
-        except Exception as exc:  # noqa: BLE001
-            await _abort_for(exc, context)
-
-    return wrapper
+    def report(self, stats: pb.RerankStats) -> None:
+        """The call's timings and counts, once it ends however it ends (gRPC: trailing metadata)."""
 
 
 MODES = {pb.DENSE: "dense", pb.SPARSE: "sparse", pb.HYBRID: "hybrid"}
@@ -95,10 +65,14 @@ def retrieval_mode(requested: int, index) -> str:
 
 
 class Readiness:
-    """Set once models are loaded and warm; RPCs before that get UNAVAILABLE."""
+    """Set once models are loaded and warm; calls before that get UNAVAILABLE. `serving` follows
+    the health status (false while loading, draining or with a failing model), `closing` is set
+    once the server stops."""
 
     def __init__(self) -> None:
         self.registry: ModelRegistry | None = None
+        self.serving = False
+        self.closing = False
 
     def require(self) -> ModelRegistry:
         if self.registry is None:
@@ -191,9 +165,9 @@ class Messages:
 
 
 class _Trailer:
-    """Collects a call's stats and sends them as trailing metadata however the call ends."""
+    """Collects a call's stats and reports them to the call's context however the call ends."""
 
-    def __init__(self, context: grpc.aio.ServicerContext, call: ModelCall, model_name: str, metrics: Metrics | None):
+    def __init__(self, context: CallContext, call: ModelCall, model_name: str, metrics: Metrics | None):
         self.arrived = time.perf_counter()
         self._metrics = metrics
         self.messages: Messages | None = None
@@ -213,14 +187,14 @@ class _Trailer:
             candidates=self.candidates,
             **self._call.stats(),
         )
-        self._context.set_trailing_metadata((*self._context.trailing_metadata(), (STATS_TRAILER, stats.SerializeToString())))
+        self._context.report(stats)
         if self._metrics is not None and stats.scored:
             self._metrics.observe_stages(self._model_name, stats.tokenize_ms / 1000, stats.queue_ms / 1000,
                                          stats.inference_ms / 1000)
 
 
 class _ModelServicer:
-    """What the Reranker and Retriever servicers share: settings, readiness, the tokenizing
+    """What the Reranker, Retriever and Embedder services share: settings, readiness, the tokenizing
     threads and the metrics."""
 
     def __init__(self, settings: Settings, readiness: Readiness, tokenize_pool: ThreadPoolExecutor,
@@ -231,10 +205,9 @@ class _ModelServicer:
         self._tokenize_pool = tokenize_pool
 
 
-class RerankerService(_ModelServicer, pb_grpc.RerankerServicer):
+class RerankerService(_ModelServicer):
 
-    @streaming_errors
-    async def Rerank(self, request: pb.RerankRequest, context: grpc.aio.ServicerContext) -> AsyncIterator[pb.ScoredPassages]:
+    async def Rerank(self, request: pb.RerankRequest, context: CallContext) -> AsyncIterator[pb.ScoredPassages]:
         registry = self._readiness.require()
         model = registry.get(request.model)
         check_rerank(request, self._settings.limits)
@@ -263,7 +236,7 @@ class RerankerService(_ModelServicer, pb_grpc.RerankerServicer):
             trailer.send()
 
 
-class RetrieverService(_ModelServicer, pb_grpc.RetrieverServicer):
+class RetrieverService(_ModelServicer):
 
     async def _retrieve(self, call: ModelCall, trailer: _Trailer, request) -> list[Hit]:
         """Candidates by the request's mode: dense (embed, then search), sparse (BM25 only, no
@@ -290,8 +263,7 @@ class RetrieverService(_ModelServicer, pb_grpc.RetrieverServicer):
         trailer.candidates = len(hits)
         return hits
 
-    @streaming_errors
-    async def Retrieve(self, request: pb.RetrieveRequest, context: grpc.aio.ServicerContext) -> AsyncIterator[pb.ScoredPassages]:
+    async def Retrieve(self, request: pb.RetrieveRequest, context: CallContext) -> AsyncIterator[pb.ScoredPassages]:
         registry = self._readiness.require()
         _, encoder = registry.index(request.index)
         check_retrieve(request, self._settings.limits)
@@ -309,9 +281,8 @@ class RetrieverService(_ModelServicer, pb_grpc.RetrieverServicer):
             call.close()
             trailer.send()
 
-    @streaming_errors
     async def RetrieveAndRerank(
-        self, request: pb.RetrieveAndRerankRequest, context: grpc.aio.ServicerContext
+        self, request: pb.RetrieveAndRerankRequest, context: CallContext
     ) -> AsyncIterator[pb.ScoredPassages]:
         registry = self._readiness.require()
         registry.index(request.index)
@@ -336,8 +307,7 @@ class RetrieverService(_ModelServicer, pb_grpc.RetrieverServicer):
             call.close()
             trailer.send()
 
-    @unary_errors
-    async def UpsertPassages(self, request: pb.UpsertPassagesRequest, context: grpc.aio.ServicerContext) -> pb.UpsertPassagesResponse:
+    async def UpsertPassages(self, request: pb.UpsertPassagesRequest, context: CallContext) -> pb.UpsertPassagesResponse:
         registry = self._readiness.require()
         index, encoder = registry.index(request.index)
         check_upsert(request, self._settings.limits)
@@ -356,8 +326,7 @@ class RetrieverService(_ModelServicer, pb_grpc.RetrieverServicer):
         version, count = await asyncio.shield(asyncio.to_thread(write))
         return pb.UpsertPassagesResponse(upserted=len(documents), count=count, version=version)
 
-    @unary_errors
-    async def DeletePassages(self, request: pb.DeletePassagesRequest, context: grpc.aio.ServicerContext) -> pb.DeletePassagesResponse:
+    async def DeletePassages(self, request: pb.DeletePassagesRequest, context: CallContext) -> pb.DeletePassagesResponse:
         registry = self._readiness.require()
         index, _ = registry.index(request.index)
         check_delete(request, self._settings.limits)
@@ -370,12 +339,11 @@ class RetrieverService(_ModelServicer, pb_grpc.RetrieverServicer):
         return pb.DeletePassagesResponse(deleted=deleted, not_found=len(ids) - deleted, count=count, version=version)
 
 
-class InfoService(pb_grpc.InfoServicer):
+class InfoService:
     def __init__(self, readiness: Readiness):
         self._readiness = readiness
 
-    @unary_errors
-    async def ListModels(self, request: pb.ListModelsRequest, context: grpc.aio.ServicerContext) -> pb.ListModelsResponse:
+    async def ListModels(self, request: pb.ListModelsRequest, context: CallContext) -> pb.ListModelsResponse:
         registry = self._readiness.require()
         return await asyncio.to_thread(self._describe, registry)  # index counts read SQLite: not on the loop
 
@@ -411,3 +379,46 @@ class InfoService(pb_grpc.InfoServicer):
                 )
             )
         return response
+
+
+@dataclass(frozen=True)
+class Services:
+    """The operations a server offers, one object per rankstream.v1 service; both transports call these."""
+
+    reranker: RerankerService
+    retriever: RetrieverService
+    embedder: EmbedderService
+    info: InfoService
+
+
+class EmbedderService(_ModelServicer):
+
+    async def Embed(self, request: pb.EmbedRequest, context: CallContext) -> pb.EmbedResponse:
+        name, vectors, stats = await self.embed(request, context)
+        response = pb.EmbedResponse(model=name, dimension=vectors.shape[1], tokens=stats.tokens, truncated=stats.truncated)
+        for row in vectors.tolist():
+            response.embeddings.add().values.extend(row)
+        return response
+
+    async def embed(self, request: pb.EmbedRequest, context: CallContext) -> tuple[str, np.ndarray, pb.RerankStats]:
+        """The model's name and the vectors as an array (rows in input order): what Embed and the
+        HTTP embedding dialects each put in their own shape."""
+        registry = self._readiness.require()
+        model = registry.embedder(request.model)
+        check_embed(request, self._settings.limits)
+        if request.input_type not in INPUT_ROLES:
+            raise InvalidArgument(f"input_type: unknown value {request.input_type}; use QUERY (1) or PASSAGE (2)")
+        call = ModelCall(self._tokenize_pool, context.time_remaining())
+        try:
+            # Interactive: a caller waits on these, unlike an upsert's passages (the bulk lane).
+            vectors = await call.embed(model, list(request.inputs), INPUT_ROLES[request.input_type], lane=INTERACTIVE)
+        finally:
+            call.close()
+        if request.normalize:
+            vectors /= np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-12)
+        stats = pb.RerankStats(model=model.name, returned=len(request.inputs), **call.stats())
+        context.report(stats)
+        return model.name, vectors, stats
+
+
+INPUT_ROLES = {pb.INPUT_TYPE_UNSPECIFIED: "passage", pb.INPUT_TYPE_PASSAGE: "passage", pb.INPUT_TYPE_QUERY: "query"}

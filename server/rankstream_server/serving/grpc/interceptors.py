@@ -1,5 +1,7 @@
 """Server interceptors: what every RPC goes through before its servicer.
 
+Authenticator: bearer tokens and roles (serving/auth.py decides; this only refuses the call).
+
 DecodeGuard: a request that is not a valid protobuf message of its type (for example a string
 field holding bad UTF-8, which any non-Python client can send) gets INVALID_ARGUMENT naming the
 message type, not grpc's UNKNOWN with a Python class name.
@@ -9,6 +11,9 @@ from __future__ import annotations
 
 import grpc
 from google.protobuf.message import DecodeError
+
+from rankstream_server.errors import RankstreamError
+from rankstream_server.serving.auth import TokenStore, authorize, bearer_token
 
 
 class _Undecodable:
@@ -70,3 +75,18 @@ def aborting_handler(handler: grpc.RpcMethodHandler, code: grpc.StatusCode, deta
     if handler.stream_unary is not None:
         return handler._replace(stream_unary=refuse)
     return handler._replace(stream_stream=refuse_stream)
+
+
+class Authenticator(grpc.aio.ServerInterceptor):
+    def __init__(self, tokens: TokenStore):
+        self._tokens = tokens
+
+    async def intercept_service(self, continuation, handler_call_details):
+        handler = await continuation(handler_call_details)
+        if handler is None:
+            return handler
+        try:
+            authorize(self._tokens, bearer_token(handler_call_details.invocation_metadata), handler_call_details.method)
+        except RankstreamError as refused:
+            return aborting_handler(handler, refused.code, str(refused))
+        return handler

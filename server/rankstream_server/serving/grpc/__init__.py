@@ -1,0 +1,1 @@
+"""The gRPC transport: interceptors and servicers over the shared pipeline."""

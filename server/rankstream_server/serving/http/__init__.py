@@ -1,0 +1,1 @@
+"""The HTTP transport: one module per dialect over the shared pipeline."""
