@@ -9,9 +9,12 @@ a. Host-path ceiling. BERT with 1 layer and hidden size 32 (seeded random weight
    pairs: the `tokenizers` batch API alone on all cores, sentence-transformers
    `CrossEncoder.predict`, and the server over gRPC. Targets: server >= 0.6x tokenizer and
    >= 1.5x CrossEncoder.predict.
-b. MiniLM-L6-H384 cross-encoder, fp32, 8 clients, vs `CrossEncoder.predict` on the same pairs and
-   threads. Target >= 1.1x.
-c. Index build: `rankstream index build` with the embedded all-MiniLM-L6-v2 bi-encoder.
+b. MiniLM-L6-H384 cross-encoder, dtype auto (issue 19: chosen by measurement at start-up), 8 clients
+   x 100 passages, vs `CrossEncoder.predict` fp32 and bf16 on the same pairs and threads, in the same
+   run. Targets on CPUs with avx512_bf16 or AMX: >= 3x CE.predict fp32 and >= 1.3x CE.predict bf16;
+   elsewhere >= 1.0x CE.predict fp32.
+c. Index build: `rankstream index build` with the embedded all-MiniLM-L6-v2 bi-encoder, dtype
+   float32 (as before issue 19) and auto. Target on bf16 CPUs: auto >= 2.5x the float32 build.
 d. Retrieve and RetrieveAndRerank (top_k 100, host-path reranker) over that flat index at 1 and
    more clients, and UpsertPassages.
 e. An LLM reranker of Qwen3-Reranker-0.6B's shape (benchmarks/decoder_reranker.py) vs
@@ -33,6 +36,7 @@ from __future__ import annotations
 import argparse
 import os
 import shlex
+import shutil
 import sys
 from pathlib import Path
 
@@ -148,47 +152,71 @@ def host_path(args, server: common.Server, model_dir: Path, text: common.Text, s
         common.print_threads(load, {**common.native_thread_kinds(server.pid), **common.profile_thread_names(spy_out)})
 
 
+def bf16_native(flags) -> bool:
+    return bool({"avx512_bf16", "amx_bf16"} & set(flags))
+
+
 def minilm(args, server: common.Server, model_dir: Path, text: common.Text, summary: list) -> None:
     from rankstream.v1 import rankstream_pb2 as pb
 
-    common.heading("b. MiniLM-L6-H384 cross-encoder, fp32, 8 clients vs CrossEncoder.predict")
+    info = common.model_info(server.address)["minilm"]
+    common.heading(f"b. MiniLM-L6-H384 cross-encoder, dtype auto (chose {info.dtype}), 8 clients "
+                   "vs CrossEncoder.predict fp32 and bf16")
+    print(f"server's start-up choice: {info.dtype}: {info.dtype_reason}; measured rows/s: "
+          + ", ".join(f"{m.dtype} {m.rows_per_second:.1f}" for m in info.dtype_measurements)
+          + f"; CPU flags it saw: {' '.join(info.cpu_flags) or 'none'}")
     pairs_wanted = size(args, "minilm_pairs")
     requests = common.rerank_requests(text, pairs_wanted // 100, 100, model="minilm")
     pairs = common.pairs_of(requests)
-    reference_model = common.load_crossencoder(model_dir)
+    references_by_dtype = {dtype: common.load_crossencoder(model_dir, dtype=dtype) for dtype in ("float32", "bfloat16")}
     warm = [pb.RerankRequest(query=r.query, passages=r.passages[:16], model="minilm") for r in requests[:8]]
     common.drive(server, "Rerank", warm, clients=8, calls=8)
-    references, loads = [], []
-    for _ in range(min(args.rounds, 2)):
-        references.append(common.crossencoder_rate(reference_model, pairs, batch_size=32, watch=[server.pid]))
+    rounds = min(args.rounds, 2)
+    references: dict[str, list] = {dtype: [] for dtype in references_by_dtype}
+    loads = []
+    for _ in range(rounds):  # alternated: CrossEncoder fp32, bf16, then the server
+        for dtype, reference_model in references_by_dtype.items():
+            references[dtype].append(common.crossencoder_rate(reference_model, pairs, batch_size=32, watch=[server.pid]))
         load = common.drive(server, "Rerank", requests, clients=8, calls=len(requests), max_seconds=300,
                             procs=args.client_procs, model="minilm")
         common.check(load, 100)
         loads.append(load)
-    del reference_model
-    reference, load = common.best(references), common.best(loads)
+    del references_by_dtype
+    fp32, bf16 = common.best(references["float32"]), common.best(references["bfloat16"])
+    load = common.best(loads)
     print(f"workload: {len(pairs):,} pairs (the first {len(pairs):,} of part a's), {common.cores_note(args.threads)}; "
-          f"best of {min(args.rounds, 2)} alternated rounds (among those with others < {common.CONTENDED_PCT}%)")
+          f"best of {rounds} alternated rounds (among those with others < {common.CONTENDED_PCT}%)")
     common.table(
-        ["path", "pairs/s", "vs CrossEncoder.predict", "others CPU %"],
+        ["path", "pairs/s", "vs CE.predict fp32", "vs CE.predict bf16", "others CPU %"],
         [
-            [f"sentence-transformers CrossEncoder.predict ({reference.note})", reference.per_second, 1.0,
-             reference.other_pct],
-            [f"rankstream Rerank over gRPC, 8 clients x 100 passages ({load.calls} calls)", load.rate,
-             load.rate / reference.per_second, load.other_pct],
+            [f"sentence-transformers CrossEncoder.predict ({fp32.note})", fp32.per_second, 1.0,
+             fp32.per_second / bf16.per_second, fp32.other_pct],
+            [f"sentence-transformers CrossEncoder.predict ({bf16.note})", bf16.per_second,
+             bf16.per_second / fp32.per_second, 1.0, bf16.other_pct],
+            [f"rankstream Rerank over gRPC in {info.dtype}, 8 clients x 100 passages ({load.calls} calls)", load.rate,
+             load.rate / fp32.per_second, load.rate / bf16.per_second, load.other_pct],
         ],
     )
-    if len(references) > 1:
+    if rounds > 1:
         print("every round, pairs/s: " + "; ".join([
-            rounds_line("CrossEncoder.predict", references),
+            rounds_line("CrossEncoder.predict fp32", references["float32"]),
+            rounds_line("CrossEncoder.predict bf16", references["bfloat16"]),
             "server: " + ", ".join(f"{x.rate:,.1f} (others {x.other_pct:.0f}%)" for x in loads)]))
-    common.warn_others([reference.other_pct, load.other_pct])
+    others = [fp32.other_pct, bf16.other_pct, load.other_pct]
+    common.warn_others(others)
     print()
-    common.load_table("pairs", [common.load_row("rankstream Rerank, MiniLM-L6 fp32", load)])
+    common.load_table("pairs", [common.load_row(f"rankstream Rerank, MiniLM-L6 {info.dtype}", load)])
     print(common.stats_line(load))
-    summary.append(["CPU MiniLM-L6 fp32, 8 clients: server / CrossEncoder.predict", load.rate / reference.per_second,
-                    ">= 1.1", common.verdict(load.rate / reference.per_second, 1.1,
-                                             others=[reference.other_pct, load.other_pct])])
+    over_fp32, over_bf16 = load.rate / fp32.per_second, load.rate / bf16.per_second
+    if bf16_native(info.cpu_flags):  # issue 19's targets on CPUs with avx512_bf16 or AMX
+        summary.append([f"CPU MiniLM-L6 auto ({info.dtype}), 8 clients: server / CE.predict fp32", over_fp32, ">= 3",
+                        common.verdict(over_fp32, 3.0, others=others)])
+        summary.append([f"CPU MiniLM-L6 auto ({info.dtype}), 8 clients: server / CE.predict bf16", over_bf16, ">= 1.3",
+                        common.verdict(over_bf16, 1.3, others=others)])
+    else:  # avx2-only and the like: no regression
+        summary.append([f"CPU MiniLM-L6 auto ({info.dtype}), no native bf16: server / CE.predict fp32", over_fp32,
+                        ">= 1.0", common.verdict(over_fp32, 1.0, others=others)])
+        summary.append([f"CPU MiniLM-L6 auto ({info.dtype}): server / CE.predict bf16 (no target)", over_bf16, "-", "-"])
 
 
 def http_front(args, server: common.Server, text: common.Text, summary: list) -> None:
@@ -223,23 +251,44 @@ def http_front(args, server: common.Server, text: common.Text, summary: list) ->
 
 
 def index_part(args, config: dict, text: common.Text, scratch: Path, summary: list) -> Path:
-    common.heading("c. Index build: `rankstream index build`, embedded all-MiniLM-L6-v2, flat")
+    common.heading("c. Index build: `rankstream index build`, embedded all-MiniLM-L6-v2, flat: dtype float32 "
+                   "(before issue 19) vs auto")
     corpus = common.write_corpus(text.passages[: size(args, "index_passages")], scratch / "corpus.jsonl")
-    out = scratch / "index"
-    with common.Watch() as watched:
-        build = common.index_build(config, corpus, out, scratch)
+    fp32_config = {**config, "models": [{**m, "dtype": "float32"} if m["name"] == "bi" else m for m in config["models"]]}
+    builds: dict[str, list] = {"float32": [], "auto": []}
+    others: dict[str, list] = {"float32": [], "auto": []}
+    for round_number in range(min(args.rounds, 2)):  # alternated, the faster of each kept
+        for label, build_config, out in (("float32", fp32_config, scratch / "index-fp32"), ("auto", config, scratch / "index")):
+            if round_number:
+                shutil.rmtree(out)
+            with common.Watch() as watched:
+                builds[label].append(common.index_build(build_config, corpus, out, scratch))
+            others[label].append(watched.other_pct)
+    best = {label: max(range(len(runs)), key=lambda i: runs[i].encode_rate) for label, runs in builds.items()}
+    fp32, auto = builds["float32"][best["float32"]], builds["auto"][best["auto"]]
+    others = [others["float32"][best["float32"]], others["auto"][best["auto"]]]
+    chosen = auto.output.split(" passages/s in ")[-1].split(",")[0] if " passages/s in " in auto.output else "?"
     common.table(
-        ["what", "passages", "passages/s"],
+        ["what", "passages", "passages/s", "vs float32 build"],
         [
-            ["encoding, as the command reports it", build.passages, build.encode_rate],
-            [f"whole command, wall ({build.wall_seconds:.1f} s: start-up, model load, encode, write)", build.passages,
-             build.passages / build.wall_seconds],
+            ["dtype float32: encoding, as the command reports it", fp32.passages, fp32.encode_rate, 1.0],
+            [f"dtype auto (chose {chosen}): encoding, as the command reports it", auto.passages, auto.encode_rate,
+             auto.encode_rate / fp32.encode_rate],
+            [f"dtype auto, whole command, wall ({auto.wall_seconds:.1f} s: start-up, model load, dtype measurement, "
+             "encode, write)", auto.passages, auto.passages / auto.wall_seconds, "-"],
         ],
     )
-    print(f"command output: {build.output}")
-    common.warn_others([watched.other_pct])
-    summary.append(["CPU index build (encode passages/s, no target on CPU)", build.encode_rate, "-", "-"])
-    return out
+    print(f"best of {len(builds['auto'])} alternated builds each; every build, encode passages/s: "
+          + "; ".join(f"{label}: " + ", ".join(f"{b.encode_rate:.1f}" for b in runs) for label, runs in builds.items()))
+    print(f"command output (auto): {auto.output}")
+    common.warn_others(others)
+    ratio = auto.encode_rate / fp32.encode_rate
+    flags = common.cpu_flags()
+    summary.append([f"CPU index build, auto ({chosen}): encode passages/s", auto.encode_rate, "-", "-"])
+    summary.append([f"CPU index build: auto ({chosen}) / float32 build", ratio,
+                    ">= 2.5" if bf16_native(flags) else ">= 1.0",
+                    common.verdict(ratio, 2.5 if bf16_native(flags) else 1.0, others=others)])
+    return scratch / "index"
 
 
 def retrieval(args, server: common.Server, text: common.Text, summary: list) -> None:
@@ -377,7 +426,7 @@ def main() -> int:
         if "overload" in parts:
             overload.run(args, scratch, pairs_text, summary, smoke=args.smoke)  # part g, its own pinned server
 
-    common.heading("Summary against the CPU targets (issues 7 and 20)" + (" (SMOKE: verdicts mean nothing)" if args.smoke else ""))
+    common.heading("Summary against the CPU targets (issues 7, 19 and 20)" + (" (SMOKE: verdicts mean nothing)" if args.smoke else ""))
     common.table(["measure", "value", "target", "verdict"], summary)
     print(f"\ntotal {clock.elapsed():.0f} s")
     return 0

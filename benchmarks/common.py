@@ -133,6 +133,11 @@ def _cpuinfo() -> tuple[str, set[str]]:
     return model, flags
 
 
+def cpu_flags() -> set[str]:
+    """This machine's CPU flags (/proc/cpuinfo)."""
+    return _cpuinfo()[1]
+
+
 def code_revision() -> str:
     """Where the server code that runs comes from (the child processes inherit this environment,
     PYTHONPATH included), and its git revision when that is a checkout."""
@@ -530,16 +535,19 @@ def tokenizer_rate(model_dir: Path, pairs: Sequence[tuple[str, str]], min_second
     return Rate(done, watched.seconds, note, watched.other_pct), tokens / len(pairs)
 
 
-def load_crossencoder(model_dir: Path, device: str = "cpu"):
+def load_crossencoder(model_dir: Path, device: str = "cpu", dtype: str = "float32"):
+    """sentence-transformers' CrossEncoder; dtype bfloat16 is its one-argument speed-up
+    (model_kwargs={"dtype": torch.bfloat16})."""
+    import torch
     from sentence_transformers import CrossEncoder
 
-    return CrossEncoder(str(model_dir), device=device)
+    return CrossEncoder(str(model_dir), device=device, model_kwargs={"dtype": getattr(torch, dtype)})
 
 
 def crossencoder_rate(model, pairs: Sequence[tuple[str, str]], batch_size: int, device: str = "cpu",
                       repeats: int = 1, watch: Sequence[int] = ()) -> Rate:
-    """sentence-transformers `CrossEncoder.predict`, fp32, on `pairs`; median of `repeats` timed
-    runs. `model` is a CrossEncoder or a model folder."""
+    """sentence-transformers `CrossEncoder.predict` on `pairs` (in the model's dtype; a folder
+    loads in fp32); median of `repeats` timed runs. `model` is a CrossEncoder or a model folder."""
     if not hasattr(model, "predict"):
         model = load_crossencoder(model, device)
     pairs = list(pairs)
@@ -551,7 +559,9 @@ def crossencoder_rate(model, pairs: Sequence[tuple[str, str]], batch_size: int, 
             model.predict(pairs, batch_size=batch_size, show_progress_bar=False)
             _sync(device)
             times.append(time.perf_counter() - started)
-    return Rate(len(pairs), statistics.median(times), f"batch_size {batch_size}, fp32, {device}", watched.other_pct)
+    dtype = {"torch.float32": "fp32", "torch.bfloat16": "bf16", "torch.float16": "fp16"}.get(
+        str(next(model.model.parameters()).dtype), "?")
+    return Rate(len(pairs), statistics.median(times), f"batch_size {batch_size}, {dtype}, {device}", watched.other_pct)
 
 
 def best(rounds: Sequence):

@@ -55,7 +55,9 @@ def run(args, scratch: Path, text: common.Text, summary: list, smoke: bool, devi
     pairs = common.pairs_of(requests)
     threads = getattr(args, "threads", 1)
     config = {"server": {"torch_threads": 1}, "batching": {"cpu_passes": threads},
-              "models": [{"name": "qwen3", "weights": str(model_dir), "device": device}]}
+              # CPU: float32 like CrossEncoder.predict, so the score difference is held to the fp32 bound
+              # (dtype auto may measure bfloat16 faster); CUDA: the server's default precision.
+              "models": [{"name": "qwen3", "weights": str(model_dir), "device": device, "dtype": "auto" if cuda else "float32"}]}
     reference_model = common.load_crossencoder(model_dir, device)
     with common.Server(config, scratch, name="decoder") as server:
         info = common.model_info(server.address)["qwen3"]

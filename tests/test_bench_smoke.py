@@ -48,10 +48,11 @@ def test_cpu_benchmark_smoke_mode_runs_and_prints_its_tables(tmp_path):
     assert done.returncode == 0, f"exit {done.returncode}\n{output[-4000:]}\n{done.stderr[-4000:]}"
     for heading in ("## Machine", "## a. Host-path ceiling", "## b. MiniLM-L6-H384", "## c. Index build",
                     "## d. Retrieve, RetrieveAndRerank", "## f. The same rerank load over HTTP",
-                    "## g. Goodput under overload", "## Summary against the CPU targets (issues 7 and 20)"):
+                    "## g. Goodput under overload", "## Summary against the CPU targets (issues 7, 19 and 20)"):
         assert heading in output, f"missing {heading!r} in:\n{output[-4000:]}"
     for line in ("cpu flags for precision:", "torch ", "server / tokenizer", "server / CrossEncoder.predict",
-                 "HTTP / gRPC pairs/s:", "us of server CPU per refusal", "server RSS:",
+                 "server's start-up choice:", "server / CE.predict fp32", "/ float32 build", "HTTP / gRPC pairs/s:",
+                 "us of server CPU per refusal", "server RSS:",
                  "overload: gRPC goodput at 48 clients / peak", "overload: HTTP goodput at 48 clients / peak"):
         assert line in output, f"missing {line!r} in:\n{output[-4000:]}"
     assert "WARNING:" not in output.replace("WARNING: other processes took", ""), output[-4000:]

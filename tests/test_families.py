@@ -64,9 +64,11 @@ def family_dirs(tmp_path_factory, models) -> dict[str, Path]:
 
 @pytest.fixture(scope="module")
 async def family_server(family_dirs, models):
-    entries = [{"name": name, "weights": str(folder)} for name, folder in family_dirs.items()]
-    entries.append({"name": "tiny-deberta", "weights": str(models.deberta_reference)})
-    entries.append({"name": "tiny-distilbert", "weights": str(models.distilbert)})
+    # float32 pinned: scores are checked against CrossEncoder.predict's float32 to 1e-5 on any
+    # machine (dtype auto is chosen by measurement, issue 19; tests/test_precision.py).
+    entries = [{"name": name, "weights": str(folder), "dtype": "float32"} for name, folder in family_dirs.items()]
+    entries.append({"name": "tiny-deberta", "weights": str(models.deberta_reference), "dtype": "float32"})
+    entries.append({"name": "tiny-distilbert", "weights": str(models.distilbert), "dtype": "float32"})
     settings = make_settings(entries, limits={"max_passages": 64, "max_passage_chars": 20000})
     async with running(settings) as harness:
         yield harness
@@ -250,7 +252,7 @@ SENTENCES = ["gravity bends the path of a planet around its star", "the recipe n
 
 @pytest.fixture(scope="module")
 async def short_window_server(models):
-    settings = make_settings([{"name": "minilm-32", "weights": str(models.minilm), "max_length": 32}])
+    settings = make_settings([{"name": "minilm-32", "weights": str(models.minilm), "max_length": 32, "dtype": "float32"}])
     async with running(settings) as harness:
         yield harness
 
@@ -326,3 +328,18 @@ def test_retrieve_and_rerank_takes_the_same_pair_options(demo_server):
         assert chunked.stats.windows == 5 and chunked.stats.chunked == 0
         with pytest.raises(InvalidArgument, match="instruction"):
             client.retrieve_and_rerank("what is a cross-encoder", top_k=5, reranker="tiny-bert", instruction="Judge relevance")
+
+
+@pytest.mark.parametrize("name", ["qwen3-yes-no", "electra"])
+async def test_max_passage_tokens_cuts_the_document_and_keeps_the_template(family_server, family_dirs, name):
+    """Each passage keeps its first N tokens; the query and the template's suffix stay whole, so
+    the result equals scoring the passage's first N tokens' text."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(family_dirs[name]))
+    heads = [tokenizer.decode(tokenizer(t, add_special_tokens=False)["input_ids"][:3]) for t in TEXTS]
+    cut, stats = await family_server.rerank(query=QUERY, passages=passages(TEXTS), model=name, raw_scores=True,
+                                            max_passage_tokens=3)
+    whole, _ = await family_server.rerank(query=QUERY, passages=passages(heads), model=name, raw_scores=True)
+    np.testing.assert_allclose(by_index(cut, len(TEXTS)), by_index(whole, len(TEXTS)), rtol=0, atol=TOLERANCE)
+    assert stats.truncated == sum(len(tokenizer(t, add_special_tokens=False)["input_ids"]) > 3 for t in TEXTS)

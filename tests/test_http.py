@@ -32,8 +32,11 @@ def front(models, tmp_path_factory):
     tokens.write_text(f"read {READ}\nwrite {WRITE}\n")
     settings = make_settings(
         [
-            {"name": "tiny-bert", "weights": str(models.bert), "aliases": [ALIAS]},
-            {"name": "minilm", "kind": "bi", "weights": "embedded:all-MiniLM-L6-v2", "aliases": ["text-embedding-3-small"]},
+            # float32 pinned: HTTP and gRPC embeddings of the same texts are compared to 1e-6, and
+            # bfloat16 (dtype auto on an AMX CPU, issue 19) differs by ~1e-3 between batch layouts.
+            {"name": "tiny-bert", "weights": str(models.bert), "aliases": [ALIAS], "dtype": "float32"},
+            {"name": "minilm", "kind": "bi", "weights": "embedded:all-MiniLM-L6-v2", "aliases": ["text-embedding-3-small"],
+             "dtype": "float32"},
         ],
         server={"http_port": 0},
         auth={"tokens_file": str(tokens)},
@@ -42,6 +45,7 @@ def front(models, tmp_path_factory):
     )
     server = ThreadedServer(settings).start()
     server.http = f"http://127.0.0.1:{server.server.http_port}"
+    server.bert_folder = str(models.bert)
     yield server
     server.stop()
 
@@ -91,6 +95,34 @@ def test_cohere_v1_client_echoes_documents_and_objects(front):
     assert all(r.document.text == TEXTS8[r.index] for r in response.results)
     quiet = client.rerank(query=QUERY, documents=TEXTS8[:4], return_documents=False)
     assert all(r.document is None for r in quiet.results)
+
+
+def test_cohere_v1_max_chunks_per_doc_scores_long_documents_in_windows(front):
+    """Cohere's max_chunks_per_doc is rankstream's long_passages: CHUNK (best window's score)."""
+    client = cohere.Client(api_key=READ, base_url=front.http)
+    long_text = " ".join(TEXTS8[:7]) * 3  # past tiny-bert's 128 tokens
+    documents = [long_text, TEXTS8[0]]
+    chunked = client.rerank(query=QUERY, documents=documents, max_chunks_per_doc=4, return_documents=False)
+    expected = grpc_scores(front, documents, long_passages=pb.CHUNK, max_chunks_per_passage=4)
+    assert {r.index: r.relevance_score for r in chunked.results} == pytest.approx(expected, abs=1e-6)
+    assert expected != pytest.approx(grpc_scores(front, documents), abs=1e-6)  # windows changed the long one's score
+    with pytest.raises(cohere.core.api_error.ApiError) as error:
+        client.rerank(query=QUERY, documents=documents, max_chunks_per_doc=99)
+    assert error.value.status_code == 400 and "max_chunks_per_doc" in str(error.value.body)
+
+
+def test_cohere_v2_max_tokens_per_doc_cuts_each_document(front):
+    client = cohere.ClientV2(api_key=READ, base_url=front.http)
+    cut = client.rerank(model="tiny-bert", query=QUERY, documents=TEXTS8, max_tokens_per_doc=6)
+    expected = grpc_scores(front, TEXTS8, max_passage_tokens=6)
+    assert {r.index: r.relevance_score for r in cut.results} == pytest.approx(expected, abs=1e-6)
+    assert expected != pytest.approx(grpc_scores(front, TEXTS8), abs=1e-6)
+    # The same as the documents' first 6 tokens, scored whole.
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(front.bert_folder)
+    heads = [tokenizer.decode(tokenizer(t, add_special_tokens=False)["input_ids"][:6]) for t in TEXTS8]
+    assert expected == pytest.approx(grpc_scores(front, heads), abs=1e-6)
 
 
 def test_jina_clients_read_model_usage_and_document_text(front):
@@ -466,8 +498,8 @@ def test_what_cannot_be_honoured_is_refused_not_guessed(front):
     uncut = post(front, "/rerank", {"query": QUERY, "texts": ["short", long_text], "truncate": False})
     assert uncut.status_code == 413 and uncut.json()["error_type"] == "Validation"
     assert "max_length=128" in uncut.json()["error"]
-    small = post(front, "/v2/rerank", {"query": QUERY, "documents": ["a"], "max_tokens_per_doc": 64})
-    assert small.status_code == 400 and small.json()["message"].startswith("max_tokens_per_doc: 64")
+    negative = post(front, "/v2/rerank", {"query": QUERY, "documents": ["a"], "max_tokens_per_doc": -1})
+    assert negative.status_code == 400 and negative.json()["message"].startswith("max_tokens_per_doc: -1")
     assert post(front, "/v2/rerank", {"query": QUERY, "documents": ["a"], "max_tokens_per_doc": 4096}).status_code == 200
     image = post(front, "/v1/rerank", {"query": QUERY, "documents": [{"image": "data:..."}]})
     assert image.status_code == 400 and "documents[0]" in image.json()["message"]

@@ -183,7 +183,8 @@ def test_ivf_deletes_and_replacements_through_a_real_server(tmp_path):
     config = tmp_path / "server.yaml"
     config.write_text(json.dumps({
         "server": {"host": "127.0.0.1", "port": 0},
-        "models": [{"name": "minilm", "kind": "bi", "weights": "embedded:all-MiniLM-L6-v2"}],
+        # float32 pinned: hits' scores are checked against float32 embeddings to 1e-4 (issue 19).
+        "models": [{"name": "minilm", "kind": "bi", "weights": "embedded:all-MiniLM-L6-v2", "dtype": "float32"}],
         "indexes": [{"name": "live", "path": str(tmp_path / "live"), "model": "minilm", "create": True, "type": "ivf"}],
     }))
     log = tmp_path / "server.log"

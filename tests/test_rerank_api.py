@@ -94,6 +94,7 @@ async def test_list_models_describes_each_model(served):
     assert (minilm.kind, minilm.max_length, minilm.dtype, minilm.device, minilm.activation) == (
         pb.MODEL_KIND_CROSS, 512, "float32", "cpu", "sigmoid",
     )
+    assert minilm.dtype_reason == "configured" and not minilm.dtype_measurements  # dtype float32, not measured
     assert by_name["tiny-bert"].max_length == 128, "capped at the model's position embeddings"
     assert by_name["tiny-deberta"].tokenizer.endswith("deberta-tokenizer")
     assert minilm.batcher.capacity > 0

@@ -38,10 +38,12 @@ TOLERANCE = 1e-5
 @pytest.fixture(scope="module")
 def bi_models(tmp_path_factory, models):
     root = tmp_path_factory.mktemp("bi")
+    # float32 pinned: embeddings and scores are compared with float32 references to 1e-5.
     return {
-        "minilm": {"name": "minilm", "kind": "bi", "weights": "embedded:all-MiniLM-L6-v2"},
-        "tiny-tasb": {"name": "tiny-tasb", "kind": "bi", "weights": str(model_factory.tiny_distilbert_cls_bi_encoder(root / "tasb"))},
-        "tiny-bert": {"name": "tiny-bert", "weights": str(models.bert)},
+        "minilm": {"name": "minilm", "kind": "bi", "weights": "embedded:all-MiniLM-L6-v2", "dtype": "float32"},
+        "tiny-tasb": {"name": "tiny-tasb", "kind": "bi", "weights": str(model_factory.tiny_distilbert_cls_bi_encoder(root / "tasb")),
+                      "dtype": "float32"},
+        "tiny-bert": {"name": "tiny-bert", "weights": str(models.bert), "dtype": "float32"},
     }
 
 

@@ -33,7 +33,8 @@ class ModelConfig(_Strict):
         "auto", description="auto = what the checkpoint's sentence-transformers config says, else sigmoid."
     )
     dtype: Literal["auto", "float32", "float16", "bfloat16"] = Field(
-        "auto", description="auto = float16 on CUDA, float32 on CPU."
+        "auto", description="auto = float16 on CUDA; on CPU float32 or bfloat16, whichever measures faster at start-up "
+        "(>= 1.2x) and passes the quality guard against float32 (inference/precision.py; `rankstream doctor` shows it)."
     )
     device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$")
     revision: str | None = Field(None, description="Hub revision (branch, tag or commit).")

@@ -79,7 +79,7 @@ class Passage(_message.Message):
     def __init__(self, id: _Optional[str] = ..., text: _Optional[str] = ..., title: _Optional[str] = ..., metadata: _Optional[_Mapping[str, str]] = ...) -> None: ...
 
 class RerankRequest(_message.Message):
-    __slots__ = ("query", "passages", "top_n", "model", "raw_scores", "order", "return_text", "score_threshold", "return_metadata", "instruction", "long_passages", "max_chunks_per_passage")
+    __slots__ = ("query", "passages", "top_n", "model", "raw_scores", "order", "return_text", "score_threshold", "return_metadata", "instruction", "long_passages", "max_chunks_per_passage", "max_passage_tokens")
     QUERY_FIELD_NUMBER: _ClassVar[int]
     PASSAGES_FIELD_NUMBER: _ClassVar[int]
     TOP_N_FIELD_NUMBER: _ClassVar[int]
@@ -92,6 +92,7 @@ class RerankRequest(_message.Message):
     INSTRUCTION_FIELD_NUMBER: _ClassVar[int]
     LONG_PASSAGES_FIELD_NUMBER: _ClassVar[int]
     MAX_CHUNKS_PER_PASSAGE_FIELD_NUMBER: _ClassVar[int]
+    MAX_PASSAGE_TOKENS_FIELD_NUMBER: _ClassVar[int]
     query: str
     passages: _containers.RepeatedCompositeFieldContainer[Passage]
     top_n: int
@@ -104,7 +105,8 @@ class RerankRequest(_message.Message):
     instruction: str
     long_passages: LongPassages
     max_chunks_per_passage: int
-    def __init__(self, query: _Optional[str] = ..., passages: _Optional[_Iterable[_Union[Passage, _Mapping]]] = ..., top_n: _Optional[int] = ..., model: _Optional[str] = ..., raw_scores: _Optional[bool] = ..., order: _Optional[_Union[Order, str]] = ..., return_text: _Optional[bool] = ..., score_threshold: _Optional[float] = ..., return_metadata: _Optional[bool] = ..., instruction: _Optional[str] = ..., long_passages: _Optional[_Union[LongPassages, str]] = ..., max_chunks_per_passage: _Optional[int] = ...) -> None: ...
+    max_passage_tokens: int
+    def __init__(self, query: _Optional[str] = ..., passages: _Optional[_Iterable[_Union[Passage, _Mapping]]] = ..., top_n: _Optional[int] = ..., model: _Optional[str] = ..., raw_scores: _Optional[bool] = ..., order: _Optional[_Union[Order, str]] = ..., return_text: _Optional[bool] = ..., score_threshold: _Optional[float] = ..., return_metadata: _Optional[bool] = ..., instruction: _Optional[str] = ..., long_passages: _Optional[_Union[LongPassages, str]] = ..., max_chunks_per_passage: _Optional[int] = ..., max_passage_tokens: _Optional[int] = ...) -> None: ...
 
 class ScoredPassage(_message.Message):
     __slots__ = ("id", "index", "score", "rank", "text", "title", "metadata", "stage", "retrieval_score", "dense_score", "sparse_score", "dense_rank", "sparse_rank")
@@ -177,7 +179,7 @@ class RetrieveRequest(_message.Message):
     def __init__(self, query: _Optional[str] = ..., top_k: _Optional[int] = ..., filter: _Optional[_Mapping[str, str]] = ..., return_text: _Optional[bool] = ..., return_metadata: _Optional[bool] = ..., index: _Optional[str] = ..., score_threshold: _Optional[float] = ..., mode: _Optional[_Union[Mode, str]] = ...) -> None: ...
 
 class RetrieveAndRerankRequest(_message.Message):
-    __slots__ = ("query", "top_k", "top_n", "reranker", "filter", "return_text", "return_metadata", "index", "raw_scores", "order", "score_threshold", "mode", "instruction", "long_passages", "max_chunks_per_passage")
+    __slots__ = ("query", "top_k", "top_n", "reranker", "filter", "return_text", "return_metadata", "index", "raw_scores", "order", "score_threshold", "mode", "instruction", "long_passages", "max_chunks_per_passage", "max_passage_tokens")
     class FilterEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -200,6 +202,7 @@ class RetrieveAndRerankRequest(_message.Message):
     INSTRUCTION_FIELD_NUMBER: _ClassVar[int]
     LONG_PASSAGES_FIELD_NUMBER: _ClassVar[int]
     MAX_CHUNKS_PER_PASSAGE_FIELD_NUMBER: _ClassVar[int]
+    MAX_PASSAGE_TOKENS_FIELD_NUMBER: _ClassVar[int]
     query: str
     top_k: int
     top_n: int
@@ -215,7 +218,8 @@ class RetrieveAndRerankRequest(_message.Message):
     instruction: str
     long_passages: LongPassages
     max_chunks_per_passage: int
-    def __init__(self, query: _Optional[str] = ..., top_k: _Optional[int] = ..., top_n: _Optional[int] = ..., reranker: _Optional[str] = ..., filter: _Optional[_Mapping[str, str]] = ..., return_text: _Optional[bool] = ..., return_metadata: _Optional[bool] = ..., index: _Optional[str] = ..., raw_scores: _Optional[bool] = ..., order: _Optional[_Union[Order, str]] = ..., score_threshold: _Optional[float] = ..., mode: _Optional[_Union[Mode, str]] = ..., instruction: _Optional[str] = ..., long_passages: _Optional[_Union[LongPassages, str]] = ..., max_chunks_per_passage: _Optional[int] = ...) -> None: ...
+    max_passage_tokens: int
+    def __init__(self, query: _Optional[str] = ..., top_k: _Optional[int] = ..., top_n: _Optional[int] = ..., reranker: _Optional[str] = ..., filter: _Optional[_Mapping[str, str]] = ..., return_text: _Optional[bool] = ..., return_metadata: _Optional[bool] = ..., index: _Optional[str] = ..., raw_scores: _Optional[bool] = ..., order: _Optional[_Union[Order, str]] = ..., score_threshold: _Optional[float] = ..., mode: _Optional[_Union[Mode, str]] = ..., instruction: _Optional[str] = ..., long_passages: _Optional[_Union[LongPassages, str]] = ..., max_chunks_per_passage: _Optional[int] = ..., max_passage_tokens: _Optional[int] = ...) -> None: ...
 
 class UpsertPassagesRequest(_message.Message):
     __slots__ = ("index", "passages")
@@ -336,7 +340,7 @@ class IndexInfo(_message.Message):
     def __init__(self, name: _Optional[str] = ..., model: _Optional[str] = ..., count: _Optional[int] = ..., dimension: _Optional[int] = ..., similarity: _Optional[str] = ..., index_type: _Optional[str] = ..., device: _Optional[str] = ..., version: _Optional[int] = ..., sparse: _Optional[bool] = ..., default_mode: _Optional[_Union[Mode, str]] = ...) -> None: ...
 
 class ModelInfo(_message.Message):
-    __slots__ = ("name", "kind", "weights", "tokenizer", "max_length", "dtype", "device", "activation", "batcher", "pooling", "similarity", "max_batch_tokens", "parallel_passes", "compiled", "cuda_graphs", "architecture", "head", "template", "accepts_instruction", "default_instruction", "padding_side", "aliases", "dimension")
+    __slots__ = ("name", "kind", "weights", "tokenizer", "max_length", "dtype", "device", "activation", "batcher", "pooling", "similarity", "max_batch_tokens", "parallel_passes", "compiled", "cuda_graphs", "architecture", "head", "template", "accepts_instruction", "default_instruction", "padding_side", "aliases", "dimension", "dtype_reason", "dtype_measurements", "cpu_flags")
     NAME_FIELD_NUMBER: _ClassVar[int]
     KIND_FIELD_NUMBER: _ClassVar[int]
     WEIGHTS_FIELD_NUMBER: _ClassVar[int]
@@ -360,6 +364,9 @@ class ModelInfo(_message.Message):
     PADDING_SIDE_FIELD_NUMBER: _ClassVar[int]
     ALIASES_FIELD_NUMBER: _ClassVar[int]
     DIMENSION_FIELD_NUMBER: _ClassVar[int]
+    DTYPE_REASON_FIELD_NUMBER: _ClassVar[int]
+    DTYPE_MEASUREMENTS_FIELD_NUMBER: _ClassVar[int]
+    CPU_FLAGS_FIELD_NUMBER: _ClassVar[int]
     name: str
     kind: ModelKind
     weights: str
@@ -383,7 +390,30 @@ class ModelInfo(_message.Message):
     padding_side: str
     aliases: _containers.RepeatedScalarFieldContainer[str]
     dimension: int
-    def __init__(self, name: _Optional[str] = ..., kind: _Optional[_Union[ModelKind, str]] = ..., weights: _Optional[str] = ..., tokenizer: _Optional[str] = ..., max_length: _Optional[int] = ..., dtype: _Optional[str] = ..., device: _Optional[str] = ..., activation: _Optional[str] = ..., batcher: _Optional[_Union[BatcherStats, _Mapping]] = ..., pooling: _Optional[str] = ..., similarity: _Optional[str] = ..., max_batch_tokens: _Optional[int] = ..., parallel_passes: _Optional[int] = ..., compiled: _Optional[bool] = ..., cuda_graphs: _Optional[int] = ..., architecture: _Optional[str] = ..., head: _Optional[str] = ..., template: _Optional[str] = ..., accepts_instruction: _Optional[bool] = ..., default_instruction: _Optional[str] = ..., padding_side: _Optional[str] = ..., aliases: _Optional[_Iterable[str]] = ..., dimension: _Optional[int] = ...) -> None: ...
+    dtype_reason: str
+    dtype_measurements: _containers.RepeatedCompositeFieldContainer[DtypeMeasurement]
+    cpu_flags: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, name: _Optional[str] = ..., kind: _Optional[_Union[ModelKind, str]] = ..., weights: _Optional[str] = ..., tokenizer: _Optional[str] = ..., max_length: _Optional[int] = ..., dtype: _Optional[str] = ..., device: _Optional[str] = ..., activation: _Optional[str] = ..., batcher: _Optional[_Union[BatcherStats, _Mapping]] = ..., pooling: _Optional[str] = ..., similarity: _Optional[str] = ..., max_batch_tokens: _Optional[int] = ..., parallel_passes: _Optional[int] = ..., compiled: _Optional[bool] = ..., cuda_graphs: _Optional[int] = ..., architecture: _Optional[str] = ..., head: _Optional[str] = ..., template: _Optional[str] = ..., accepts_instruction: _Optional[bool] = ..., default_instruction: _Optional[str] = ..., padding_side: _Optional[str] = ..., aliases: _Optional[_Iterable[str]] = ..., dimension: _Optional[int] = ..., dtype_reason: _Optional[str] = ..., dtype_measurements: _Optional[_Iterable[_Union[DtypeMeasurement, _Mapping]]] = ..., cpu_flags: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class DtypeMeasurement(_message.Message):
+    __slots__ = ("dtype", "rows_per_second", "guard_passed", "top_overlap", "max_score_diff", "score_spread", "min_cosine", "strict_top_overlap")
+    DTYPE_FIELD_NUMBER: _ClassVar[int]
+    ROWS_PER_SECOND_FIELD_NUMBER: _ClassVar[int]
+    GUARD_PASSED_FIELD_NUMBER: _ClassVar[int]
+    TOP_OVERLAP_FIELD_NUMBER: _ClassVar[int]
+    MAX_SCORE_DIFF_FIELD_NUMBER: _ClassVar[int]
+    SCORE_SPREAD_FIELD_NUMBER: _ClassVar[int]
+    MIN_COSINE_FIELD_NUMBER: _ClassVar[int]
+    STRICT_TOP_OVERLAP_FIELD_NUMBER: _ClassVar[int]
+    dtype: str
+    rows_per_second: float
+    guard_passed: bool
+    top_overlap: float
+    max_score_diff: float
+    score_spread: float
+    min_cosine: float
+    strict_top_overlap: float
+    def __init__(self, dtype: _Optional[str] = ..., rows_per_second: _Optional[float] = ..., guard_passed: _Optional[bool] = ..., top_overlap: _Optional[float] = ..., max_score_diff: _Optional[float] = ..., score_spread: _Optional[float] = ..., min_cosine: _Optional[float] = ..., strict_top_overlap: _Optional[float] = ...) -> None: ...
 
 class BatcherStats(_message.Message):
     __slots__ = ("batches", "items", "dropped", "in_flight", "capacity", "rejected", "max_requests_per_batch", "max_batch_size", "tokens", "padded_tokens")

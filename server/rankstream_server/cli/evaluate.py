@@ -16,8 +16,9 @@ from rankstream_server.config import IndexConfig, Settings
 from rankstream_server.index.build import build_index, pick_model
 from rankstream_server.index.corpus import passage_text, read_qrels, read_queries
 from rankstream_server.index.local import CorpusIndex
-from rankstream_server.inference.model_loading import load_model
+from rankstream_server.inference.model_loading import dtype_name, load_model
 from rankstream_server.inference.offline import dimension_of, encode_texts, score_pairs
+from rankstream_server.inference.precision import settle_precision
 
 MEASURES = [nDCG @ 10, RR @ 10, R @ 100]
 
@@ -33,6 +34,7 @@ class EvalReport:
     metrics: dict[str, float]
     timings: dict[str, float] = field(default_factory=dict)
     mode: str = "dense"
+    dtypes: dict[str, str] = field(default_factory=dict)  # model name -> the dtype it ran in
 
     def row(self) -> str:
         models = self.retriever + (f" -> {self.reranker}" if self.reranker else "")
@@ -44,7 +46,8 @@ class EvalReport:
 
     def footer(self) -> str:
         timing = ", ".join(f"{k} {v:.1f}" for k, v in self.timings.items())
-        return f"({self.queries} queries, {self.documents} documents; {timing})"
+        dtypes = ", ".join(f"{name} {dtype}" for name, dtype in self.dtypes.items())
+        return f"({self.queries} queries, {self.documents} documents; {timing}; {dtypes})"
 
     def table(self) -> str:
         return f"{self.head()}\n{self.row()}\n{self.footer()}"
@@ -97,7 +100,7 @@ def evaluate(
         if not (Path(index.path) / "manifest.json").exists():
             report = build_index(settings, data, index.path, index=index, progress=progress)
             build_timings["build passages/s"] = report.passages_per_second
-        encoder = load_model(settings.model(index.model))
+        encoder = settle_precision(load_model(settings.model(index.model)))
         corpus = CorpusIndex.open(index, encoder.identity(), dimension_of(encoder))
         cross = None
         try:
@@ -115,13 +118,14 @@ def evaluate(
                 reranker_name = None
                 if pipeline == "retrieve+rerank":
                     reranker_name = reranker or settings.default_model
-                    cross = cross or load_model(settings.model(reranker_name))
+                    cross = cross or settle_precision(load_model(settings.model(reranker_name)))
                     run = _rerank(cross, queries, hits, rerank_k, progress, timings)
                 metrics = ir_measures.calc_aggregate(MEASURES, qrels_for_measures(qrels, queries), run)
                 reports.append(EvalReport(
                     dataset=data.name, pipeline=pipeline, retriever=index.model, reranker=reranker_name,
                     queries=len(queries), documents=corpus.count, metrics={str(m): float(metrics[m]) for m in MEASURES},
                     timings=timings, mode=mode,
+                    dtypes={index.model: dtype_name(encoder.dtype), **({reranker_name: dtype_name(cross.dtype)} if cross else {})},
                 ))
         finally:
             corpus.close()

@@ -46,11 +46,20 @@ def _index_config(settings, args: argparse.Namespace):
     return None
 
 
+def _use_server_threads(settings) -> None:
+    """Offline commands run passes as the server does: one per core, server.torch_threads each
+    (measured ~20% faster than one pass on every core), and settle dtype auto under that."""
+    import torch
+
+    torch.set_num_threads(settings.server.torch_threads or 1)
+
+
 def _index_build(args: argparse.Namespace) -> int:
     from rankstream_server.config import IndexConfig
     from rankstream_server.index.build import build_index, pick_model
 
     settings = load_settings(args.config)
+    _use_server_threads(settings)
     index = _index_config(settings, args)
     if index is not None and index.backend == "milvus":
         from rankstream_server.index.build import build_into_milvus
@@ -72,7 +81,7 @@ def _index_build(args: argparse.Namespace) -> int:
         return 2
     print(
         f"built {report.folder}: {report.count} passages, dimension {report.dimension}, {report.index_type} index, "
-        f"encoded at {report.passages_per_second:.1f} passages/s, {report.total_seconds:.1f} s in all"
+        f"encoded at {report.passages_per_second:.1f} passages/s in {report.dtype}, {report.total_seconds:.1f} s in all"
     )
     return 0
 
@@ -83,6 +92,7 @@ def _eval(args: argparse.Namespace) -> int:
     from rankstream_server.cli.evaluate import MODES, evaluate, tables, to_json
 
     settings = load_settings(args.config)
+    _use_server_threads(settings)
     modes = list(MODES) if args.mode == "all" else [args.mode] if args.mode else None
     try:
         reports = evaluate(
@@ -132,6 +142,19 @@ def _models_fetch(args: argparse.Namespace) -> int:
         return 1
     for line in lines:
         print(line)
+    return 0
+
+
+def _doctor(args: argparse.Namespace) -> int:
+    from rankstream_server.cli.doctor import diagnose, report
+
+    settings = load_settings(args.config)
+    try:
+        diagnoses = diagnose(settings, args.model)
+    except ModelLoadError as exc:
+        print(f"rankstream: {exc}", file=sys.stderr)
+        return 2
+    print(report(diagnoses))
     return 0
 
 
@@ -207,6 +230,14 @@ def main(argv: list[str] | None = None) -> int:
                             help="Retrieval mode; all = one row each (default: the index's configured mode).")
     evaluation.add_argument("--json", help="Write the report as JSON here (default: print it).")
     evaluation.set_defaults(run=_eval)
+
+    doctor = commands.add_parser(
+        "doctor", help="Load each configured model as `serve` would and print the dtype it would run in on this "
+        "machine and why (speeds measured, quality guard, CPU flags), without serving.",
+    )
+    doctor.add_argument("--config", required=True)
+    doctor.add_argument("--model", action="append", help="Only this model (repeatable; default: every model).")
+    doctor.set_defaults(run=_doctor)
     args = parser.parse_args(argv)
     _configure_logging(args.log_level.upper(), args.log_format)
     logging.getLogger("faiss.loader").setLevel(logging.WARNING)  # which CPU build it picked: noise

@@ -18,8 +18,9 @@ from rankstream_server.index.lock import IndexLock
 from rankstream_server.index.sparse import BM25Tokenizer
 from rankstream_server.index.store import DocStore, Document
 from rankstream_server.index.vectors import VectorIndex
-from rankstream_server.inference.model_loading import load_model
+from rankstream_server.inference.model_loading import dtype_name, load_model
 from rankstream_server.inference.offline import dimension_of, encode_texts
+from rankstream_server.inference.precision import settle_precision
 
 log = logging.getLogger(__name__)
 
@@ -34,6 +35,7 @@ class BuildReport:
     index_type: str
     encode_seconds: float
     total_seconds: float
+    dtype: str = ""  # what the bi-encoder ran in (dtype auto on CPU: measured at load)
 
     @property
     def passages_per_second(self) -> float:
@@ -81,7 +83,7 @@ def _build(settings: Settings, corpus: str | Path, out: Path, model: str | None,
     for document in read_corpus(corpus):
         documents[document.id] = document  # a repeated id: the last one wins
     docs = list(documents.values())
-    loaded = load_model(settings.model(model_name))
+    loaded = settle_precision(load_model(settings.model(model_name)))
     encode_started = time.perf_counter()
     embeddings = encode_texts(loaded, [passage_text(d.text, d.title) for d in docs], "passage", progress=progress)
     encode_seconds = time.perf_counter() - encode_started
@@ -115,7 +117,8 @@ def _build(settings: Settings, corpus: str | Path, out: Path, model: str | None,
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
-    return BuildReport(out, len(docs), dimension, built.built_type, encode_seconds, time.perf_counter() - started)
+    return BuildReport(out, len(docs), dimension, built.built_type, encode_seconds, time.perf_counter() - started,
+                       dtype_name(loaded.dtype))
 
 
 def build_into_milvus(settings: Settings, corpus: str | Path, index: IndexConfig, progress: bool = True) -> BuildReport:
@@ -128,7 +131,7 @@ def build_into_milvus(settings: Settings, corpus: str | Path, index: IndexConfig
     for document in read_corpus(corpus):
         documents[document.id] = document
     docs = list(documents.values())
-    loaded = load_model(settings.model(index.model))
+    loaded = settle_precision(load_model(settings.model(index.model)))
     encode_started = time.perf_counter()
     embeddings = encode_texts(loaded, [passage_text(d.text, d.title) for d in docs], "passage", progress=progress)
     encode_seconds = time.perf_counter() - encode_started
@@ -141,4 +144,4 @@ def build_into_milvus(settings: Settings, corpus: str | Path, index: IndexConfig
     finally:
         target.close()
     return BuildReport(Path(index.milvus.collection), count, dimension, target.index_type, encode_seconds,
-                       time.perf_counter() - started)
+                       time.perf_counter() - started, dtype_name(loaded.dtype))

@@ -48,6 +48,9 @@ TUNING_SECONDS = 2.0
 TUNING_ROUNDS = 5  # timed rounds over every budget (fewer when a big model uses up TUNING_SECONDS)
 BUDGET_TOLERANCE = 0.1  # a larger budget within 10% of the fastest is preferred
 COMPILE_TOLERANCE = 1e-4  # compiled vs eager, fp32 logits or embeddings (measured: ~1e-7)
+# bf16/fp16 passes round differently once fused (measured ~2e-4 on MiniLM-L6 logits in bf16): the
+# float32 quality guard (inference/precision.py) judges them; this only catches a broken compile.
+LOW_PRECISION_COMPILE_TOLERANCE = 1e-2
 STAGING_SLOTS = 3  # pinned buffer sets in rotation (the batcher keeps at most two passes in flight)
 
 
@@ -146,6 +149,7 @@ class TorchBackend:
                         and config_pad is not None else loaded.tokenizer.pad_token_id or 0)
         self._vocab = int(getattr(loaded.hf_config, "vocab_size", 0) or getattr(loaded.tokenizer, "vocab_size", 0) or 30000)
         self._local_window = int(getattr(loaded.hf_config, "local_attention", 0) or getattr(loaded.hf_config, "sliding_window", 0) or 0)
+        self._dtype = loaded.dtype
         self._uses_token_type_ids = loaded.uses_token_type_ids
         self.cuda = loaded.device.type == "cuda"
         threads = torch.get_num_threads()
@@ -186,6 +190,11 @@ class TorchBackend:
     def compiled(self) -> bool:
         """Passes run the torch.compile'd model."""
         return self._compiled is not None and self._runner is self._compiled
+
+    def close(self) -> None:
+        """Ends the CPU pass workers (a backend used only to measure, say); passes in flight finish."""
+        if self._workers is not None:
+            self._workers.shutdown(wait=True)
 
     @property
     def graphs(self) -> int:
@@ -347,7 +356,9 @@ class TorchBackend:
             self._runner = compiled
             for probe, expected in zip(probes, eager):
                 difference = float(np.max(np.abs(self.launch(probe).result() - expected)))
-                if not difference <= COMPILE_TOLERANCE:
+                tolerance = COMPILE_TOLERANCE if self._dtype == torch.float32 else \
+                    LOW_PRECISION_COMPILE_TOLERANCE * max(1.0, float(np.max(np.abs(expected))))
+                if not difference <= tolerance:
                     raise RuntimeError(f"compiled output differs from eager by {difference:.3g}")
         except Exception as error:  # noqa: BLE001 - compiling is an optimization: serve eagerly instead
             self._runner = self._model

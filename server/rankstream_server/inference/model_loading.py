@@ -7,7 +7,7 @@ import inspect
 import json
 import logging
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from transformers import (
@@ -25,6 +25,9 @@ from rankstream_server.errors import ModelLoadError
 from rankstream_server.inference import embedded
 from rankstream_server.inference.chat_template import ChatPairTemplate
 from rankstream_server.inference.families import Family, resolve_family
+
+if TYPE_CHECKING:
+    from rankstream_server.inference.precision import PrecisionChoice
 
 log = logging.getLogger(__name__)
 
@@ -71,6 +74,7 @@ class LoadedModel:
     family: Family | None = None  # cross-encoders: head, padding, template, instruction
     pair_template: ChatPairTemplate | None = None  # cross-encoders whose pairs go through a chat template
     hf_config: Any = None
+    precision: PrecisionChoice | None = None  # the dtype and why (inference/precision.py: settle_precision)
 
     @property
     def kind(self) -> str:

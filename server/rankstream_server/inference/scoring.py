@@ -24,6 +24,7 @@ class PairOptions:
 
     instruction: str | None = None
     chunks: int = 1
+    passage_tokens: int = 0  # a passage's (or window's) tokens at most; 0 = what max_length leaves
 
 
 class ModelCall:
@@ -94,7 +95,7 @@ class ModelCall:
             chars = self._precheck(model, texts, extra_chars=len(query) + len(options.instruction or ""),
                                    chunks=options.chunks)
             tokens = await self._tokenize(model, chars, model.tokenizer.encode, query, texts, reuse and options.chunks == 1,
-                                          options.instruction, options.chunks)
+                                          options.instruction, options.chunks, options.passage_tokens)
             self.windows += len(tokens)
             results = self._submit(model, tokens, INTERACTIVE).results()
             if tokens.owners is not None:

@@ -366,22 +366,26 @@ class PairTokenizer(_RustTokenizer):
         return tokens
 
     def encode(self, query: str, passages: list[str], reuse: bool = False, instruction: str | None = None,
-               chunks: int = 1) -> Tokens:
+               chunks: int = 1, passage_tokens: int = 0) -> Tokens:
         """`reuse`: the passages come from a corpus and recur (RetrieveAndRerank): keep their
         tokens in the passage cache, and take what it has. `instruction`: sentence-transformers'
-        prompt, put before the query. `chunks` > 1: a long passage becomes up to that many windows."""
+        prompt, put before the query. `chunks` > 1: a long passage becomes up to that many windows.
+        `passage_tokens`: a passage (or window) keeps at most that many tokens."""
         if instruction:
             query = instruction + query
         query_tokens = self._query_tokens(query)
         if not self.fast:
-            if chunks > 1:
-                raise InvalidArgument(f"long_passages: CHUNK needs a fast tokenizer; model {self._model_name!r} has none")
+            if chunks > 1 or passage_tokens:
+                raise InvalidArgument(f"long_passages: CHUNK and max_passage_tokens need a fast tokenizer; "
+                                      f"model {self._model_name!r} has none")
             batch = self._hf(
                 [query] * len(passages), passages, truncation="only_second", max_length=self._max_length,
                 padding=False, return_token_type_ids=self._uses_token_type_ids, return_attention_mask=False,
             )
             return self._from_hf(batch, self._uses_token_type_ids)
         room = self._max_length - self._pair_specials - len(query_tokens)
+        if passage_tokens:
+            room = min(room, passage_tokens)
         if chunks > 1:
             rows, _ = self._token_lists(passages, room * chunks)
             rows, owners, chunked, truncated = expand_windows(rows, room, chunks)
@@ -424,7 +428,8 @@ class ChatPairTokenizer(_RustTokenizer):
         self.template = template
 
     def encode(self, query: str, passages: list[str], reuse: bool = False, instruction: str | None = None,
-               chunks: int = 1) -> Tokens:
+               chunks: int = 1, passage_tokens: int = 0) -> Tokens:
+        """As PairTokenizer.encode (the passage cache is not used: each pair is tokenized whole)."""
         if not query.strip():
             raise InvalidArgument("query: has no tokens for this model (only spaces or control characters?)")
         most = self._max_length * chunks  # document tokens that can be used at the most
@@ -441,6 +446,8 @@ class ChatPairTokenizer(_RustTokenizer):
             raise InvalidArgument(
                 f"query is too long: with model {self._model_name!r}'s template it leaves no room for a passage "
                 f"within max_length {self._max_length} (queries are never truncated)")
+        if passage_tokens:
+            room = min(room, passage_tokens)
         owners = None
         chunked = 0
         if chunks > 1:

@@ -66,16 +66,20 @@ def pair_options(request, model: ServedModel, limits: LimitsConfig) -> PairOptio
     """A RerankRequest's or RetrieveAndRerankRequest's instruction and long-passage choice, checked
     against the model and the limits."""
     instruction = model.instruction(request.instruction)
+    if request.max_passage_tokens < 0:
+        raise InvalidArgument(f"max_passage_tokens: {request.max_passage_tokens} must not be negative (0 = no cut)")
+    if request.max_passage_tokens and model.kind != "cross":
+        raise InvalidArgument(f"max_passage_tokens needs a cross-encoder; model {model.name!r} is a bi-encoder")
     if request.max_chunks_per_passage < 0 or request.max_chunks_per_passage > limits.max_chunks_per_passage:
         raise InvalidArgument(f"max_chunks_per_passage: {request.max_chunks_per_passage} is outside "
                               f"0..{limits.max_chunks_per_passage} (0 = the server's default)")
     if request.long_passages != CHUNK:
         if request.max_chunks_per_passage:
             raise InvalidArgument("max_chunks_per_passage: set only with long_passages: CHUNK")
-        return PairOptions(instruction)
+        return PairOptions(instruction, passage_tokens=request.max_passage_tokens)
     if model.kind != "cross":
         raise InvalidArgument(f"long_passages: CHUNK needs a cross-encoder; model {model.name!r} is a bi-encoder")
-    return PairOptions(instruction, request.max_chunks_per_passage or limits.max_chunks_per_passage)
+    return PairOptions(instruction, request.max_chunks_per_passage or limits.max_chunks_per_passage, request.max_passage_tokens)
 
 
 def retrieved_chunk(scores: np.ndarray, threshold: float | None) -> ScoredChunk:

@@ -16,6 +16,7 @@ from rankstream_server.inference.batcher import DynamicBatcher
 from rankstream_server.inference.batches import cut_batches
 from rankstream_server.inference.estimates import TokenSizes
 from rankstream_server.inference.model_loading import LoadedModel, dtype_name, load_model
+from rankstream_server.inference.precision import settle_precision
 from rankstream_server.inference.tokenization import ChatPairTokenizer, PairTokenizer, TextTokenizer
 
 log = logging.getLogger(__name__)
@@ -85,6 +86,7 @@ class ServedModel:
             "cuda_graphs": self.backend.graphs,
             "aliases": list(loaded.config.aliases),
             "dimension": loaded.dimension or 0,
+            **(loaded.precision.as_info() if loaded.precision else {}),
         }
 
 
@@ -112,7 +114,7 @@ class ModelRegistry:
 
     def _load_all(self) -> None:
         for cfg in self._settings.models:
-            loaded = load_model(cfg)
+            loaded = settle_precision(load_model(cfg), self._settings.batching)
             backend = backend_for(loaded, self._settings.batching)
             if loaded.pair_template is not None:
                 tokenizer = ChatPairTokenizer(loaded.tokenizer, loaded.max_length, cfg.name, loaded.pair_template)

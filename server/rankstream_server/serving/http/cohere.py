@@ -10,7 +10,6 @@ from fastapi import APIRouter, Request
 from pydantic import BaseModel, ConfigDict, Field
 
 from rankstream.v1 import rankstream_pb2 as pb
-from rankstream_server.errors import InvalidArgument
 from rankstream_server.serving.http import jina
 from rankstream_server.serving.http.front import Calls, Route, json_response
 
@@ -30,6 +29,9 @@ class RerankV1(_Body):
         None, description="Echo each document in its result. Default: true (Jina's default; Cohere's clients "
         "ignore the extra field).")
     raw_scores: bool = Field(False, description="rankstream extension: the model's logits, not its activation.")
+    max_chunks_per_doc: int | None = Field(
+        None, description="Score a long document in up to this many windows and keep the best window's score "
+        "(rankstream's long_passages: CHUNK); default: documents are truncated to the model's max_length.")
 
 
 class RerankV2(_Body):
@@ -38,8 +40,8 @@ class RerankV2(_Body):
     documents: list[str | dict[str, Any]]
     top_n: int | None = None
     max_tokens_per_doc: int | None = Field(
-        None, description="Accepted when at least the model's max_length: every (query, document) pair is cut to "
-        "max_length tokens already; smaller values are refused.")
+        None, description="Each document is cut to at most this many tokens (rankstream's max_passage_tokens); "
+        "every (query, document) pair is also cut to the model's max_length.")
     return_documents: bool = False
     raw_scores: bool = False
 
@@ -48,6 +50,11 @@ def _request(body: RerankV1 | RerankV2) -> tuple[pb.RerankRequest, list[str]]:
     texts = [jina.document_text(document, i) for i, document in enumerate(body.documents)]
     message = pb.RerankRequest(query=body.query, model=body.model or "", top_n=body.top_n or 0,
                                raw_scores=body.raw_scores)
+    if getattr(body, "max_tokens_per_doc", None) is not None:
+        message.max_passage_tokens = body.max_tokens_per_doc
+    chunks = getattr(body, "max_chunks_per_doc", None)
+    if chunks is not None:
+        message.long_passages, message.max_chunks_per_passage = pb.CHUNK, chunks
     message.passages.extend(pb.Passage(text=text) for text in texts)
     return message, texts
 
@@ -78,12 +85,6 @@ def routes(calls: Calls) -> tuple[APIRouter, dict[str, Route]]:
 
     @router.post("/v2/rerank", summary="Rerank (Cohere v2)")
     async def rerank_v2(body: RerankV2, request: Request):
-        if body.max_tokens_per_doc is not None:
-            max_length = calls.model(body.model or "").loaded.max_length
-            if body.max_tokens_per_doc < max_length:
-                raise InvalidArgument(
-                    f"max_tokens_per_doc: {body.max_tokens_per_doc} is below this model's max_length={max_length}; "
-                    "rankstream cuts each (query, document) pair to max_length tokens, so send at least that or leave it out")
         message, _ = _request(body)
         passages, call = await calls.rerank(request, message)
         tokens = call.stats.tokens if call.stats is not None else 0

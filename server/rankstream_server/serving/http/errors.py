@@ -19,7 +19,8 @@ _CODE_OF_STATUS = {400: "INVALID_ARGUMENT", 401: "UNAUTHENTICATED", 403: "PERMIS
 
 # The proto's field names as each dialect calls them.
 _FIELDS = {
-    "cohere": {"passages": "documents"},
+    "cohere": {"passages": "documents", "max_chunks_per_passage": "max_chunks_per_doc",
+               "max_passage_tokens": "max_tokens_per_doc"},
     "tei": {"passages": "texts"},
     "openai": {"inputs": "input"},
 }
