@@ -100,8 +100,8 @@ def forward(model_dir: Path, seconds: float) -> None:
             torch.set_num_threads(1)
             with torch.inference_mode():
                 while time.perf_counter() < until:
-                    runner(**inputs)
-                    counts[threading.get_ident()] = counts.get(threading.get_ident(), 0) + 1
+                    runner(**inputs)  # noqa: B023 - the threads are joined before the loop moves on
+                    counts[threading.get_ident()] = counts.get(threading.get_ident(), 0) + 1  # noqa: B023
 
         for threads in (1, 2):
             counts: dict[int, int] = {}
@@ -141,7 +141,7 @@ def batcher(model_dir: Path, text: common.Text) -> None:
         backend.warm_up()
 
         async def run() -> tuple[float, float]:
-            subject = DynamicBatcher("host", backend, config)
+            subject = DynamicBatcher("host", backend, config)  # noqa: B023 - run() is awaited within this iteration
 
             async def client(k: int) -> None:
                 for r in range(6):
