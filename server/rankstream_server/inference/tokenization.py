@@ -434,8 +434,8 @@ class ChatPairTokenizer(_RustTokenizer):
             raise InvalidArgument("query: has no tokens for this model (only spaces or control characters?)")
         most = self._max_length * chunks  # document tokens that can be used at the most
         limit = most * CHARACTERS_PER_TOKEN_CUT
-        cut = [len(p) > limit and _cut(p, most)[1] for p in passages]
-        documents = [_cut(p, most)[0] if was_cut else p for p, was_cut in zip(passages, cut)]
+        documents, cut = zip(*(_cut(p, most) if len(p) > limit else (p, False) for p in passages)) if passages else ((), ())
+        documents = list(documents)
         heads, rows, tails = self._split(query, documents, instruction)
         short = [i for i, was_cut in enumerate(cut) if was_cut and len(rows[i]) <= most]
         if short:  # the cut fell short: those in full
