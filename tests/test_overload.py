@@ -242,6 +242,43 @@ def test_http_429_carries_retry_after_from_the_same_estimate(server):
     assert 'rankstream_model_refused_total{model="tiny-bert",reason="queue"}' in metrics
 
 
+@pytest.mark.parametrize("headers, seconds", [
+    ({"grpc-timeout": "2500m"}, 2.5), ({"grpc-timeout": "3S"}, 3.0), ({"grpc-timeout": "1M"}, 60.0),
+    ({"grpc-timeout": "200000u"}, 0.2), ({"x-envoy-expected-rq-timeout-ms": "1500"}, 1.5), ({}, None),
+])
+def test_an_http_deadline_is_read_from_grpc_timeout_or_envoys_header(headers, seconds):
+    from rankstream_server.serving.http.front import deadline_header
+
+    assert deadline_header(headers) == (None if seconds is None else pytest.approx(seconds))
+
+
+def test_an_http_call_that_cannot_meet_the_deadline_it_sent_is_refused_before_its_body_is_read(server):
+    base = f"http://127.0.0.1:{server.server.http_port}"
+    body = {"query": QUERY, "documents": ["a short passage " * 200] * 10}  # ~32 KB: ~8,000 tokens, ~80 s at 100/s
+    with Loaded(server.batcher, tokens_per_second=100.0):
+        refused = httpx.post(f"{base}/v2/rerank", json=body, headers={"grpc-timeout": "5S"}, timeout=30)
+        assert refused.status_code == 429 and "deadline" in refused.json()["message"]
+        bad = httpx.post(f"{base}/v2/rerank", json=body, headers={"grpc-timeout": "soon"}, timeout=30)
+        assert bad.status_code == 400 and "grpc-timeout" in bad.json()["message"]
+    ok = httpx.post(f"{base}/v2/rerank", json={"query": QUERY, "documents": ["a", "b"]},
+                    headers={"x-envoy-expected-rq-timeout-ms": "20000"}, timeout=30)
+    assert ok.status_code == 200 and len(ok.json()["results"]) == 2
+
+
+def test_the_pushback_counts_the_refused_calls_being_held(server):
+    from rankstream_server.serving.shedding import LoadGate
+
+    gate = LoadGate(server.server._readiness)
+    with Loaded(server.batcher, tokens_per_second=100.0, queued_tokens=1100):  # 11 s queued: 1 s past the limit
+        pushbacks = {}
+        for held in (0, 40_000):  # 40,000 bytes held (~10,000 tokens): about 100 s more
+            with pytest.raises(ResourceExhausted) as refused:
+                gate.check("Rerank", 400, None, {"Rerank": held, "Embed": 10**9})  # Embed queues on no cross-encoder
+            pushbacks[held] = refused.value.retry_after
+    assert pushbacks[0] <= 3.5, "about the 2 s past the limit, jittered"
+    assert 30 <= pushbacks[40_000] <= 250, "plus the held calls' work, jittered"
+
+
 # -- clients: they retry refusals with the server's pushback, within their deadline ----------------
 
 

@@ -244,6 +244,10 @@ class DynamicBatcher:
         at the measured drain rate (None until measured)."""
         return self._drain.seconds_for(self._queued_tokens + self._running_tokens + tokens)
 
+    def seconds_for(self, tokens: int) -> float | None:
+        """Seconds the queue takes to drain `tokens` at the measured rate (None until measured)."""
+        return self._drain.seconds_for(tokens)
+
     @property
     def drain_rate(self) -> float | None:
         """Tokens per second the queue drains at, as measured (None until measured)."""

@@ -53,7 +53,7 @@ class CallRecord:
     the same name on both transports; `route` says which front and dialect carried it."""
 
     __slots__ = ("rpc", "request_id", "started", "passages_in", "passages_out", "code", "peer", "quiet", "route",
-                 "admitted", "reason", "finished")
+                 "admitted", "reason", "finished", "size_bytes")
 
     def __init__(self, rpc: str, request_id: str, peer: str = "", quiet: bool = False, route: str = "grpc"):
         self.peer = peer
@@ -68,6 +68,7 @@ class CallRecord:
         self.admitted = False
         self.reason = ""  # why a refused call was refused (ResourceExhausted.reason)
         self.finished = False  # its log line and metrics are written (once, however it ends)
+        self.size_bytes: int | None = None  # the request's size, when admission knew it
 
     def refused(self, error: ResourceExhausted) -> None:
         self.code = REFUSED
@@ -120,13 +121,16 @@ class Admission:
         self._refusals = RefusalSummary()
         self.active = 0
         self.held = 0  # refusals being held
+        self.held_bytes: collections.Counter[str] = collections.Counter()  # their request sizes, by operation
 
-    async def hold(self, refused: ResourceExhausted, time_remaining: float | None = None) -> None:
+    async def hold(self, refused: ResourceExhausted, time_remaining: float | None = None,
+                   call: CallRecord | None = None) -> None:
         """Waits before a refusal is answered: up to the hold limit, within the refusal's own
         pushback (which is shortened by the wait, so a client that honours it waits no longer in
         all), and answering just before the caller's deadline at the latest (so a call no
         retry can help, pushback -1, is held until then). Answers at once past
-        max_concurrent_rpcs refusals held."""
+        max_concurrent_rpcs refusals held. While held, the call's size counts in the pushback of
+        later refusals (LoadGate)."""
         after = refused.retry_after
         if after is None or (after < 0 and time_remaining is None):
             return
@@ -139,11 +143,15 @@ class Admission:
                 else time_remaining
         if seconds <= 0 or self.held >= self.max_concurrent:
             return
+        size = call.size_bytes if call is not None and call.size_bytes else 0
         self.held += 1
+        self.held_bytes[call.rpc if call is not None else ""] += size
         try:
             await asyncio.sleep(seconds)
         finally:
             self.held -= 1
+            if size:
+                self.held_bytes[call.rpc] -= size
         if after >= 0:
             refused.retry_after = max(0.0, after - seconds)
 
@@ -161,8 +169,9 @@ class Admission:
             self.finish(call)
             raise refused
         if self._gate is not None and size_bytes is not None:
+            call.size_bytes = size_bytes
             try:
-                self._gate.check(call.rpc, size_bytes, time_remaining)
+                self._gate.check(call.rpc, size_bytes, time_remaining, self.held_bytes)
             except ResourceExhausted as refused:
                 call.refused(refused)
                 self.finish(call)

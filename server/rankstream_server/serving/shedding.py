@@ -10,11 +10,18 @@ would refuse too. That check (ModelCall's precheck, before tokenizing) still run
 Which model a request will use is not known before decoding, so the gate asks every model of
 the kind the operation runs (cross-encoders for Rerank, bi-encoders for Embed and Retrieve) and
 refuses only when none of them could take the request.
+
+A refusal's pushback counts the refused calls being held right now (Admission.hold) as well as
+the queue: they will come back too, so under a storm "room for this request in 0.3 s" is not
+when this caller can expect a place. Held calls never count against admission itself (a crowd
+that is only being held must not keep the queue from filling).
 """
 
 from __future__ import annotations
 
+import random
 import time
+from collections.abc import Mapping
 
 from rankstream_server.errors import ResourceExhausted
 from rankstream_server.serving.operations import Readiness
@@ -35,9 +42,11 @@ class LoadGate:
     def __init__(self, readiness: Readiness):
         self._readiness = readiness
 
-    def check(self, rpc: str, size_bytes: int, time_remaining: float | None) -> None:
+    def check(self, rpc: str, size_bytes: int, time_remaining: float | None,
+              held_bytes: Mapping[str, int] | None = None) -> None:
         """Raises ResourceExhausted (with the soonest retry_after of the models asked) when no
-        model of the operation's kind could take a request of `size_bytes`."""
+        model of the operation's kind could take a request of `size_bytes`. `held_bytes`: the
+        sizes of the refused calls being held now, by operation (they lengthen the pushback)."""
         gated = GATED.get(rpc)
         registry = self._readiness.registry
         if gated is None or registry is None:
@@ -52,6 +61,11 @@ class LoadGate:
             try:
                 model.batcher.precheck(1, tokens, deadline)
             except ResourceExhausted as refused:
+                held = sum(size for other, size in (held_bytes or {}).items() if GATED.get(other, ("",))[0] == kind)
+                if held and refused.retry_after is not None and refused.retry_after >= 0:
+                    behind = model.batcher.seconds_for(model.sizes.tokens(held))
+                    if behind:
+                        refused.retry_after += behind * random.uniform(0.5, 1.5)
                 refusals.append(refused)
                 continue
             return

@@ -80,7 +80,7 @@ class CallObserver(grpc.aio.ServerInterceptor):
             try:
                 admission.enter(call, None if raw is None else len(raw), time_remaining)
             except ResourceExhausted as refused:
-                await admission.hold(refused, time_remaining)
+                await admission.hold(refused, time_remaining, call)
                 context.set_trailing_metadata(((REQUEST_ID, request_id), *pushback_trailer(refused)))
                 await context.abort(refused.code, str(refused))
             return call

@@ -14,8 +14,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import re
 import socket
 import ssl
+import time
 import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -30,7 +32,15 @@ from starlette.responses import Response
 
 from rankstream.v1 import rankstream_pb2 as pb
 from rankstream_server.config import Settings, TlsConfig
-from rankstream_server.errors import NotFound, RankstreamError, ResourceExhausted, TooLarge, Unavailable
+from rankstream_server.errors import (
+    DeadlineExceeded,
+    InvalidArgument,
+    NotFound,
+    RankstreamError,
+    ResourceExhausted,
+    TooLarge,
+    Unavailable,
+)
 from rankstream_server.serving.admission import REQUEST_ID, Admission, CallRecord, usable_request_id
 from rankstream_server.serving.auth import TokenStore, authorize, bearer_of_header
 from rankstream_server.serving.http import errors as http_errors
@@ -40,6 +50,11 @@ log = logging.getLogger(__name__)
 
 CALL_KEY = "rankstream.call"  # the request's CallRecord, in the ASGI scope
 ROUTE_KEY = "rankstream.route"
+DEADLINE_KEY = "rankstream.deadline"  # the client's deadline (time.monotonic()), when it sent one
+# Headers that carry the caller's timeout, as gRPC-gateway and Envoy (Istio) forward it.
+GRPC_TIMEOUT = "grpc-timeout"
+ENVOY_TIMEOUT = "x-envoy-expected-rq-timeout-ms"
+_GRPC_TIMEOUT_UNITS = {"H": 3600.0, "M": 60.0, "S": 1.0, "m": 1e-3, "u": 1e-6, "n": 1e-9}
 
 
 @dataclass(frozen=True)
@@ -59,15 +74,17 @@ def json_response(content: object, status: int = 200, headers: dict[str, str] | 
 
 
 class HttpCall:
-    """An operation's CallContext over HTTP: no deadline (HTTP clients send none), stats kept."""
+    """An operation's CallContext over HTTP: the deadline the client sent (deadline_header), if
+    any, and the stats kept."""
 
-    __slots__ = ("stats",)
+    __slots__ = ("stats", "_deadline")
 
-    def __init__(self) -> None:
+    def __init__(self, deadline: float | None = None) -> None:
         self.stats: pb.RerankStats | None = None
+        self._deadline = deadline  # time.monotonic() value
 
     def time_remaining(self) -> float | None:
-        return None
+        return None if self._deadline is None else self._deadline - time.monotonic()
 
     def report(self, stats: pb.RerankStats) -> None:
         self.stats = stats
@@ -86,15 +103,21 @@ class Calls:
         self.readiness = readiness
 
     async def run(self, request: Request, work: Callable[[HttpCall], Awaitable[object]]) -> tuple[object, HttpCall]:
-        """Runs `work(call)`, cancelled (its queued batches dropped) if the client disconnects first.
-        Domain errors pass through for the dialect's handler; anything else becomes an opaque 500."""
-        context = HttpCall()
+        """Runs `work(call)`, cancelled (its queued batches dropped) if the client disconnects first,
+        or once the deadline it sent has passed (DeadlineExceeded: 504). Domain errors pass through
+        for the dialect's handler; anything else becomes an opaque 500."""
+        context = HttpCall(request.scope.get(DEADLINE_KEY))
         task = asyncio.ensure_future(work(context))
         watcher = asyncio.ensure_future(_disconnected(request.receive))
         try:
-            await asyncio.wait((task, watcher), return_when=asyncio.FIRST_COMPLETED)
+            remaining = context.time_remaining()
+            await asyncio.wait((task, watcher), timeout=None if remaining is None else max(remaining, 0.0),
+                               return_when=asyncio.FIRST_COMPLETED)
             if not task.done():
                 task.cancel()
+                if not watcher.done():
+                    raise DeadlineExceeded("deadline passed (from the request's timeout header) before the answer "
+                                           "was ready")
                 raise ClientGone()
             try:
                 return task.result(), context
@@ -185,12 +208,19 @@ class Guard:
             await send(message)
 
         try:
-            refusal = self._refusal(route, headers, call)
+            time_remaining = None
+            try:
+                time_remaining = None if route.quiet else deadline_header(headers)
+                if time_remaining is not None:
+                    scope[DEADLINE_KEY] = time.monotonic() + time_remaining
+                refusal = self._refusal(route, headers, call, time_remaining)
+            except InvalidArgument as bad_header:
+                refusal = bad_header
             if refusal is not None:
                 status = refusal.http_status
                 call.code = refusal.code.name
                 if isinstance(refusal, ResourceExhausted):
-                    await self._admission.hold(refusal)
+                    await self._admission.hold(refusal, time_remaining, call)
                 await http_errors.respond(route.dialect, refusal, scope, receive, observed_send)
                 return
             await self._app(scope, self._counted(receive), observed_send)
@@ -199,7 +229,8 @@ class Guard:
                 call.code = http_errors.code_name(status)
             self._admission.leave(call)
 
-    def _refusal(self, route: Route, headers: dict[str, str], call: CallRecord) -> RankstreamError | None:
+    def _refusal(self, route: Route, headers: dict[str, str], call: CallRecord,
+                 time_remaining: float | None) -> RankstreamError | None:
         """Why the request is refused before its body is read, or None."""
         if route.quiet:
             return None
@@ -215,7 +246,7 @@ class Guard:
         if size is not None and size > self._max_body:
             return TooLarge(f"body: {size} bytes, limit is {self._max_body} (from the server's limits)")
         try:
-            self._admission.enter(call, size)  # the load gate sizes the call by its Content-Length
+            self._admission.enter(call, size, time_remaining)  # the load gate: by Content-Length and deadline
         except RankstreamError as refused:
             return refused
         return None
@@ -235,6 +266,26 @@ class Guard:
             return message
 
         return counted
+
+
+def deadline_header(headers: dict[str, str]) -> float | None:
+    """Seconds the caller will wait, from `grpc-timeout` (gRPC's format: digits and a unit, H M S
+    m u n, as gRPC-gateway forwards it) or `x-envoy-expected-rq-timeout-ms` (set by Envoy and
+    Istio on the requests they route); None when neither is sent. With it, an HTTP call gets what
+    a gRPC deadline gives: work that cannot finish in time is refused before its body is read."""
+    value = headers.get(GRPC_TIMEOUT)
+    if value is not None:
+        match = re.fullmatch(r"(\d{1,8})([HMSmun])", value.strip())
+        if match is None:
+            raise InvalidArgument(f"header {GRPC_TIMEOUT}: {value[:40]!r} is not 1 to 8 digits and a unit "
+                                  "(H, M, S, m, u or n), e.g. 2500m")
+        return int(match.group(1)) * _GRPC_TIMEOUT_UNITS[match.group(2)]
+    value = headers.get(ENVOY_TIMEOUT)
+    if value is not None:
+        if not value.strip().isdigit():
+            raise InvalidArgument(f"header {ENVOY_TIMEOUT}: {value[:40]!r} is not a whole number of milliseconds")
+        return int(value) / 1000
+    return None
 
 
 def _headers(scope) -> dict[str, str]:
