@@ -136,6 +136,22 @@ def test_shape_policy_buckets_widths_and_rows():
     assert exact.width(37) == 37 and exact.padded_rows(3) == 3 and exact.rows_for(30) == 3
 
 
+@pytest.mark.parametrize("device, dtype, configured, width_of_37", [
+    ("cpu", torch.float32, None, 37),  # float32 kernels are not built per shape: exact widths
+    ("cpu", torch.bfloat16, None, 48),  # oneDNN builds a kernel per bf16 shape: widths in 16s
+    ("cpu", torch.float16, None, 48),
+    ("cpu", torch.bfloat16, 1, 37),  # the config wins
+    ("cuda", torch.float16, None, 64),
+])
+def test_the_default_pass_widths_depend_on_device_and_dtype(device, dtype, configured, width_of_37):
+    from types import SimpleNamespace
+
+    from rankstream_server.inference.backend import shape_policy
+
+    loaded = SimpleNamespace(device=torch.device(device), dtype=dtype, max_length=512)
+    assert shape_policy(loaded, BatchingConfig(length_bucket=configured)).width(37) == width_of_37
+
+
 def _tokens(lengths: list[int], start: int) -> Tokens:
     lengths_array = np.array(lengths, dtype=np.int32)
     ids = np.zeros((len(lengths), max(lengths)), dtype=np.int64)

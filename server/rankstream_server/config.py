@@ -160,7 +160,8 @@ class BatchingConfig(_Strict):
         500.0, ge=0, description="Bulk work (upserts, builds) goes after queries and reranks, unless it has waited this long."
     )
     length_bucket: int | None = Field(
-        None, gt=0, description="Pass widths are multiples of this. Default by device: CUDA 32 (few shapes, all warmed), CPU 1."
+        None, gt=0, description="Pass widths are multiples of this. Default: CUDA 32 (few shapes, all warmed); CPU 16 in bfloat16 "
+        "or float16 (oneDNN builds a kernel per shape), 1 (exact) in float32."
     )
     pad_rows: bool | None = Field(
         None, description="Pad pass row counts to powers of two (few shapes). Default: on CUDA only."

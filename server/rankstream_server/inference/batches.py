@@ -3,7 +3,8 @@
 On CUDA a forward pass should only ever meet a few shapes, each warmed (and captured as a CUDA
 graph) at start-up: cuDNN attention spends ~240 ms building a plan for every new (rows, width).
 So widths are rounded up to a multiple of `length_bucket` and row counts to one of `row_buckets`.
-On the CPU no shape is costly to meet, so both default to exact.
+On the CPU in float32 no shape is costly to meet, so both default to exact; in bf16/fp16 oneDNN
+builds a kernel per shape, so widths are bucketed there too (backend.shape_policy).
 """
 
 from __future__ import annotations
