@@ -401,6 +401,8 @@ async def test_a_client_that_disconnects_cancels_its_work():
     cleaned = asyncio.Event()
 
     class Departing:  # the ASGI receive of a client that has sent its body, then goes away
+        scope: dict = {}  # no deadline header
+
         async def receive(self):
             await gone.wait()
             return {"type": "http.disconnect"}
@@ -419,6 +421,34 @@ async def test_a_client_that_disconnects_cancels_its_work():
     with pytest.raises(ClientGone):
         await running
     assert cleaned.is_set()
+
+
+async def test_an_http_call_past_the_deadline_it_sent_is_cancelled_and_answered_504():
+    import asyncio
+
+    from rankstream_server.errors import DeadlineExceeded
+    from rankstream_server.serving.http.front import DEADLINE_KEY, Calls
+
+    cleaned = asyncio.Event()
+
+    class Waiting:  # a client that sent `grpc-timeout: 50m` and stays connected
+        scope = {DEADLINE_KEY: time.monotonic() + 0.05}
+
+        async def receive(self):
+            await asyncio.Event().wait()
+
+    async def work(context):
+        assert 0 < context.time_remaining() <= 0.05, "the operation sees the deadline too"
+        try:
+            await asyncio.Event().wait()
+        finally:
+            cleaned.set()
+
+    with pytest.raises(DeadlineExceeded):
+        await Calls(settings=None, services=None, readiness=None).run(Waiting(), work)
+    await asyncio.wait_for(cleaned.wait(), 1)
+    assert cleaned.is_set(), "its work was cancelled (queued passes dropped)"
+    assert DeadlineExceeded.http_status == 504
 
 
 def test_sigterm_drains_http_too_then_exits_zero(models, tmp_path):

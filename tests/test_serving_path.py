@@ -149,7 +149,10 @@ def test_the_default_pass_widths_depend_on_device_and_dtype(device, dtype, confi
     from rankstream_server.inference.backend import shape_policy
 
     loaded = SimpleNamespace(device=torch.device(device), dtype=dtype, max_length=512)
-    assert shape_policy(loaded, BatchingConfig(length_bucket=configured)).width(37) == width_of_37
+    policy = shape_policy(loaded, BatchingConfig(length_bucket=configured))
+    assert policy.width(37) == width_of_37
+    padded = device == "cuda" or dtype != torch.float32
+    assert policy.padded_rows(5) == (8 if padded else 5), "rows in powers of two with the widths"
 
 
 def _tokens(lengths: list[int], start: int) -> Tokens:

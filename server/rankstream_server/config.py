@@ -164,7 +164,8 @@ class BatchingConfig(_Strict):
         "or float16 (oneDNN builds a kernel per shape), 1 (exact) in float32."
     )
     pad_rows: bool | None = Field(
-        None, description="Pad pass row counts to powers of two (few shapes). Default: on CUDA only."
+        None, description="Pad pass row counts to powers of two (few shapes). Default: on CUDA, and on CPU in bfloat16 or "
+        "float16 (oneDNN builds a kernel per shape)."
     )
     cuda_graphs: bool = Field(True, description="Capture each pass shape as a CUDA graph at start-up (CUDA only).")
     attention: Literal["auto", "cudnn", "flash", "efficient", "math"] = Field(

@@ -14,8 +14,8 @@ On CUDA:
   a capture that fails, or whose output differs from the eager pass, turns graphs off for that
   model (logged) and serving goes on eagerly;
 - the SDPA attention kernel is chosen by timing the candidates at start-up.
-On CPU, passes run in exact shapes (bf16/fp16: widths in multiples of 16, see
-CPU_LOW_PRECISION_LENGTH_BUCKET) on `cpu_passes` worker threads side by side (one per core by
+On CPU, passes run in exact shapes (bf16/fp16: widths in multiples of 16 and rows in powers of
+two, see CPU_LOW_PRECISION_LENGTH_BUCKET) on `cpu_passes` worker threads side by side (one per core by
 default, each with torch's intra-op threads), so tokenizing, the event loop and passes share the
 cores without OpenMP threads spinning against each other; with `batching.compile` they run the
 torch.compile'd model (checked against eager and timed at start-up).
@@ -45,11 +45,12 @@ CPU_BATCH_TOKENS = 2048  # measured fastest per pair on CPU: caches beat big mat
 GPU_BATCH_TOKENS = 16384
 GPU_LENGTH_BUCKET = 32
 # bf16/fp16 on CPU: oneDNN builds (JIT-compiles) and caches a kernel for every matmul shape it
-# meets, so exact widths make nearly every pass build new ones and the cache (1,024 kernels)
-# grow the RSS by hundreds of MiB. Widths in multiples of 16 keep the shapes few: measured
-# (MiniLM-L6 cross-encoder, bf16, one thread, passes of 2,048 tokens) ~20% more real tokens/s
-# than exact widths despite the padding, with a flat RSS. float32 stays exact: its kernels are
-# not built per shape, and the padding made it ~10% slower.
+# meets, so exact shapes make nearly every pass build new ones and the cache (1,024 kernels)
+# grow the RSS by hundreds of MiB. Widths in multiples of 16 and row counts in powers of two
+# keep the shapes few (~20 in a varied load): measured on the MiniLM-L6 cross-encoder in bf16,
+# one thread, passes of 2,048 tokens, ~20% more real tokens/s than exact widths despite the
+# padding, and powers-of-two rows 5-17% more again. float32 stays exact: its kernels are not
+# built per shape, and padding made it ~10% slower.
 CPU_LOW_PRECISION_LENGTH_BUCKET = 16
 TUNED_BATCH_TOKENS = (1024, 2048, 4096, 8192)  # CPU budgets tried at start-up when none is configured
 TUNING_SECONDS = 2.0
@@ -69,7 +70,7 @@ def shape_policy(loaded: LoadedModel, config: BatchingConfig) -> ShapePolicy:
     low_precision = loaded.dtype in (torch.bfloat16, torch.float16)
     length_bucket = config.length_bucket or (GPU_LENGTH_BUCKET if cuda else
                                              CPU_LOW_PRECISION_LENGTH_BUCKET if low_precision else 1)
-    pad_rows = config.pad_rows if config.pad_rows is not None else cuda
+    pad_rows = config.pad_rows if config.pad_rows is not None else (cuda or low_precision)
     rows = power_of_two_rows(config.max_batch_size) if pad_rows else ()
     return ShapePolicy(loaded.max_length, config.max_batch_size, max_tokens, length_bucket, rows)
 
