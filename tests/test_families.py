@@ -330,6 +330,48 @@ def test_retrieve_and_rerank_takes_the_same_pair_options(demo_server):
             client.retrieve_and_rerank("what is a cross-encoder", top_k=5, reranker="tiny-bert", instruction="Judge relevance")
 
 
+def test_the_clients_and_langchain_pass_max_passage_tokens(demo_server):
+    """max_passage_tokens reaches the server from the sync and asyncio clients and both LangChain
+    wrappers: with CHUNK, 8-token windows make more windows than whole passages; with TRUNCATE the
+    scores are those of the cut passages."""
+    import asyncio
+
+    from langchain_core.documents import Document
+
+    from rankstream import AsyncRankstreamClient, RankstreamClient
+    from rankstream.langchain import RankstreamRerank, RankstreamRetriever
+
+    query, cross = "what is a cross-encoder", "minilm-cross"
+    texts = [t for t in TEXTS if len(t) > 40]
+    with RankstreamClient(demo_server.target) as client:
+        whole = client.rerank(query, texts, model=cross, long_passages="chunk")
+        windowed = client.rerank(query, texts, model=cross, long_passages="chunk", max_passage_tokens=8)
+        assert whole.stats.windows == len(texts) and windowed.stats.windows > 2 * len(texts)
+        retrieved = client.retrieve_and_rerank(query, top_k=5, top_n=5, reranker=cross, long_passages="chunk",
+                                               max_passage_tokens=8)
+        assert retrieved.stats.windows > 2 * 5
+        cut = client.rerank(query, texts, model=cross, max_passage_tokens=8)
+        assert cut.stats.truncated == len(texts)
+        expected = {p.index: p.score for p in cut}
+        uncut = {p.index: p.score for p in client.rerank(query, texts, model=cross)}
+        assert max(abs(expected[i] - uncut[i]) for i in expected) > 1e-3, "the cut changed no score"
+        cut_retrieved = {p.id: p.score for p in client.retrieve_and_rerank(query, top_k=5, top_n=5, reranker=cross,
+                                                                           max_passage_tokens=8)}
+
+    async def asynchronously():
+        async with AsyncRankstreamClient(demo_server.target) as client:
+            return await client.rerank(query, texts, model=cross, long_passages="chunk", max_passage_tokens=8)
+
+    assert asyncio.run(asynchronously()).stats.windows == windowed.stats.windows
+    documents = [Document(page_content=t, id=str(i)) for i, t in enumerate(texts)]
+    compressed = RankstreamRerank(target=demo_server.target, model=cross, top_n=None,
+                                  max_passage_tokens=8).compress_documents(documents, query)
+    assert {int(d.id): d.metadata["relevance_score"] for d in compressed} == pytest.approx(expected, abs=1e-5)
+    found = RankstreamRetriever(target=demo_server.target, k=5, candidates=5, reranker=cross,
+                                max_passage_tokens=8).invoke(query)
+    assert {d.id: d.metadata["relevance_score"] for d in found} == pytest.approx(cut_retrieved, abs=1e-5)
+
+
 @pytest.mark.parametrize("name", ["qwen3-yes-no", "electra"])
 async def test_max_passage_tokens_cuts_the_document_and_keeps_the_template(family_server, family_dirs, name):
     """Each passage keeps its first N tokens; the query and the template's suffix stay whole, so
