@@ -11,7 +11,7 @@ from .types import PassageLike, to_passage
 STATS_TRAILER = "rankstream-stats-bin"  # trailing metadata: a serialized rankstream.v1.RerankStats
 _ORDERS = {"ranked": pb.RANKED, "as_scored": pb.AS_SCORED}
 _MODES = {"": pb.MODE_DEFAULT, "dense": pb.DENSE, "sparse": pb.SPARSE, "hybrid": pb.HYBRID}
-_LONG_PASSAGES = {"truncate": pb.TRUNCATE, "chunk": pb.CHUNK}
+_LONG_PASSAGES = {"truncate": pb.TRUNCATE, "chunk": pb.CHUNK, "refuse": pb.REFUSE}
 
 
 def long_passages_of(choice: str) -> int:

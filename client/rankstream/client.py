@@ -100,8 +100,9 @@ class RankstreamClient(ClientBase):
         max_passage_tokens: int = 0, timeout: float | None = None,
     ) -> Ranking:
         """The best `top_n` passages (0 = all), best first. `instruction`: the task instruction for
-        rerankers that take one (ListModels: accepts_instruction); `long_passages`: "truncate" or
-        "chunk" (a long passage is scored in windows and keeps its best window's score);
+        rerankers that take one (ListModels: accepts_instruction); `long_passages`: "truncate",
+        "chunk" (a long passage is scored in windows and keeps its best window's score) or "refuse"
+        (a passage longer than the model takes fails the call, InvalidArgument, before any scoring);
         `max_passage_tokens`: cut each passage (with "chunk": each window) to that many tokens, 0 = as
         many as the model's max_length leaves."""
         return self._collect(self.rerank_stream(

@@ -81,8 +81,9 @@ class RankstreamRerank(_RankstreamConnection, BaseDocumentCompressor):
     top_n: int | None = Field(3, description="How many documents to keep; None = all.")
     score_threshold: float | None = None
     instruction: str = Field("", description="Task instruction for rerankers that take one (LLM rerankers).")
-    long_passages: Literal["truncate", "chunk"] = Field(
-        "truncate", description="chunk: a long document is scored in windows and keeps its best window's score.")
+    long_passages: Literal["truncate", "chunk", "refuse"] = Field(
+        "truncate", description="chunk: a long document is scored in windows and keeps its best window's score; "
+                                "refuse: a document longer than the model takes fails the call.")
     max_chunks_per_passage: int = Field(0, ge=0, description="With chunk: windows per document; 0 = the server's limit.")
     max_passage_tokens: int = Field(0, ge=0, description="Cut each document (with chunk: each window) to this many "
                                     "tokens; 0 = as many as the model's max_length leaves.")
