@@ -307,11 +307,53 @@ async def test_chunk_leaves_short_passages_alone_and_streams_each_passage_once(s
 @pytest.mark.parametrize("fields, needle", [
     ({"max_chunks_per_passage": 99, "long_passages": pb.CHUNK}, "max_chunks_per_passage"),
     ({"max_chunks_per_passage": 2}, "max_chunks_per_passage: set only with long_passages: CHUNK"),
+    ({"max_chunks_per_passage": 2, "long_passages": pb.REFUSE}, "max_chunks_per_passage: set only with long_passages: CHUNK"),
+    ({"max_passage_tokens": 8, "long_passages": pb.REFUSE}, "max_passage_tokens: not with long_passages: REFUSE"),
+    ({"long_passages": 7}, "long_passages: unknown value 7"),
 ])
 async def test_bad_chunk_settings_are_refused_naming_the_field(short_window_server, fields, needle):
     with pytest.raises(grpc.aio.AioRpcError) as error:
         await short_window_server.rerank(query=CHUNK_QUERY, passages=passages(SENTENCES), **fields)
     assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT and needle in error.value.details()
+
+
+async def test_refuse_fails_a_long_passage_before_anything_is_scored(short_window_server, models):
+    """long_passages REFUSE: a passage past max_length fails the call, naming the passage, its
+    tokens with the query (as Hugging Face counts them) and the limit, and the model's batcher runs
+    nothing for it; passages that fit score as with TRUNCATE."""
+    from transformers import AutoTokenizer
+
+    long_text = " ".join(SENTENCES * 2)
+    tokens = len(AutoTokenizer.from_pretrained(str(models.minilm))(CHUNK_QUERY, long_text)["input_ids"])
+    before = (await short_window_server.model_info("minilm-32")).batcher
+    with pytest.raises(grpc.aio.AioRpcError) as error:
+        await short_window_server.rerank(query=CHUNK_QUERY, passages=passages([SENTENCES[0], long_text]),
+                                         long_passages=pb.REFUSE)
+    after = (await short_window_server.model_info("minilm-32")).batcher
+    assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert error.value.details() == (f"passages[1]: {tokens} tokens with the query, longer than model 'minilm-32' "
+                                     "takes (max_length=32); long_passages=REFUSE")
+    assert (after.batches, after.items, after.tokens, after.in_flight) == (before.batches, before.items, before.tokens, 0)
+    refused, stats = await short_window_server.rerank(query=CHUNK_QUERY, passages=passages(SENTENCES[:3]),
+                                                      raw_scores=True, long_passages=pb.REFUSE)
+    truncated, _ = await short_window_server.rerank(query=CHUNK_QUERY, passages=passages(SENTENCES[:3]), raw_scores=True)
+    np.testing.assert_allclose(by_index(refused, 3), by_index(truncated, 3), rtol=0, atol=TOLERANCE)
+    assert stats.truncated == 0 and stats.scored == 3
+
+
+@pytest.mark.parametrize("name", ["qwen3-yes-no", "electra"])
+async def test_refuse_counts_the_whole_pair_in_each_family(family_server, name):
+    """A chat-template reranker counts the template around the document too."""
+    max_length = (await family_server.model_info(name)).max_length
+    long_text = " ".join(["planet"] * 2 * max_length)
+    with pytest.raises(grpc.aio.AioRpcError) as error:
+        await family_server.rerank(query=QUERY, passages=passages([TEXTS[0], long_text]), model=name,
+                                   long_passages=pb.REFUSE)
+    field, count, *_ = error.value.details().split()
+    assert field == "passages[1]:" and int(count) > 2 * max_length
+    assert error.value.details().endswith(f"(max_length={max_length}); long_passages=REFUSE")
+    _, stats = await family_server.rerank(query=QUERY, passages=passages(TEXTS[:1]), model=name, long_passages=pb.REFUSE)
+    assert stats.scored == 1
 
 
 def test_retrieve_and_rerank_takes_the_same_pair_options(demo_server):
@@ -328,6 +370,50 @@ def test_retrieve_and_rerank_takes_the_same_pair_options(demo_server):
         assert chunked.stats.windows == 5 and chunked.stats.chunked == 0
         with pytest.raises(InvalidArgument, match="instruction"):
             client.retrieve_and_rerank("what is a cross-encoder", top_k=5, reranker="tiny-bert", instruction="Judge relevance")
+        with pytest.raises(InvalidArgument, match="long_passages: REFUSE is for passages the caller sends"):
+            client.retrieve_and_rerank("what is a cross-encoder", top_k=5, reranker="tiny-bert", long_passages="refuse")
+
+
+def test_the_clients_and_langchain_pass_max_passage_tokens(demo_server):
+    """max_passage_tokens reaches the server from the sync and asyncio clients and both LangChain
+    wrappers: with CHUNK, 8-token windows make more windows than whole passages; with TRUNCATE the
+    scores are those of the cut passages."""
+    import asyncio
+
+    from langchain_core.documents import Document
+
+    from rankstream import AsyncRankstreamClient, RankstreamClient
+    from rankstream.langchain import RankstreamRerank, RankstreamRetriever
+
+    query, cross = "what is a cross-encoder", "minilm-cross"
+    texts = [t for t in TEXTS if len(t) > 40]
+    with RankstreamClient(demo_server.target) as client:
+        whole = client.rerank(query, texts, model=cross, long_passages="chunk")
+        windowed = client.rerank(query, texts, model=cross, long_passages="chunk", max_passage_tokens=8)
+        assert whole.stats.windows == len(texts) and windowed.stats.windows > 2 * len(texts)
+        retrieved = client.retrieve_and_rerank(query, top_k=5, top_n=5, reranker=cross, long_passages="chunk",
+                                               max_passage_tokens=8)
+        assert retrieved.stats.windows > 2 * 5
+        cut = client.rerank(query, texts, model=cross, max_passage_tokens=8)
+        assert cut.stats.truncated == len(texts)
+        expected = {p.index: p.score for p in cut}
+        uncut = {p.index: p.score for p in client.rerank(query, texts, model=cross)}
+        assert max(abs(expected[i] - uncut[i]) for i in expected) > 1e-3, "the cut changed no score"
+        cut_retrieved = {p.id: p.score for p in client.retrieve_and_rerank(query, top_k=5, top_n=5, reranker=cross,
+                                                                           max_passage_tokens=8)}
+
+    async def asynchronously():
+        async with AsyncRankstreamClient(demo_server.target) as client:
+            return await client.rerank(query, texts, model=cross, long_passages="chunk", max_passage_tokens=8)
+
+    assert asyncio.run(asynchronously()).stats.windows == windowed.stats.windows
+    documents = [Document(page_content=t, id=str(i)) for i, t in enumerate(texts)]
+    compressed = RankstreamRerank(target=demo_server.target, model=cross, top_n=None,
+                                  max_passage_tokens=8).compress_documents(documents, query)
+    assert {int(d.id): d.metadata["relevance_score"] for d in compressed} == pytest.approx(expected, abs=1e-5)
+    found = RankstreamRetriever(target=demo_server.target, k=5, candidates=5, reranker=cross,
+                                max_passage_tokens=8).invoke(query)
+    assert {d.id: d.metadata["relevance_score"] for d in found} == pytest.approx(cut_retrieved, abs=1e-5)
 
 
 @pytest.mark.parametrize("name", ["qwen3-yes-no", "electra"])

@@ -535,6 +535,46 @@ def test_what_cannot_be_honoured_is_refused_not_guessed(front):
     assert image.status_code == 400 and "documents[0]" in image.json()["message"]
 
 
+def batcher_counters(front) -> dict[str, tuple[int, int, int]]:
+    with grpc.insecure_channel(front.target) as channel:
+        response = pb_grpc.InfoStub(channel).ListModels(pb.ListModelsRequest(), metadata=_metadata(), timeout=60)
+    return {m.name: (m.batcher.batches, m.batcher.items, m.batcher.tokens) for m in response.models}
+
+
+@pytest.mark.parametrize("path, body, field, model", [
+    ("/rerank", {"query": QUERY, "texts": ["short", TEXTS[8]]}, "texts[1]", "tiny-bert"),
+    ("/rerank", {"query": QUERY, "texts": ["short", TEXTS[8]], "model": "minilm"}, "texts[1]", "minilm"),  # a bi-encoder
+    ("/embed", {"inputs": ["short", TEXTS[8]]}, "inputs[1]", "minilm"),
+])
+def test_tei_truncate_false_refuses_a_long_text_before_scoring(front, path, body, field, model):
+    """truncate: false is long_passages / long_inputs REFUSE: 413 in TEI's shape naming the text,
+    its tokens and the limit, with no model work done; short texts answer 200."""
+    before = batcher_counters(front)
+    refused = post(front, path, {**body, "truncate": False})
+    assert refused.status_code == 413 and refused.json()["error_type"] == "Validation"
+    message = refused.json()["error"]
+    assert message.startswith(f"{field}: ") and f"longer than model {model!r} takes (max_length=" in message
+    assert message.endswith("; truncate=false")
+    assert batcher_counters(front) == before
+    short = {key: value[:1] if isinstance(value, list) else value for key, value in body.items()}
+    assert post(front, path, {**short, "truncate": False}).status_code == 200
+    assert post(front, path, body).status_code == 200  # truncate unset: cut, as TEI's auto-truncate
+
+
+def test_embed_long_inputs_over_grpc(front):
+    with grpc.insecure_channel(front.target) as channel:
+        stub = pb_grpc.EmbedderStub(channel)
+        cut = stub.Embed(pb.EmbedRequest(inputs=["short", TEXTS[8]]), metadata=_metadata(), timeout=60)
+        assert cut.truncated == 1
+        for long_inputs, needle in ((pb.REFUSE, "inputs[1]: "), (pb.CHUNK, "long_inputs: 1 is not taken")):
+            with pytest.raises(grpc.RpcError) as error:
+                stub.Embed(pb.EmbedRequest(inputs=["short", TEXTS[8]], long_inputs=long_inputs), metadata=_metadata(),
+                           timeout=60)
+            assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT and error.value.details().startswith(needle)
+        fits = stub.Embed(pb.EmbedRequest(inputs=["short"], long_inputs=pb.REFUSE), metadata=_metadata(), timeout=60)
+        np.testing.assert_allclose(fits.embeddings[0].values, cut.embeddings[0].values, atol=1e-6)
+
+
 def test_warming_up_answers_503_with_retry_after(models):
     settings = make_settings([{"name": "tiny-bert", "weights": str(models.bert)}], server={"http_port": 0})
     warming = ThreadedServer(settings, load=False).start()

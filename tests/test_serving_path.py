@@ -27,6 +27,7 @@ from rankstream_server.inference.tokenization import (
     PairTokenizer,
     TextTokenizer,
     Tokens,
+    TooLong,
     _PlainAscii,
 )
 from rankstream_server.serving.operations import Messages
@@ -88,6 +89,30 @@ def test_a_long_passage_is_cut_before_it_is_tokenized(bert_tokenizer, monkeypatc
     tokens = tokenizer.encode("fox", [passage])
     assert seen and max(seen) <= 64 * CHARACTERS_PER_TOKEN_CUT
     assert tokens.lengths[0] == 64 and tokens.truncated == 1
+
+
+@pytest.mark.parametrize("path", ["fast", "hugging face"])
+def test_refuse_raises_too_long_with_the_whole_count_and_leaves_what_fits_alone(bert_tokenizer, path):
+    """long_passages REFUSE at the tokenizer: the first input that would be cut raises TooLong with
+    its position and its tokens uncut, special tokens (and the query) included, as Hugging Face
+    counts them, also where the text was cut by characters before tokenizing. An input of exactly
+    the room fits, and what fits gives the same arrays as without REFUSE."""
+    pair, single = PairTokenizer(bert_tokenizer, 64, "m", True), TextTokenizer(bert_tokenizer, 64, "query: ", "")
+    if path == "hugging face":
+        pair._backend = single._backend = None
+    room = 64 - 3 - len(bert_tokenizer(QUERY, add_special_tokens=False)["input_ids"])
+    exact, over = " ".join(["word"] * room), " ".join(["word"] * (room + 1))
+    huge = "the quick brown fox jumps over the lazy dog " * 500  # cut by characters before tokenizing
+    for texts, index, passage in (([exact, over], 1, over), (["short", huge, over], 1, huge)):
+        with pytest.raises(TooLong) as caught:
+            pair.encode(QUERY, texts, refuse=True)
+        assert (caught.value.index, caught.value.tokens) == (index, len(bert_tokenizer(QUERY, passage)["input_ids"]))
+    fits = pair.encode(QUERY, ["short", exact], refuse=True)
+    assert _rows(fits, True) == _rows(pair.encode(QUERY, ["short", exact]), True) and fits.truncated == 0
+    with pytest.raises(TooLong) as caught:
+        single.encode(["short", huge], "query", refuse=True)
+    assert (caught.value.index, caught.value.tokens) == (1, len(bert_tokenizer("query: " + huge)["input_ids"]))
+    assert _rows(single.encode(["short"], "query", refuse=True), False) == _rows(single.encode(["short"], "query"), False)
 
 
 ASCII = st.text(alphabet=st.characters(max_codepoint=127), max_size=300)

@@ -11,7 +11,7 @@ from .types import PassageLike, to_passage
 STATS_TRAILER = "rankstream-stats-bin"  # trailing metadata: a serialized rankstream.v1.RerankStats
 _ORDERS = {"ranked": pb.RANKED, "as_scored": pb.AS_SCORED}
 _MODES = {"": pb.MODE_DEFAULT, "dense": pb.DENSE, "sparse": pb.SPARSE, "hybrid": pb.HYBRID}
-_LONG_PASSAGES = {"truncate": pb.TRUNCATE, "chunk": pb.CHUNK}
+_LONG_PASSAGES = {"truncate": pb.TRUNCATE, "chunk": pb.CHUNK, "refuse": pb.REFUSE}
 
 
 def long_passages_of(choice: str) -> int:
@@ -37,12 +37,14 @@ def order_of(order: str) -> int:
 
 def rerank(query: str, passages: Iterable[PassageLike], *, top_n: int, model: str, raw_scores: bool,
            score_threshold: float | None, return_text: bool, return_metadata: bool, order: str,
-           instruction: str = "", long_passages: str = "truncate", max_chunks_per_passage: int = 0) -> pb.RerankRequest:
+           instruction: str = "", long_passages: str = "truncate", max_chunks_per_passage: int = 0,
+           max_passage_tokens: int = 0) -> pb.RerankRequest:
     return pb.RerankRequest(
         query=query, passages=[to_passage(p, i) for i, p in enumerate(passages)], top_n=top_n, model=model,
         raw_scores=raw_scores, score_threshold=score_threshold, return_text=return_text,
         return_metadata=return_metadata, order=order_of(order), instruction=instruction,
         long_passages=long_passages_of(long_passages), max_chunks_per_passage=max_chunks_per_passage,
+        max_passage_tokens=max_passage_tokens,
     )
 
 
@@ -68,12 +70,14 @@ def retrieve(query: str, *, top_k: int, filter: Mapping[str, str] | None, index:
 def retrieve_and_rerank(query: str, *, top_k: int, top_n: int, reranker: str, filter: Mapping[str, str] | None,
                         index: str, raw_scores: bool, score_threshold: float | None, return_text: bool,
                         return_metadata: bool, order: str, mode: str = "", instruction: str = "",
-                        long_passages: str = "truncate", max_chunks_per_passage: int = 0) -> pb.RetrieveAndRerankRequest:
+                        long_passages: str = "truncate", max_chunks_per_passage: int = 0,
+                        max_passage_tokens: int = 0) -> pb.RetrieveAndRerankRequest:
     return pb.RetrieveAndRerankRequest(
         query=query, top_k=top_k, top_n=top_n, reranker=reranker, filter=dict(filter or {}), index=index,
         raw_scores=raw_scores, score_threshold=score_threshold, return_text=return_text,
         return_metadata=return_metadata, order=order_of(order), mode=mode_of(mode), instruction=instruction,
         long_passages=long_passages_of(long_passages), max_chunks_per_passage=max_chunks_per_passage,
+        max_passage_tokens=max_passage_tokens,
     )
 
 

@@ -81,12 +81,14 @@ class RankstreamClient(ClientBase):
         self, query: str, passages: Iterable[PassageLike], *, top_n: int = 0, model: str = "",
         raw_scores: bool = False, score_threshold: float | None = None, return_text: bool = False,
         return_metadata: bool = False, order: str = "as_scored",
-        instruction: str = "", long_passages: str = "truncate", max_chunks_per_passage: int = 0, timeout: float | None = None,
+        instruction: str = "", long_passages: str = "truncate", max_chunks_per_passage: int = 0,
+        max_passage_tokens: int = 0, timeout: float | None = None,
     ) -> ScoredStream:
         """Scores passages, yielding them as they are scored ("as_scored") or best first ("ranked")."""
         request = _requests.rerank(
             query, passages, top_n=top_n, model=model, raw_scores=raw_scores, score_threshold=score_threshold,
             return_text=return_text, return_metadata=return_metadata, order=order, instruction=instruction, long_passages=long_passages, max_chunks_per_passage=max_chunks_per_passage,
+            max_passage_tokens=max_passage_tokens,
         )
         return ScoredStream(self._reranker.Rerank(request, **self._kwargs(timeout)))
 
@@ -94,15 +96,20 @@ class RankstreamClient(ClientBase):
         self, query: str, passages: Iterable[PassageLike], *, top_n: int = 0, model: str = "",
         raw_scores: bool = False, score_threshold: float | None = None, return_text: bool = False,
         return_metadata: bool = False,
-        instruction: str = "", long_passages: str = "truncate", max_chunks_per_passage: int = 0, timeout: float | None = None,
+        instruction: str = "", long_passages: str = "truncate", max_chunks_per_passage: int = 0,
+        max_passage_tokens: int = 0, timeout: float | None = None,
     ) -> Ranking:
         """The best `top_n` passages (0 = all), best first. `instruction`: the task instruction for
-        rerankers that take one (ListModels: accepts_instruction); `long_passages`: "truncate" or
-        "chunk" (a long passage is scored in windows and keeps its best window's score)."""
+        rerankers that take one (ListModels: accepts_instruction); `long_passages`: "truncate",
+        "chunk" (a long passage is scored in windows and keeps its best window's score) or "refuse"
+        (a passage longer than the model takes fails the call, InvalidArgument, before any scoring);
+        `max_passage_tokens`: cut each passage (with "chunk": each window) to that many tokens, 0 = as
+        many as the model's max_length leaves."""
         return self._collect(self.rerank_stream(
             query, passages, top_n=top_n, model=model, raw_scores=raw_scores, score_threshold=score_threshold,
             return_text=return_text, return_metadata=return_metadata, order="ranked", timeout=timeout,
             instruction=instruction, long_passages=long_passages, max_chunks_per_passage=max_chunks_per_passage,
+            max_passage_tokens=max_passage_tokens,
         ))
 
     # -- Retrieve ---------------------------------------------------------------------
@@ -133,12 +140,14 @@ class RankstreamClient(ClientBase):
         self, query: str, *, top_k: int = 50, top_n: int = 5, reranker: str = "", filter: Mapping[str, str] | None = None,
         index: str = "", raw_scores: bool = False, score_threshold: float | None = None, return_text: bool = True,
         return_metadata: bool = True, order: str = "as_scored", mode: str = "",
-        instruction: str = "", long_passages: str = "truncate", max_chunks_per_passage: int = 0, timeout: float | None = None,
+        instruction: str = "", long_passages: str = "truncate", max_chunks_per_passage: int = 0,
+        max_passage_tokens: int = 0, timeout: float | None = None,
     ) -> ScoredStream:
         request = _requests.retrieve_and_rerank(
             query, top_k=top_k, top_n=top_n, reranker=reranker, filter=filter, index=index, raw_scores=raw_scores,
             score_threshold=score_threshold, return_text=return_text, return_metadata=return_metadata, order=order, mode=mode,
             instruction=instruction, long_passages=long_passages, max_chunks_per_passage=max_chunks_per_passage,
+            max_passage_tokens=max_passage_tokens,
         )
         return ScoredStream(self._retriever.RetrieveAndRerank(request, **self._kwargs(timeout)))
 
@@ -146,7 +155,8 @@ class RankstreamClient(ClientBase):
         self, query: str, *, top_k: int = 50, top_n: int = 5, reranker: str = "", filter: Mapping[str, str] | None = None,
         index: str = "", raw_scores: bool = False, score_threshold: float | None = None, return_text: bool = True,
         return_metadata: bool = True, mode: str = "",
-        instruction: str = "", long_passages: str = "truncate", max_chunks_per_passage: int = 0, timeout: float | None = None,
+        instruction: str = "", long_passages: str = "truncate", max_chunks_per_passage: int = 0,
+        max_passage_tokens: int = 0, timeout: float | None = None,
     ) -> Ranking:
         """Retrieve `top_k` candidates, rerank them, return the best `top_n`: one round trip."""
         return self._collect(self.retrieve_and_rerank_stream(
@@ -154,6 +164,7 @@ class RankstreamClient(ClientBase):
             score_threshold=score_threshold, return_text=return_text, return_metadata=return_metadata,
             order="ranked", mode=mode, timeout=timeout,
             instruction=instruction, long_passages=long_passages, max_chunks_per_passage=max_chunks_per_passage,
+            max_passage_tokens=max_passage_tokens,
         ))
 
     # -- corpus changes and info ----------------------------------------------------------

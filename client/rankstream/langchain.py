@@ -81,9 +81,12 @@ class RankstreamRerank(_RankstreamConnection, BaseDocumentCompressor):
     top_n: int | None = Field(3, description="How many documents to keep; None = all.")
     score_threshold: float | None = None
     instruction: str = Field("", description="Task instruction for rerankers that take one (LLM rerankers).")
-    long_passages: Literal["truncate", "chunk"] = Field(
-        "truncate", description="chunk: a long document is scored in windows and keeps its best window's score.")
+    long_passages: Literal["truncate", "chunk", "refuse"] = Field(
+        "truncate", description="chunk: a long document is scored in windows and keeps its best window's score; "
+                                "refuse: a document longer than the model takes fails the call.")
     max_chunks_per_passage: int = Field(0, ge=0, description="With chunk: windows per document; 0 = the server's limit.")
+    max_passage_tokens: int = Field(0, ge=0, description="Cut each document (with chunk: each window) to this many "
+                                    "tokens; 0 = as many as the model's max_length leaves.")
 
     def _request(self, documents: Sequence[Document], query: str) -> dict[str, Any]:
         return {
@@ -95,6 +98,7 @@ class RankstreamRerank(_RankstreamConnection, BaseDocumentCompressor):
             "instruction": self.instruction,
             "long_passages": self.long_passages,
             "max_chunks_per_passage": self.max_chunks_per_passage,
+            "max_passage_tokens": self.max_passage_tokens,
         }
 
     @staticmethod
@@ -141,6 +145,8 @@ class RankstreamRetriever(_RankstreamConnection, BaseRetriever):
     reranker: str | None = Field(None, description="Cross-encoder to rerank with, in the same call.")
     candidates: int = Field(50, gt=0, description="With a reranker: passages retrieved to rerank (at least k).")
     instruction: str = Field("", description="With a reranker that takes one: its task instruction.")
+    max_passage_tokens: int = Field(0, ge=0, description="With a reranker: cut each passage to this many tokens; "
+                                    "0 = as many as the model's max_length leaves.")
 
     @model_validator(mode="before")
     @classmethod
@@ -172,7 +178,8 @@ class RankstreamRetriever(_RankstreamConnection, BaseRetriever):
         if self.reranker is None:
             arguments.update(top_k=k)
         else:
-            arguments.update(top_k=max(k, self.candidates), top_n=k, reranker=self.reranker, instruction=self.instruction)
+            arguments.update(top_k=max(k, self.candidates), top_n=k, reranker=self.reranker, instruction=self.instruction,
+                             max_passage_tokens=self.max_passage_tokens)
         return arguments
 
     @staticmethod

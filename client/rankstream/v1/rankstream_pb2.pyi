@@ -16,6 +16,7 @@ class LongPassages(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
     TRUNCATE: _ClassVar[LongPassages]
     CHUNK: _ClassVar[LongPassages]
+    REFUSE: _ClassVar[LongPassages]
 
 class Stage(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
@@ -45,6 +46,7 @@ RANKED: Order
 AS_SCORED: Order
 TRUNCATE: LongPassages
 CHUNK: LongPassages
+REFUSE: LongPassages
 STAGE_UNSPECIFIED: Stage
 STAGE_RETRIEVE: Stage
 STAGE_RERANK: Stage
@@ -440,16 +442,18 @@ class BatcherStats(_message.Message):
     def __init__(self, batches: _Optional[int] = ..., items: _Optional[int] = ..., dropped: _Optional[int] = ..., in_flight: _Optional[int] = ..., capacity: _Optional[int] = ..., rejected: _Optional[int] = ..., max_requests_per_batch: _Optional[int] = ..., max_batch_size: _Optional[int] = ..., tokens: _Optional[int] = ..., padded_tokens: _Optional[int] = ...) -> None: ...
 
 class EmbedRequest(_message.Message):
-    __slots__ = ("model", "inputs", "input_type", "normalize")
+    __slots__ = ("model", "inputs", "input_type", "normalize", "long_inputs")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     INPUTS_FIELD_NUMBER: _ClassVar[int]
     INPUT_TYPE_FIELD_NUMBER: _ClassVar[int]
     NORMALIZE_FIELD_NUMBER: _ClassVar[int]
+    LONG_INPUTS_FIELD_NUMBER: _ClassVar[int]
     model: str
     inputs: _containers.RepeatedScalarFieldContainer[str]
     input_type: InputType
     normalize: bool
-    def __init__(self, model: _Optional[str] = ..., inputs: _Optional[_Iterable[str]] = ..., input_type: _Optional[_Union[InputType, str]] = ..., normalize: _Optional[bool] = ...) -> None: ...
+    long_inputs: LongPassages
+    def __init__(self, model: _Optional[str] = ..., inputs: _Optional[_Iterable[str]] = ..., input_type: _Optional[_Union[InputType, str]] = ..., normalize: _Optional[bool] = ..., long_inputs: _Optional[_Union[LongPassages, str]] = ...) -> None: ...
 
 class Embedding(_message.Message):
     __slots__ = ("values",)

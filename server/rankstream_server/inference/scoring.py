@@ -11,20 +11,30 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from rankstream_server.errors import DeadlineExceeded
+from rankstream_server.errors import DeadlineExceeded, TooLarge
 from rankstream_server.inference.batcher import BULK, INTERACTIVE, Job
-from rankstream_server.inference.tokenization import Tokens
+from rankstream_server.inference.tokenization import Tokens, TooLong
 from rankstream_server.serving.registry import ServedModel
 
 
 @dataclass(frozen=True)
 class PairOptions:
     """How a request's pairs are formed: the instruction (None = none) and, for long passages,
-    how many windows a passage may take (1 = truncate)."""
+    how many windows a passage may take (1 = truncate), or whether one is refused (long_passages
+    REFUSE: the request fails before anything is scored)."""
 
     instruction: str | None = None
     chunks: int = 1
     passage_tokens: int = 0  # a passage's (or window's) tokens at most; 0 = what max_length leaves
+    refuse: bool = False
+
+
+def refusal(model: ServedModel, long: TooLong, field: str, setting: str, with_query: bool = False) -> TooLarge:
+    """The error for an input past max_length that the request would not have cut: which one,
+    its tokens, the limit, and the setting that asked for the refusal."""
+    context = " with the query" if with_query else ""
+    return TooLarge(f"{field}[{long.index}]: {long.tokens} tokens{context}, longer than model {model.name!r} takes "
+                    f"(max_length={model.loaded.max_length}); {setting}=REFUSE")
 
 
 class ModelCall:
@@ -72,11 +82,13 @@ class ModelCall:
         self._jobs.append((model, job))
         return job
 
-    async def embed(self, model: ServedModel, texts: list[str], role: str, lane: int | None = None) -> np.ndarray:
+    async def embed(self, model: ServedModel, texts: list[str], role: str, lane: int | None = None,
+                    refuse: bool = False) -> np.ndarray:
         """Bi-encoder embeddings of texts ("query" or "passage" role), one row per text. By default
-        passages (upserts) go in the bulk lane, behind queries."""
+        passages (upserts) go in the bulk lane, behind queries. `refuse`: a text past max_length
+        raises TooLong (before anything is queued) instead of being cut."""
         chars = self._precheck(model, texts)
-        tokens = await self._tokenize(model, chars, model.tokenizer.encode, texts, role)
+        tokens = await self._tokenize(model, chars, model.tokenizer.encode, texts, role, refuse)
         job = self._submit(model, tokens, lane if lane is not None else (BULK if role == "passage" else INTERACTIVE))
         output = np.zeros((len(texts), model.loaded.dimension), dtype=np.float32)
         async for indices, rows in job.results():
@@ -89,13 +101,18 @@ class ModelCall:
         Cross-encoders give logits; bi-encoders give the similarity of the two embeddings.
         `reuse`: the texts are corpus passages that recur; their tokens may come from a cache.
         A passage scored in windows (options.chunks > 1) comes once all its windows are scored,
-        with the best window's score."""
+        with the best window's score. With options.refuse a passage past max_length fails the call
+        (TooLarge) after tokenizing, before anything is queued."""
         self.passages += len(texts)
         if model.kind == "cross":
             chars = self._precheck(model, texts, extra_chars=len(query) + len(options.instruction or ""),
                                    chunks=options.chunks)
-            tokens = await self._tokenize(model, chars, model.tokenizer.encode, query, texts, reuse and options.chunks == 1,
-                                          options.instruction, options.chunks, options.passage_tokens)
+            try:
+                tokens = await self._tokenize(model, chars, model.tokenizer.encode, query, texts,
+                                              reuse and options.chunks == 1, options.instruction, options.chunks,
+                                              options.passage_tokens, options.refuse)
+            except TooLong as long:
+                raise refusal(model, long, "passages", "long_passages", with_query=True) from None
             self.windows += len(tokens)
             results = self._submit(model, tokens, INTERACTIVE).results()
             if tokens.owners is not None:
@@ -104,9 +121,13 @@ class ModelCall:
                 self.scored += len(chunk[0])
                 yield chunk
             return
-        # One after the other: a failed query embedding leaves no orphan task behind.
+        # One after the other: a failed embedding leaves no orphan task behind. Passages first: a
+        # refused one (options.refuse) fails the call before anything runs.
+        try:
+            passage_vectors = await self.embed(model, texts, "passage", lane=INTERACTIVE, refuse=options.refuse)
+        except TooLong as long:
+            raise refusal(model, long, "passages", "long_passages") from None
         query_vector = await self.embed(model, [query], "query")
-        passage_vectors = await self.embed(model, texts, "passage", lane=INTERACTIVE)
         self.scored += len(texts)
         yield np.arange(len(texts)), passage_vectors @ query_vector[0]
 

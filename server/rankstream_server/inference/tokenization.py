@@ -37,6 +37,17 @@ from rankstream_server.errors import InvalidArgument
 CHARACTERS_PER_TOKEN_CUT = 10
 
 
+class TooLong(Exception):
+    """An input longer than the model takes, where the request refuses to cut one (long_passages
+    REFUSE): the input's position and its tokens with the query (if any) and the special tokens.
+    Not a request error by itself: the caller names its field."""
+
+    def __init__(self, index: int, tokens: int):
+        super().__init__(f"input {index}: {tokens} tokens")
+        self.index = index
+        self.tokens = tokens
+
+
 @dataclass
 class Tokens:
     """One request's tokenized inputs, as arrays. Row i is the request's input i.
@@ -271,6 +282,26 @@ class _RustTokenizer:
         truncated = sum(len(tokens) > room or was_cut for tokens, (_, was_cut) in zip(ids, cut))
         return ids, truncated
 
+    def _refuse_long(self, texts: list[str], rows: list, room: int, fixed: int) -> None:
+        """Raises TooLong for the first text past `room` tokens. A row of `room` tokens or more may
+        be a text cut by characters before tokenizing (`_token_lists`): that one is counted whole."""
+        for i, ids in enumerate(rows):
+            if len(ids) >= room:
+                whole = len(self._ids([texts[i]])[0])
+                if whole > room:
+                    raise TooLong(i, fixed + whole)
+
+    def _uncut_hf(self, with_types: bool, *texts) -> Tokens:
+        """The Hugging Face path with nothing cut: TooLong for the first row past max_length."""
+        batch = self._hf(*texts, truncation=False, padding=False, return_attention_mask=False,
+                         return_token_type_ids=with_types)
+        for i, ids in enumerate(batch["input_ids"]):
+            if len(ids) > self._max_length:
+                raise TooLong(i, len(ids))
+        tokens = self._from_hf(batch, with_types)
+        tokens.truncated = 0  # a row of exactly max_length was not cut
+        return tokens
+
     def _lay_out(self, template: _Template, sequences: dict[int, list[int]], rows: list[list[int]], room: int,
                  truncated: int, with_types: bool) -> Tokens:
         """Arrays of `template` filled with the shared sequences (the query, slot 0 for pairs) and
@@ -366,11 +397,12 @@ class PairTokenizer(_RustTokenizer):
         return tokens
 
     def encode(self, query: str, passages: list[str], reuse: bool = False, instruction: str | None = None,
-               chunks: int = 1, passage_tokens: int = 0) -> Tokens:
+               chunks: int = 1, passage_tokens: int = 0, refuse: bool = False) -> Tokens:
         """`reuse`: the passages come from a corpus and recur (RetrieveAndRerank): keep their
         tokens in the passage cache, and take what it has. `instruction`: sentence-transformers'
         prompt, put before the query. `chunks` > 1: a long passage becomes up to that many windows.
-        `passage_tokens`: a passage (or window) keeps at most that many tokens."""
+        `passage_tokens`: a passage (or window) keeps at most that many tokens. `refuse`: a passage
+        that would be cut raises TooLong instead (with chunks 1 and no passage_tokens)."""
         if instruction:
             query = instruction + query
         query_tokens = self._query_tokens(query)
@@ -378,6 +410,8 @@ class PairTokenizer(_RustTokenizer):
             if chunks > 1 or passage_tokens:
                 raise InvalidArgument(f"long_passages: CHUNK and max_passage_tokens need a fast tokenizer; "
                                       f"model {self._model_name!r} has none")
+            if refuse:
+                return self._uncut_hf(self._uses_token_type_ids, [query] * len(passages), passages)
             batch = self._hf(
                 [query] * len(passages), passages, truncation="only_second", max_length=self._max_length,
                 padding=False, return_token_type_ids=self._uses_token_type_ids, return_attention_mask=False,
@@ -396,6 +430,8 @@ class PairTokenizer(_RustTokenizer):
             rows, truncated = self._cached_token_lists(passages, room)
         else:
             rows, truncated = self._token_lists(passages, room)
+        if refuse:
+            self._refuse_long(passages, rows, room, self._pair_specials + len(query_tokens))
         return self._lay_out(self._template, {0: query_tokens}, rows, room, truncated, self._uses_token_type_ids)
 
     def _cached_token_lists(self, passages: list[str], room: int) -> tuple[list[np.ndarray], int]:
@@ -428,7 +464,7 @@ class ChatPairTokenizer(_RustTokenizer):
         self.template = template
 
     def encode(self, query: str, passages: list[str], reuse: bool = False, instruction: str | None = None,
-               chunks: int = 1, passage_tokens: int = 0) -> Tokens:
+               chunks: int = 1, passage_tokens: int = 0, refuse: bool = False) -> Tokens:
         """As PairTokenizer.encode (the passage cache is not used: each pair is tokenized whole)."""
         if not query.strip():
             raise InvalidArgument("query: has no tokens for this model (only spaces or control characters?)")
@@ -454,6 +490,10 @@ class ChatPairTokenizer(_RustTokenizer):
             rows, owners, chunked, truncated = expand_windows(rows, room, chunks)
         else:
             truncated = sum(len(r) > room for r in rows)
+        if refuse and truncated:
+            i = next(i for i, r in enumerate(rows) if len(r) > room)
+            head, row, tail = (part[0] for part in self._split(query, [passages[i]], instruction))  # the whole document
+            raise TooLong(i, len(head) + len(row) + len(tail))
         row_heads = heads if owners is None else [heads[o] for o in owners]
         row_tails = tails if owners is None else [tails[o] for o in owners]
         full = [h + list(r[:room]) + tl for h, r, tl in zip(row_heads, rows, row_tails)]
@@ -489,13 +529,17 @@ class TextTokenizer(_RustTokenizer):
         self._template = self._read_template(pair=False)
         self._room = max_length - tokenizer.num_special_tokens_to_add(pair=False)
 
-    def encode(self, texts: list[str], role: str) -> Tokens:
-        """role: "query" or "passage"."""
+    def encode(self, texts: list[str], role: str, refuse: bool = False) -> Tokens:
+        """role: "query" or "passage". `refuse`: a text that would be cut raises TooLong instead."""
         prefix = self._prefixes[role]
         texts = [prefix + text for text in texts] if prefix else texts
         if not self.fast:
+            if refuse:
+                return self._uncut_hf(False, texts)
             batch = self._hf(texts, truncation=True, max_length=self._max_length, padding=False,
                              return_token_type_ids=False, return_attention_mask=False)
             return self._from_hf(batch, False)
         rows, truncated = self._token_lists(texts, self._room)
+        if refuse:
+            self._refuse_long(texts, rows, self._room, self._max_length - self._room)
         return self._lay_out(self._template, {}, rows, self._room, truncated, False)

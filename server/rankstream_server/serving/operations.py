@@ -23,11 +23,13 @@ from rankstream_server.index.corpus import passage_text
 from rankstream_server.index.local import Hit
 from rankstream_server.index.store import Document
 from rankstream_server.inference.batcher import INTERACTIVE
-from rankstream_server.inference.scoring import ModelCall
+from rankstream_server.inference.scoring import ModelCall, refusal
+from rankstream_server.inference.tokenization import TooLong
 from rankstream_server.serving.metrics import Metrics
 from rankstream_server.serving.pipeline import ScoredChunk, pair_options, retrieved_chunk, scored_chunks
 from rankstream_server.serving.registry import ModelRegistry
 from rankstream_server.serving.validation import (
+    REFUSE,
     check_delete,
     check_embed,
     check_rerank,
@@ -411,7 +413,10 @@ class EmbedderService(_ModelServicer):
         call = ModelCall(self._tokenize_pool, context.time_remaining())
         try:
             # Interactive: a caller waits on these, unlike an upsert's passages (the bulk lane).
-            vectors = await call.embed(model, list(request.inputs), INPUT_ROLES[request.input_type], lane=INTERACTIVE)
+            vectors = await call.embed(model, list(request.inputs), INPUT_ROLES[request.input_type], lane=INTERACTIVE,
+                                       refuse=request.long_inputs == REFUSE)
+        except TooLong as long:
+            raise refusal(model, long, "inputs", "long_inputs") from None
         finally:
             call.close()
         if request.normalize:

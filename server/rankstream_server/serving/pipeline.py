@@ -14,6 +14,7 @@ from rankstream_server.errors import InvalidArgument
 from rankstream_server.inference.ranking import activate, passing, rank
 from rankstream_server.inference.scoring import ModelCall, PairOptions
 from rankstream_server.serving.registry import ServedModel
+from rankstream_server.serving.validation import CHUNK, REFUSE, TRUNCATE
 
 
 @dataclass(frozen=True)
@@ -59,13 +60,13 @@ async def scored_chunks(
     yield ScoredChunk(order, scores[order], np.arange(1, len(order) + 1, dtype=np.int32))
 
 
-CHUNK = 1  # rankstream.v1.LongPassages.CHUNK
-
-
 def pair_options(request, model: ServedModel, limits: LimitsConfig) -> PairOptions:
     """A RerankRequest's or RetrieveAndRerankRequest's instruction and long-passage choice, checked
     against the model and the limits."""
     instruction = model.instruction(request.instruction)
+    if request.long_passages not in (TRUNCATE, CHUNK, REFUSE):
+        raise InvalidArgument(f"long_passages: unknown value {request.long_passages}; "
+                              "use TRUNCATE (0), CHUNK (1) or REFUSE (2)")
     if request.max_passage_tokens < 0:
         raise InvalidArgument(f"max_passage_tokens: {request.max_passage_tokens} must not be negative (0 = no cut)")
     if request.max_passage_tokens and model.kind != "cross":
@@ -73,9 +74,14 @@ def pair_options(request, model: ServedModel, limits: LimitsConfig) -> PairOptio
     if request.max_chunks_per_passage < 0 or request.max_chunks_per_passage > limits.max_chunks_per_passage:
         raise InvalidArgument(f"max_chunks_per_passage: {request.max_chunks_per_passage} is outside "
                               f"0..{limits.max_chunks_per_passage} (0 = the server's default)")
-    if request.long_passages != CHUNK:
-        if request.max_chunks_per_passage:
-            raise InvalidArgument("max_chunks_per_passage: set only with long_passages: CHUNK")
+    if request.long_passages != CHUNK and request.max_chunks_per_passage:
+        raise InvalidArgument("max_chunks_per_passage: set only with long_passages: CHUNK")
+    if request.long_passages == REFUSE:
+        if request.max_passage_tokens:
+            raise InvalidArgument("max_passage_tokens: not with long_passages: REFUSE (it refuses a long passage, "
+                                  "never cuts one)")
+        return PairOptions(instruction, refuse=True)
+    if request.long_passages == TRUNCATE:
         return PairOptions(instruction, passage_tokens=request.max_passage_tokens)
     if model.kind != "cross":
         raise InvalidArgument(f"long_passages: CHUNK needs a cross-encoder; model {model.name!r} is a bi-encoder")

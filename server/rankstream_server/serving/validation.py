@@ -8,6 +8,7 @@ from rankstream_server.config import LimitsConfig
 from rankstream_server.errors import InvalidArgument, TooLarge
 
 KNOWN_ORDERS = (0, 1)  # rankstream.v1.Order: RANKED, AS_SCORED
+TRUNCATE, CHUNK, REFUSE = 0, 1, 2  # rankstream.v1.LongPassages
 
 
 def _has_content(text: str) -> bool:
@@ -118,6 +119,9 @@ def check_retrieve_and_rerank(request, limits: LimitsConfig) -> None:
     check_retrieve(request, limits)
     _check_top_n(request)
     _check_order(request)
+    if request.long_passages == REFUSE:  # an answer would fail on whichever long passage the index returned
+        raise InvalidArgument("long_passages: REFUSE is for passages the caller sends (Rerank); RetrieveAndRerank "
+                              "scores corpus passages: use TRUNCATE (0) or CHUNK (1)")
 
 
 def check_upsert(request, limits: LimitsConfig) -> None:
@@ -155,3 +159,5 @@ def check_embed(request, limits: LimitsConfig) -> None:
     for i, text in enumerate(request.inputs):
         if not _has_content(text):
             raise InvalidArgument(f"inputs[{i}]: must not be empty (or only spaces and control characters)")
+    if request.long_inputs not in (TRUNCATE, REFUSE):
+        raise InvalidArgument(f"long_inputs: {request.long_inputs} is not taken; use TRUNCATE (0) or REFUSE (2)")

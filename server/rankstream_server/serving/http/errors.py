@@ -24,6 +24,8 @@ _FIELDS = {
     "tei": {"passages": "texts"},
     "openai": {"inputs": "input"},
 }
+# Settings a message ends with, in the words of the dialect's request.
+_SETTINGS = {"tei": {"long_passages=REFUSE": "truncate=false", "long_inputs=REFUSE": "truncate=false"}}
 _LEADING_FIELD = re.compile(r"^([a-z_]+)(?=[\[.:])")
 
 _TEI_TYPES = {401: "Unauthorized", 403: "Unauthorized", 404: "NotFound", 413: "Validation", 422: "Validation",
@@ -44,6 +46,8 @@ def status_of(dialect: str, error: RankstreamError) -> int:
 
 
 def dialect_message(dialect: str, message: str) -> str:
+    for setting, word in _SETTINGS.get(dialect, {}).items():
+        message = message.replace(setting, word)
     names = _FIELDS.get(dialect)
     if not names:
         return message

@@ -13,7 +13,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from starlette.responses import Response
 
 from rankstream.v1 import rankstream_pb2 as pb
-from rankstream_server.errors import TooLarge, Unavailable
+from rankstream_server.errors import Unavailable
 from rankstream_server.serving.http import errors as http_errors
 from rankstream_server.serving.http.front import Calls, Route, json_response
 
@@ -39,18 +39,17 @@ class TeiRerank(_Body):
 class TeiEmbed(_Body):
     inputs: str | list[str]
     normalize: bool = True
-    truncate: bool | None = None
+    truncate: bool | None = Field(None, description="false: refuse inputs longer than the model takes; default: cut them.")
     truncation_direction: Literal["Right", "right"] = "Right"
     prompt_name: Literal["query", "passage", "document"] | None = Field(
         None, description="query: embed as a query (the model's query_prefix); default: as a passage.")
     model: str | None = None
 
 
-def _refuse_uncut(truncate: bool | None, stats: pb.RerankStats | None, max_length: int) -> None:
-    """TEI's truncate=false: a text past the model's length is an error, not silently cut."""
-    if truncate is False and stats is not None and stats.truncated:
-        raise TooLarge(f"texts: {stats.truncated} inputs are longer than this model's max_length={max_length} tokens; "
-                       "send truncate=true or shorter texts")
+def _long(truncate: bool | None) -> int:
+    """TEI's truncate=false: a text past the model's length is an error (413, before anything is
+    scored), not silently cut. Unset cuts, as TEI started with --auto-truncate does (/info says so)."""
+    return pb.REFUSE if truncate is False else pb.TRUNCATE
 
 
 def routes(calls: Calls) -> tuple[APIRouter, dict[str, Route]]:
@@ -58,10 +57,10 @@ def routes(calls: Calls) -> tuple[APIRouter, dict[str, Route]]:
 
     @router.post("/rerank", summary="Rerank (TEI)")
     async def rerank(body: TeiRerank, request: Request):
-        message = pb.RerankRequest(query=body.query, model=body.model or "", raw_scores=body.raw_scores)
+        message = pb.RerankRequest(query=body.query, model=body.model or "", raw_scores=body.raw_scores,
+                                   long_passages=_long(body.truncate))
         message.passages.extend(pb.Passage(text=text) for text in body.texts)
-        passages, call = await calls.rerank(request, message)
-        _refuse_uncut(body.truncate, call.stats, calls.model(body.model or "").loaded.max_length)
+        passages, _ = await calls.rerank(request, message)
         texts = body.texts
         if body.return_text:
             return json_response([{"index": p.index, "score": p.score, "text": texts[p.index]} for p in passages])
@@ -71,9 +70,8 @@ def routes(calls: Calls) -> tuple[APIRouter, dict[str, Route]]:
     async def embed(body: TeiEmbed, request: Request):
         inputs = [body.inputs] if isinstance(body.inputs, str) else body.inputs
         message = pb.EmbedRequest(model=body.model or "", inputs=inputs, normalize=body.normalize,
-                                  input_type=PROMPTS[body.prompt_name])
-        name, vectors, stats = await calls.embed(request, message)
-        _refuse_uncut(body.truncate, stats, calls.readiness.require().get(name).loaded.max_length)
+                                  input_type=PROMPTS[body.prompt_name], long_inputs=_long(body.truncate))
+        _, vectors, _ = await calls.embed(request, message)
         return json_response(vectors)
 
     @router.get("/info", summary="The served model (TEI)")
