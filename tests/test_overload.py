@@ -397,3 +397,34 @@ def test_a_refused_call_is_counted_once_when_the_transport_also_leaves():
         admission.enter(call)
     admission.leave(call)  # what the HTTP front's Guard does however a call ends
     assert metrics.requests == ["RESOURCE_EXHAUSTED"] and metrics.refusals == ["concurrency"]
+
+
+async def test_a_refusal_made_after_decoding_is_held_before_it_is_answered():
+    """The exact check after decoding refuses too (its estimate counts the query once per pair):
+    that refusal is held like one before decoding, or immediate retries would bypass the hold."""
+    from rankstream_server.serving.grpc.servicers import _abort_for
+
+    held, answered = [], []
+
+    async def hold(refused, time_remaining):
+        held.append((refused.retry_after, time_remaining))
+
+    class Context:
+        def time_remaining(self):
+            return 5.0
+
+        def trailing_metadata(self):
+            return ()
+
+        def set_trailing_metadata(self, metadata):
+            self.metadata = dict(metadata)
+
+        async def abort(self, code, message):
+            answered.append((code, held[:]))
+            raise RuntimeError("aborted")
+
+    context = Context()
+    with pytest.raises(RuntimeError):
+        await _abort_for(ResourceExhausted("queue full", retry_after=2.0), context, hold)
+    assert answered == [(grpc.StatusCode.RESOURCE_EXHAUSTED, held)] and len(held) == 1, "held, then answered"
+    assert held[0][1] == 5.0 and PUSHBACK in context.metadata

@@ -83,9 +83,10 @@ class RankstreamServer:
         shared = (settings, self._readiness, self._tokenize_pool, self.metrics)
         self.services = Services(RerankerService(*shared), RetrieverService(*shared), EmbedderService(*shared),
                                  InfoService(self._readiness))
-        pb_grpc.add_RerankerServicer_to_server(RerankerServicer(self.services.reranker), self._server)
-        pb_grpc.add_RetrieverServicer_to_server(RetrieverServicer(self.services.retriever), self._server)
-        pb_grpc.add_EmbedderServicer_to_server(EmbedderServicer(self.services.embedder), self._server)
+        hold = self.admission.hold  # refusals after decoding are held like those before it
+        pb_grpc.add_RerankerServicer_to_server(RerankerServicer(self.services.reranker, hold), self._server)
+        pb_grpc.add_RetrieverServicer_to_server(RetrieverServicer(self.services.retriever, hold), self._server)
+        pb_grpc.add_EmbedderServicer_to_server(EmbedderServicer(self.services.embedder, hold), self._server)
         pb_grpc.add_InfoServicer_to_server(InfoServicer(self.services.info), self._server)
         self._http = None
         if settings.server.http_port is not None:

@@ -8,14 +8,14 @@ import asyncio
 import contextlib
 import logging
 import uuid
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 import grpc
 
 from rankstream import STATS_TRAILER
 from rankstream.v1 import rankstream_pb2 as pb
 from rankstream.v1 import rankstream_pb2_grpc as pb_grpc
-from rankstream_server.errors import RankstreamError
+from rankstream_server.errors import RankstreamError, ResourceExhausted
 from rankstream_server.serving.grpc.access import pushback_trailer
 from rankstream_server.serving.operations import EmbedderService, InfoService, RerankerService, RetrieverService
 
@@ -38,8 +38,15 @@ class GrpcCall:
         context.set_trailing_metadata((*context.trailing_metadata(), (STATS_TRAILER, stats.SerializeToString())))
 
 
-async def _abort_for(exc: BaseException, context: grpc.aio.ServicerContext) -> None:
+Hold = Callable[[ResourceExhausted, float | None], Awaitable[None]]
+
+
+async def _abort_for(exc: BaseException, context: grpc.aio.ServicerContext, hold: Hold | None = None) -> None:
     if isinstance(exc, RankstreamError):
+        if isinstance(exc, ResourceExhausted) and hold is not None:
+            # Refused after decoding (the exact check): held like a refusal before it, so clients
+            # that retry at once cannot turn the server's CPU into refusals this way either.
+            await hold(exc, context.time_remaining())
         pushback = pushback_trailer(exc)
         if pushback:
             context.set_trailing_metadata((*context.trailing_metadata(), *pushback))
@@ -49,7 +56,7 @@ async def _abort_for(exc: BaseException, context: grpc.aio.ServicerContext) -> N
     await context.abort(grpc.StatusCode.INTERNAL, f"internal error (server log reference {incident})")
 
 
-async def _stream(operation: Callable, request, context: grpc.aio.ServicerContext):
+async def _stream(operation: Callable, request, context: grpc.aio.ServicerContext, hold: Hold | None = None):
     """A server-streaming RPC's messages, from an operation that yields them."""
     try:
         # aclosing: the operation's cleanup (cancelling queued work, stats) runs here, at
@@ -60,52 +67,55 @@ async def _stream(operation: Callable, request, context: grpc.aio.ServicerContex
     except (asyncio.CancelledError, grpc.aio.AbortError):
         raise
     except Exception as exc:  # noqa: BLE001 - every error gets a status
-        await _abort_for(exc, context)
+        await _abort_for(exc, context, hold)
 
 
-async def _unary(operation: Callable, request, context: grpc.aio.ServicerContext):
+async def _unary(operation: Callable, request, context: grpc.aio.ServicerContext, hold: Hold | None = None):
     try:
         return await operation(request, GrpcCall(context))
     except (asyncio.CancelledError, grpc.aio.AbortError):
         raise
     except Exception as exc:  # noqa: BLE001
-        await _abort_for(exc, context)
+        await _abort_for(exc, context, hold)
 
 
 class RerankerServicer(pb_grpc.RerankerServicer):
-    def __init__(self, service: RerankerService):
+    def __init__(self, service: RerankerService, hold: Hold | None = None):
         self._service = service
+        self._hold = hold
 
     async def Rerank(self, request, context):
-        async for message in _stream(self._service.Rerank, request, context):
+        async for message in _stream(self._service.Rerank, request, context, self._hold):
             yield message
 
 
 class RetrieverServicer(pb_grpc.RetrieverServicer):
-    def __init__(self, service: RetrieverService):
+    def __init__(self, service: RetrieverService, hold: Hold | None = None):
         self._service = service
+        self._hold = hold
 
     async def Retrieve(self, request, context):
-        async for message in _stream(self._service.Retrieve, request, context):
+        async for message in _stream(self._service.Retrieve, request, context, self._hold):
             yield message
 
     async def RetrieveAndRerank(self, request, context):
-        async for message in _stream(self._service.RetrieveAndRerank, request, context):
+        async for message in _stream(self._service.RetrieveAndRerank, request, context, self._hold):
             yield message
 
     async def UpsertPassages(self, request, context):
-        return await _unary(self._service.UpsertPassages, request, context)
+        return await _unary(self._service.UpsertPassages, request, context, self._hold)
 
     async def DeletePassages(self, request, context):
-        return await _unary(self._service.DeletePassages, request, context)
+        return await _unary(self._service.DeletePassages, request, context, self._hold)
 
 
 class EmbedderServicer(pb_grpc.EmbedderServicer):
-    def __init__(self, service: EmbedderService):
+    def __init__(self, service: EmbedderService, hold: Hold | None = None):
         self._service = service
+        self._hold = hold
 
     async def Embed(self, request, context):
-        return await _unary(self._service.Embed, request, context)
+        return await _unary(self._service.Embed, request, context, self._hold)
 
 
 class InfoServicer(pb_grpc.InfoServicer):

@@ -97,10 +97,12 @@ class ClientGone(Exception):
 class Calls:
     """What dialect endpoints share: the operations, and running one of them for a request."""
 
-    def __init__(self, settings: Settings, services: Services, readiness: Readiness):
+    def __init__(self, settings: Settings, services: Services, readiness: Readiness,
+                 admission: Admission | None = None):
         self.settings = settings
         self.services = services
         self.readiness = readiness
+        self._admission = admission  # holds refusals made after the body was read, as the Guard does
 
     async def run(self, request: Request, work: Callable[[HttpCall], Awaitable[object]]) -> tuple[object, HttpCall]:
         """Runs `work(call)`, cancelled (its queued batches dropped) if the client disconnects first,
@@ -121,6 +123,10 @@ class Calls:
                 raise ClientGone()
             try:
                 return task.result(), context
+            except ResourceExhausted as refused:
+                if self._admission is not None:
+                    await self._admission.hold(refused, context.time_remaining(), request.scope.get(CALL_KEY))
+                raise
             except (RankstreamError, asyncio.CancelledError):
                 raise
             except Exception as exc:  # noqa: BLE001 - never a traceback to the client
@@ -297,7 +303,7 @@ def build_app(settings: Settings, services: Services, readiness: Readiness, admi
     """The ASGI app: every dialect's routes behind the Guard."""
     from rankstream_server.serving.http import cohere, native, openai, tei
 
-    calls = Calls(settings, services, readiness)
+    calls = Calls(settings, services, readiness, admission)
     app = FastAPI(title="rankstream", version="v1", docs_url="/docs", redoc_url=None,
                   description="Rerank and embed over HTTP: Cohere, Jina, TEI and OpenAI dialects, and the "
                   "rankstream.v1 operations as JSON (the proto3 JSON mapping).")
