@@ -272,9 +272,23 @@ async def warm_up(server: common.Server, work: Workload) -> None:
                 await answer.read()
 
 
-def counters(server: common.Server) -> dict[str, int]:
+def counters(server: common.Server) -> dict[str, float]:
     batcher = common.model_info(server.address)["scorer"].batcher
-    return {"items": batcher.items, "dropped": batcher.dropped, "rejected": batcher.rejected}
+    threads = common.thread_cpu_seconds(server.pid)
+    loop = threads.get(server.pid, 0.0)
+    return {"items": batcher.items, "dropped": batcher.dropped, "rejected": batcher.rejected,
+            "batches": batcher.batches, "tokens": batcher.tokens, "padded": batcher.padded_tokens,
+            "loop_s": loop, "others_s": sum(threads.values()) - loop, "at": time.perf_counter()}
+
+
+def inside(before: dict[str, float], after: dict[str, float]) -> str:
+    """Where a phase's capacity went, server side: pairs scored a second, pass shapes, and the
+    server's CPU split between the event loop (main thread) and the rest (model, tokenizers)."""
+    d = {key: after[key] - before[key] for key in before}
+    seconds = d["at"] or float("nan")
+    return (f"scored {d['items'] / seconds:,.1f} pairs/s in {d['batches']:.0f} passes of {d['items'] / max(d['batches'], 1):.1f} "
+            f"rows, padding efficiency {d['tokens'] / max(d['padded'], 1):.2f}; server CPU: event loop "
+            f"{100 * d['loop_s'] / seconds:.1f}%, other threads {100 * d['others_s'] / seconds:.1f}% of a core")
 
 
 def loop_cpu(pid: int) -> float:
@@ -313,7 +327,9 @@ def run(args, scratch: Path, text: common.Text, summary: list, smoke: bool) -> N
                           (NO_HEADER, functools.partial(http_phase, send_deadline=False), server.http_base)]
             for transport, phase_of, target in transports:
                 if transport != NO_HEADER:  # the HTTP peak serves both HTTP storms (no deadline is near at peak)
+                    peak_before = counters(server)
                     peak = asyncio.run(phase_of(target, work, PEAK_CLIENTS, peak_s, False, 3))
+                    print(f"{transport} peak, server side: {inside(peak_before, counters(server))}")
                 before, loop_before = counters(server), loop_cpu(server.pid)
                 with common.Watch(server.pid) as watched:
                     storm = asyncio.run(phase_of(target, work, STORM_CLIENTS, storm_s, True, 4))
@@ -328,6 +344,7 @@ def run(args, scratch: Path, text: common.Text, summary: list, smoke: bool) -> N
                              scored - storm.good_pairs, after["dropped"] - before["dropped"], len(peak.wrong) + len(storm.wrong)])
                 print(f"{transport} peak: {peak.outcomes()}")
                 print(f"{transport} storm: {storm.outcomes()}; others took {watched.other_pct:.0f}% of the cores")
+                print(f"{transport} storm, server side: {inside(before, after)}")
             cpu_before = server.cpu_seconds()
             refused = asyncio.run(refusal_burst(server.address, work, 64, burst_calls))
             burst_us = (server.cpu_seconds() - cpu_before) / refused * 1e6 if refused else float("nan")
