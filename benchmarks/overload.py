@@ -59,6 +59,14 @@ class Phase:
     def goodput(self) -> float:
         return self.good_pairs / self.seconds if self.seconds else 0.0
 
+    def answered(self, size: int, complete: bool, what: str) -> None:
+        """An answer came: all `size` of its request's own passages (`complete`), or not."""
+        if complete:
+            self.ok += 1
+            self.good_pairs += size
+        else:
+            self.wrong.append(f"a {size}-{what} request got an answer that is not all its own")
+
     def outcomes(self) -> str:
         extra = "".join(f", {name} {count}" for name, count in self.other.items())
         return (f"OK {self.ok}, refused {self.refused}, deadline {self.deadline}, cancelled {self.cancelled}{extra}, "
@@ -147,11 +155,7 @@ async def grpc_phase(address: str, work: Workload, clients: int, seconds: float,
                 if call.cancelled():
                     phase.cancelled += 1
                     break
-                if set(returned) != work.ids[size, variant] or len(returned) != size:
-                    phase.wrong.append(f"a {size}-passage request got {len(returned)} answers, not all its own")
-                else:
-                    phase.ok += 1
-                    phase.good_pairs += size
+                phase.answered(size, set(returned) == work.ids[size, variant] and len(returned) == size, "passage")
                 break
 
     started = time.perf_counter()
@@ -214,11 +218,7 @@ async def http_phase(base: str, work: Workload, clients: int, seconds: float, st
                         phase.other[f"HTTP {answer.status}"] += 1
                         break
                     indices = [r["index"] for r in orjson.loads(body)["results"]]
-                    if sorted(indices) != list(range(size)):
-                        phase.wrong.append(f"a {size}-document request got {len(indices)} answers, not all its own")
-                    else:
-                        phase.ok += 1
-                        phase.good_pairs += size
+                    phase.answered(size, sorted(indices) == list(range(size)), "document")
                     break
 
     started = time.perf_counter()

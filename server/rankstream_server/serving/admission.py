@@ -143,9 +143,10 @@ class Admission:
                 else time_remaining
         if seconds <= 0 or self.held >= self.max_concurrent:
             return
-        size = call.size_bytes if call is not None and call.size_bytes else 0
+        size = (call.size_bytes or 0) if call is not None else 0
         self.held += 1
-        self.held_bytes[call.rpc if call is not None else ""] += size
+        if size:
+            self.held_bytes[call.rpc] += size
         try:
             await asyncio.sleep(seconds)
         finally:

@@ -53,6 +53,7 @@ class LoadGate:
             return
         kind, sized = gated
         deadline = None if time_remaining is None else time.monotonic() + time_remaining
+        held = sum(size for other, size in (held_bytes or {}).items() if GATED.get(other, ("",))[0] == kind)
         refusals: list[ResourceExhausted] = []
         for model in registry.models:
             if model.kind != kind:
@@ -61,7 +62,6 @@ class LoadGate:
             try:
                 model.batcher.precheck(1, tokens, deadline)
             except ResourceExhausted as refused:
-                held = sum(size for other, size in (held_bytes or {}).items() if GATED.get(other, ("",))[0] == kind)
                 if held and refused.retry_after is not None and refused.retry_after >= 0:
                     behind = model.batcher.seconds_for(model.sizes.tokens(held))
                     if behind:

@@ -214,19 +214,12 @@ class Guard:
             await send(message)
 
         try:
-            time_remaining = None
-            try:
-                time_remaining = None if route.quiet else deadline_header(headers)
-                if time_remaining is not None:
-                    scope[DEADLINE_KEY] = time.monotonic() + time_remaining
-                refusal = self._refusal(route, headers, call, time_remaining)
-            except InvalidArgument as bad_header:
-                refusal = bad_header
+            refusal = self._refusal(route, headers, call, scope)
             if refusal is not None:
                 status = refusal.http_status
                 call.code = refusal.code.name
                 if isinstance(refusal, ResourceExhausted):
-                    await self._admission.hold(refusal, time_remaining, call)
+                    await self._admission.hold(refusal, HttpCall(scope.get(DEADLINE_KEY)).time_remaining(), call)
                 await http_errors.respond(route.dialect, refusal, scope, receive, observed_send)
                 return
             await self._app(scope, self._counted(receive), observed_send)
@@ -235,9 +228,9 @@ class Guard:
                 call.code = http_errors.code_name(status)
             self._admission.leave(call)
 
-    def _refusal(self, route: Route, headers: dict[str, str], call: CallRecord,
-                 time_remaining: float | None) -> RankstreamError | None:
-        """Why the request is refused before its body is read, or None."""
+    def _refusal(self, route: Route, headers: dict[str, str], call: CallRecord, scope) -> RankstreamError | None:
+        """Why the request is refused before its body is read, or None. Puts the deadline the
+        client sent (deadline_header) in the scope."""
         if route.quiet:
             return None
         if self._readiness.closing:
@@ -247,6 +240,12 @@ class Guard:
                 authorize(self._tokens, bearer_of_header(headers.get("authorization")), route.method)
             except RankstreamError as refused:
                 return refused
+        try:
+            time_remaining = deadline_header(headers)
+        except InvalidArgument as bad_header:
+            return bad_header
+        if time_remaining is not None:
+            scope[DEADLINE_KEY] = time.monotonic() + time_remaining
         length = headers.get("content-length")
         size = int(length) if length is not None and length.isdigit() else None
         if size is not None and size > self._max_body:
