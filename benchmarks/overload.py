@@ -32,6 +32,7 @@ import contextlib
 import functools
 import os
 import random
+import socket
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -275,13 +276,39 @@ async def warm_up(server: common.Server, work: Workload) -> None:
                 await answer.read()
 
 
-def counters(server: common.Server) -> dict[str, float]:
+def counters(server: common.Server, metrics_url: str) -> dict[str, float]:
     batcher = common.model_info(server.address)["scorer"].batcher
     threads = common.thread_cpu_seconds(server.pid)
     loop = threads.get(server.pid, 0.0)
     return {"items": batcher.items, "dropped": batcher.dropped, "rejected": batcher.rejected,
             "batches": batcher.batches, "tokens": batcher.tokens, "padded": batcher.padded_tokens,
-            "loop_s": loop, "others_s": sum(threads.values()) - loop, "at": time.perf_counter()}
+            "loop_s": loop, "others_s": sum(threads.values()) - loop, "at": time.perf_counter(),
+            **refusals_by_stage(metrics_url)}
+
+
+def refusals_by_stage(metrics_url: str) -> dict[str, float]:
+    """Refused calls so far (the server's /metrics), by where they were refused: before the request
+    was decoded (the concurrency cap, the load gate) or after it (the exact check on the decoded
+    request, reason "model")."""
+    import urllib.request
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    with urllib.request.urlopen(metrics_url, timeout=10) as answer:
+        text = answer.read().decode()
+    stages = {"refused_before": 0.0, "refused_after": 0.0}
+    for family in text_string_to_metric_families(text):
+        if family.name == "rankstream_refused":
+            for sample in family.samples:
+                if sample.name == "rankstream_refused_total":
+                    stages["refused_after" if sample.labels["reason"] == "model" else "refused_before"] += sample.value
+    return stages
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
 
 
 def inside(d: dict[str, float]) -> str:
@@ -291,7 +318,8 @@ def inside(d: dict[str, float]) -> str:
     seconds = d["at"] or float("nan")
     return (f"scored {d['items'] / seconds:,.1f} pairs/s in {d['batches']:.0f} passes of {d['items'] / max(d['batches'], 1):.1f} "
             f"rows, padding efficiency {d['tokens'] / max(d['padded'], 1):.2f}; server CPU: event loop "
-            f"{100 * d['loop_s'] / seconds:.1f}%, other threads {100 * d['others_s'] / seconds:.1f}% of a core")
+            f"{100 * d['loop_s'] / seconds:.1f}%, other threads {100 * d['others_s'] / seconds:.1f}% of a core; "
+            f"refused {d['refused_before']:.0f} calls before decoding, {d['refused_after']:.0f} after")
 
 
 def merged(phases: list[Phase]) -> Phase:
@@ -327,7 +355,9 @@ def run(args, scratch: Path, text: common.Text, summary: list, smoke: bool) -> N
     server_cores, client_cores = ({cores[0]}, set(cores[1:])) if pinned else (set(cores), set(cores))
     common.heading(f"g. Goodput under overload: {'host-path model' if smoke else 'MiniLM-L6 cross-encoder fp32'}, "
                    f"{STORM_CLIENTS} immediate-retry clients, gRPC and HTTP (Cohere /v2/rerank)")
-    config = {"server": {"torch_threads": 1, "http_port": 0}, "limits": {"max_passages": 300},
+    metrics_port = free_port()
+    metrics_url = f"http://127.0.0.1:{metrics_port}/metrics"
+    config = {"server": {"torch_threads": 1, "http_port": 0, "metrics_port": metrics_port}, "limits": {"max_passages": 300},
               "batching": {"cpu_passes": len(server_cores)},
               "models": [{"name": "scorer", "weights": str(model_dir)}], "default_model": "scorer"}
     work = workload(text)
@@ -358,17 +388,17 @@ def run(args, scratch: Path, text: common.Text, summary: list, smoke: bool) -> N
                 inside_sums: dict[str, dict[str, float]] = {name: {} for name in [transport + " peak", *storms]}
                 others = dict.fromkeys(storms, 0.0)
                 for number in range(rounds + 1):
-                    before = counters(server)
+                    before = counters(server, metrics_url)
                     peaks.append(asyncio.run(peak_of(target, work, PEAK_CLIENTS, peak_s, False, 3 + 10 * number)))
-                    added(inside_sums[transport + " peak"], before, counters(server))
+                    added(inside_sums[transport + " peak"], before, counters(server, metrics_url))
                     if number == rounds:
                         break
                     for name in storms:
-                        before = counters(server)
+                        before = counters(server, metrics_url)
                         with common.Watch(server.pid) as watched:
                             storm_rounds[name].append(asyncio.run(
                                 storms_of[name](target, work, STORM_CLIENTS, storm_s, True, 4 + 10 * number)))
-                        added(inside_sums[name], before, counters(server))
+                        added(inside_sums[name], before, counters(server, metrics_url))
                         others[name] = max(others[name], watched.other_pct)
                     print(f"{transport} round {number + 1}: peak {peaks[-1].goodput:.1f} pairs/s, "
                           + ", ".join(f"{name} storm {storm_rounds[name][-1].goodput:.1f}" for name in storms))

@@ -138,6 +138,72 @@ async def test_expired_work_is_dropped_and_reported():
     assert subject.counters.dropped == 3 and subject.in_flight == 0
 
 
+async def test_passes_cut_and_not_yet_launched_count_in_the_expected_wait():
+    """The batcher cuts a few passes at once; while they wait behind the running one, admission
+    must still count them (else it promises waits the queue cannot keep)."""
+    backend = RecordingBackend()
+    backend.gate.clear()
+    subject = batcher(backend, max_batch_tokens=40, max_batch_size=4)
+    subject._drain.tokens_per_second = 100.0  # tokens a second, as if measured
+    job = Job(size=16)
+    subject.submit(job, pairs_of([10] * 16))  # four passes of 4 x 10: one runs (held), three wait cut
+    await asyncio.sleep(0.05)
+    assert subject._ready_tokens == 120 and subject._running_tokens == 40
+    assert subject.expected_wait() == pytest.approx(160 / 100.0)
+    backend.gate.set()
+    assert len(await collect(job)) == 16
+    subject.close()
+    assert subject._ready_tokens == 0 and subject._running_tokens == 0
+
+
+async def test_work_that_cannot_finish_by_its_deadline_is_dropped_before_it_runs():
+    """Admitted while the model was fast, a request reaches the head of the queue after it has
+    slowed down: its whole remaining work can no longer be done before its deadline (its first
+    pass alone would be), so it is dropped unrun, while one that can finish runs."""
+    import time
+
+    backend = RecordingBackend()
+    backend.gate.clear()
+    subject = batcher(backend, max_batch_tokens=40, max_batch_size=4)
+    subject._drain.tokens_per_second = 1000.0
+    subject.submit(Job(size=1), pairs_of([5]))  # held at the gate
+    await asyncio.sleep(0.05)
+    doomed = Job(size=12, deadline=time.monotonic() + 0.8)  # 120 tokens: 0.12 s of work at admission
+    subject.submit(doomed, pairs_of([10] * 12))
+    fine = Job(size=2, deadline=time.monotonic() + 60)
+    subject.submit(fine, pairs_of([10] * 2))
+    subject._drain.tokens_per_second = 100.0  # now 1.2 s of work; one pass of 40 tokens would fit
+    backend.gate.set()
+    with pytest.raises(Exception, match="dropped"):
+        await collect(doomed)
+    assert len(await collect(fine)) == 2
+    subject.close()
+    assert doomed not in {owner for owners in backend.owners for owner in owners}, "none of it ran"
+    assert subject.counters.dropped == 12 and subject.in_flight == 0
+
+
+async def test_a_deadline_is_promised_at_the_slowest_recent_speed():
+    """The queue's limit follows the current drain rate; a caller's deadline is checked at the
+    lowest rate of the last half minute, so a machine that slowed down a moment ago does not get
+    work it may not finish in time."""
+    import time
+
+    subject = batcher(RecordingBackend(), max_queue_seconds=100)
+    drain = subject._drain
+    now = time.perf_counter()
+    for rate in (100.0, 25.0, 100.0):  # fast, a slow spell, fast again: five windows of four passes each
+        for _ in range(20):
+            drain.launched(now)
+            now += 1.0
+            drain.finished(now, int(rate), full=True)
+    assert drain.tokens_per_second > 80 and drain.cautious_tokens_per_second < 35
+    subject.precheck(1, 200, deadline=None)  # ~2-4 s at the current rate: under the queue limit
+    with pytest.raises(ResourceExhausted, match="before its deadline"):
+        subject.precheck(1, 200, deadline=time.monotonic() + 6.0)  # fits at today's rate, not at the slow one
+    subject.precheck(1, 200, deadline=time.monotonic() + 12.0)
+    subject.close()
+
+
 async def test_a_failing_model_reports_an_error_and_the_thread_survives():
     backend = RecordingBackend(fail=True)
     subject = batcher(backend)

@@ -84,6 +84,19 @@ def test_the_estimate_follows_a_machine_that_slows_down_then_speeds_up():
     assert 0.85 * actual <= estimate <= 1.15 * actual, "after speeding up, no refusal for work it would finish"
 
 
+def test_the_cautious_rate_remembers_a_slow_spell_for_its_memory_then_forgets_it():
+    drain = DrainRate(memory_seconds=30.0)
+    simulate(drain, queue=100 * 2048, pass_tokens=2048, workers=1, pass_seconds=lambda t: 0.05)
+    fast = drain.tokens_per_second
+    simulate(drain, queue=100 * 2048, pass_tokens=2048, workers=1, pass_seconds=lambda t: 0.15, start=10.0)
+    simulate(drain, queue=100 * 2048, pass_tokens=2048, workers=1, pass_seconds=lambda t: 0.05, start=30.0)
+    assert drain.tokens_per_second == pytest.approx(fast, rel=0.1), "the average is back to the fast figure"
+    assert drain.cautious_tokens_per_second == pytest.approx(fast / 3, rel=0.15), "the slow spell is remembered"
+    simulate(drain, queue=800 * 2048, pass_tokens=2048, workers=1, pass_seconds=lambda t: 0.05, start=40.0)
+    assert drain.cautious_tokens_per_second == pytest.approx(fast, rel=0.1), "and forgotten 30 s later"
+    assert drain.seconds_for(2048, cautious=True) == pytest.approx(2048 / drain.cautious_tokens_per_second)
+
+
 def test_windows_of_small_passes_do_not_drag_the_rate_down():
     drain = DrainRate()
     simulate(drain, queue=100 * 2048, pass_tokens=2048, workers=1, pass_seconds=lambda t: 0.05)

@@ -197,11 +197,9 @@ class DynamicBatcher:
         self._lanes: tuple[list[_Work], list[_Work]] = ([], [])  # heaps: interactive, bulk
         self._arrivals = itertools.count()
         self._max_queue_seconds = config.max_queue_seconds
-        self._seconds_per_token: float | None = None  # running measure of pass time per token
-        self._pass_seconds = 0.0
-        self._pass_tokens = 0.0
         self._drain = DrainRate()
         self._running_tokens = 0  # tokens of passes launched and not yet back
+        self._ready_tokens = 0  # tokens of passes cut from the queue and not yet launched
         self._failed_passes = 0  # consecutive passes that failed even when split
         self._held: list[Batch] = []  # passes cut or running: failed, not lost, if the loop breaks
         self._queued_rows = 0
@@ -243,10 +241,12 @@ class DynamicBatcher:
         setattr(counters, f"refused_{reason}", getattr(counters, f"refused_{reason}") + 1)
         raise ResourceExhausted(message, retry_after=retry_after, reason=reason)
 
-    def expected_wait(self, tokens: int = 0) -> float | None:
-        """Seconds until `tokens` more tokens would be done behind everything queued or running,
-        at the measured drain rate (None until measured)."""
-        return self._drain.seconds_for(self._queued_tokens + self._running_tokens + tokens)
+    def expected_wait(self, tokens: int = 0, cautious: bool = False) -> float | None:
+        """Seconds until `tokens` more tokens would be done behind everything queued, cut or
+        running, at the measured drain rate, or with `cautious` at the lowest recent one (None
+        until measured)."""
+        return self._drain.seconds_for(self._queued_tokens + self._ready_tokens + self._running_tokens + tokens,
+                                       cautious)
 
     def seconds_for(self, tokens: int) -> float | None:
         """Seconds the queue takes to drain `tokens` at the measured rate (None until measured)."""
@@ -290,6 +290,10 @@ class DynamicBatcher:
                 f"batching.max_queue_seconds={self._max_queue_seconds:g}; retry later",
                 "queue", wait - self._max_queue_seconds,
             )
+        if deadline is not None:
+            # A deadline is promised at the slowest speed seen lately: work admitted at a faster
+            # figure that then misses its deadline has spent the model's time for nothing.
+            wait = self.expected_wait(tokens, cautious=True)
         if deadline is not None and time.monotonic() + wait * DEADLINE_SAFETY > deadline:
             # The queue ahead drains no faster than the deadline nears: a retry within it cannot succeed.
             self._refuse(
@@ -344,17 +348,19 @@ class DynamicBatcher:
             return [bulk, interactive]
         return [interactive, bulk]
 
-    def _unreachable(self, job: Job, now: float) -> bool:
-        """Its deadline passes before its next pass could end: drop it now rather than spend a pass
-        on it (lock held)."""
-        if job.deadline is None or self._seconds_per_token is None or job.cancelled:
+    def _unreachable(self, job: Job, now: float, ahead_tokens: int) -> bool:
+        """At the head of the queue, behind `ahead_tokens` already cut: its deadline passes before
+        its last row could be done at the measured rate. Drop it now, with none or only part of
+        it run, rather than spend passes on an answer its caller will not take (lock held)."""
+        if job.deadline is None or job.cancelled or job.work is None:
             return False
-        next_pass = self._shapes.max_tokens * self._seconds_per_token
-        if now + next_pass < job.deadline:
+        work = job.work
+        finish = self._drain.seconds_for(ahead_tokens + int(work.tokens.lengths[work.rows[work.start:]].sum()))
+        if finish is None or now + finish < job.deadline:
             return False
         job.cancelled = True
         self._forget(job)
-        job._deliver(DeadlineExceeded("deadline would pass before the request's turn; dropped unrun"))
+        job._deliver(DeadlineExceeded("deadline would pass before the request's last pass; dropped"))
         return True
 
     def _take_window(self, wait: bool) -> list[tuple[Job, Tokens, np.ndarray]]:
@@ -377,7 +383,7 @@ class DynamicBatcher:
                 while lane and room_rows > 0 and room_tokens > 0:
                     work = lane[0]
                     job = work.job
-                    if self._is_dead(job, now) or self._unreachable(job, now):
+                    if self._is_dead(job, now) or self._unreachable(job, now, WINDOW * self._shapes.max_tokens - room_tokens):
                         heapq.heappop(lane)
                         continue
                     lengths = work.tokens.lengths[work.rows[work.start:]]
@@ -390,6 +396,7 @@ class DynamicBatcher:
                     job.queued -= take
                     self._queued_rows -= take
                     self._queued_tokens -= taken_tokens
+                    self._ready_tokens += taken_tokens
                     room_rows -= take
                     room_tokens -= taken_tokens
                     parts.append((job, work.tokens, rows))
@@ -402,6 +409,7 @@ class DynamicBatcher:
     def _live(self, batch: Batch) -> Batch | None:
         """The batch without rows whose request was cancelled or expired since it was cut."""
         with self._cond:
+            self._ready_tokens -= batch.tokens  # it leaves the cut passes: launched (running) or dropped
             now = time.monotonic()
             dead = [piece for piece in batch.pieces if self._is_dead(piece.owner, now)]
             if not dead:
@@ -429,6 +437,7 @@ class DynamicBatcher:
                 with self._cond:
                     self._drain.forget_running()
                     self._running_tokens = 0
+                    self._ready_tokens = 0
                 held, self._held = self._held, []
                 for batch in held:
                     self._finish(batch, None, 0.0, 0.0)
@@ -559,7 +568,6 @@ class DynamicBatcher:
             counters.max_requests_per_batch = max(counters.max_requests_per_batch, len(batch.pieces))
             counters.tokens += batch.tokens
             counters.padded_tokens += batch.rows * batch.width
-            self._measure(batch, elapsed if outputs is not None else 0.0)
         if outputs is not None and self.on_pass is not None:
             self.on_pass(batch.real, batch.rows * batch.width)
         shared = len({piece.owner.group or piece.owner for piece in batch.pieces}) > 1
@@ -575,19 +583,6 @@ class DynamicBatcher:
                 job._deliver(InferenceFailed(f"model {self.name!r} failed on a batch; see the server log"))
             else:
                 job._deliver((piece.rows, outputs[piece.slots]))
-
-    def _measure(self, batch: Batch, elapsed: float) -> None:
-        """Learns seconds per token from well-filled passes only (lock held): a small pass is mostly
-        fixed overhead and would make the per-token figure, and so every estimate, far too high."""
-        padded = batch.rows * batch.width
-        if elapsed <= 0 or not self._is_full(batch):
-            return
-        if self._seconds_per_token is None:
-            self._pass_seconds, self._pass_tokens = elapsed, float(padded)
-        else:
-            self._pass_seconds = 0.8 * self._pass_seconds + 0.2 * elapsed
-            self._pass_tokens = 0.8 * self._pass_tokens + 0.2 * padded
-        self._seconds_per_token = self._pass_seconds / self._pass_tokens
 
     def _is_full(self, batch: Batch) -> bool:
         """Well filled: a pass's worth of rows, or a quarter of its token budget or more."""
