@@ -348,7 +348,7 @@ def run(args, scratch: Path, text: common.Text, summary: list, smoke: bool) -> N
     # a 0.9x ratio: short peak and storm phases alternate, every storm between two peaks, and the
     # ratio is of their sums (goodput over all storm rounds / over all peak rounds).
     rounds, peak_s, storm_s, burst_calls = ((1, 2.0, 3.0, 40) if smoke else (3, 5.0, 12.0, 400) if args.quick
-                                            else (4, 8.0, 20.0, 1000))
+                                            else (6, 8.0, 20.0, 1000))
     model_dir = common.host_path_model() if smoke else common.minilm_cross()
     cores = sorted(os.sched_getaffinity(0))
     pinned = len(cores) >= 2

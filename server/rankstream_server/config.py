@@ -265,7 +265,7 @@ class ServerConfig(_Strict):
         512, gt=0, description="RPCs in progress at once (health checks excepted); past it: RESOURCE_EXHAUSTED at once."
     )
     refusal_hold_ms: float = Field(
-        1000.0, ge=0,
+        3000.0, ge=0,
         description="Under overload a refusal is answered up to this late (within its pushback, or before the "
                     "caller's deadline), with the pushback shortened to match: clients that retry at once then "
                     "cannot spend the server's CPU on refusals. Holding costs no CPU; at most max_concurrent_rpcs "
