@@ -23,8 +23,9 @@ f. HTTP front vs gRPC: part a's rerank load (host-path model, 32 clients x 100 p
    Cohere's `POST /v2/rerank` (keep-alive aiohttp clients) and over gRPC, alternated, in one run
    against the same server. Target: HTTP >= 0.9x gRPC pairs/s (reported, not asserted).
 g. Goodput under overload (benchmarks/overload.py, `--parts overload`): MiniLM-L6 on a server
-   pinned to its own core, peak pairs/s at 4 clients, then 48 clients that retry refusals at
-   once, over gRPC and HTTP: goodput, refusals/s, CPU per refusal, RSS before and after.
+   pinned to its own core, peak pairs/s at 4 clients and 48 clients that retry refusals at
+   once, in alternated rounds (the machine's speed drifts), over gRPC and HTTP: goodput,
+   refusals/s, CPU per refusal, RSS before and after.
    Target: goodput >= 0.9x peak (reported, not asserted).
 
 The server runs as `rankstream serve --config ...` in a child process (its own GIL) on 127.0.0.1;
