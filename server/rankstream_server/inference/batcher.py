@@ -290,11 +290,12 @@ class DynamicBatcher:
                 f"batching.max_queue_seconds={self._max_queue_seconds:g}; retry later",
                 "queue", wait - self._max_queue_seconds,
             )
-        if deadline is not None:
-            # A deadline is promised at the slowest speed seen lately: work admitted at a faster
-            # figure that then misses its deadline has spent the model's time for nothing.
-            wait = self.expected_wait(tokens, cautious=True)
-        if deadline is not None and time.monotonic() + wait * DEADLINE_SAFETY > deadline:
+        if deadline is None:
+            return
+        # A deadline is promised at the slowest speed seen lately: work admitted at a faster figure
+        # that then misses its deadline has spent the model's time for nothing.
+        wait = self.expected_wait(tokens, cautious=True)
+        if time.monotonic() + wait * DEADLINE_SAFETY > deadline:
             # The queue ahead drains no faster than the deadline nears: a retry within it cannot succeed.
             self._refuse(
                 f"model {self.name!r} cannot finish this request before its deadline: about {wait:.2f} s of work "
@@ -348,14 +349,14 @@ class DynamicBatcher:
             return [bulk, interactive]
         return [interactive, bulk]
 
-    def _unreachable(self, job: Job, now: float, ahead_tokens: int) -> bool:
-        """At the head of the queue, behind `ahead_tokens` already cut: its deadline passes before
-        its last row could be done at the measured rate. Drop it now, with none or only part of
-        it run, rather than spend passes on an answer its caller will not take (lock held)."""
-        if job.deadline is None or job.cancelled or job.work is None:
+    def _unreachable(self, job: Job, now: float, tokens_to_finish: int) -> bool:
+        """At the head of the queue, `tokens_to_finish` (its rows left and the rows cut ahead of
+        them) cannot be done before its deadline at the measured rate. Drop it now, with none or
+        only part of it run, rather than spend passes on an answer its caller will not take
+        (lock held)."""
+        if job.deadline is None or job.cancelled:
             return False
-        work = job.work
-        finish = self._drain.seconds_for(ahead_tokens + int(work.tokens.lengths[work.rows[work.start:]].sum()))
+        finish = self._drain.seconds_for(tokens_to_finish)
         if finish is None or now + finish < job.deadline:
             return False
         job.cancelled = True
@@ -383,10 +384,11 @@ class DynamicBatcher:
                 while lane and room_rows > 0 and room_tokens > 0:
                     work = lane[0]
                     job = work.job
-                    if self._is_dead(job, now) or self._unreachable(job, now, WINDOW * self._shapes.max_tokens - room_tokens):
+                    lengths = work.tokens.lengths[work.rows[work.start:]]
+                    ahead = WINDOW * self._shapes.max_tokens - room_tokens
+                    if self._is_dead(job, now) or self._unreachable(job, now, ahead + int(lengths.sum())):
                         heapq.heappop(lane)
                         continue
-                    lengths = work.tokens.lengths[work.rows[work.start:]]
                     # Rows by tokens: as many as fit in both budgets, at least one.
                     fits = int(np.searchsorted(np.cumsum(lengths), room_tokens, side="right"))
                     take = max(1, min(work.left, room_rows, fits))

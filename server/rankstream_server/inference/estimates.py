@@ -38,7 +38,7 @@ class DrainRate:
         self._window_seconds = window_seconds
         self._window_passes = window_passes
         self._memory_seconds = memory_seconds
-        self._recent: collections.deque[tuple[float, float]] = collections.deque()  # (when, average then)
+        self._recent: collections.deque[tuple[float, float]] = collections.deque()  # (when, average then), rising
         self._passes = 0
         self._weight = weight
         self._running = 0
@@ -88,9 +88,13 @@ class DrainRate:
             fresh = old is None or self._provisional
             self.tokens_per_second = rate if fresh else old + self._weight * (rate - old)
             self._provisional = False
+            # A sliding-window minimum: each entry is slower than every later one, so the first
+            # is the lowest of the last memory_seconds.
             recent = self._recent
             while recent and recent[0][0] < now - self._memory_seconds:
                 recent.popleft()
+            while recent and recent[-1][1] >= self.tokens_per_second:
+                recent.pop()
             recent.append((now, self.tokens_per_second))
         self._busy, self._tokens, self._passes = 0.0, 0, 0
 
@@ -98,9 +102,7 @@ class DrainRate:
     def cautious_tokens_per_second(self) -> float | None:
         """The lowest the average has been over the last `memory_seconds` of windows (the
         average itself until a window has been measured)."""
-        if not self._recent:
-            return self.tokens_per_second
-        return min(rate for _, rate in self._recent)
+        return self._recent[0][1] if self._recent else self.tokens_per_second
 
     def seconds_for(self, tokens: float, cautious: bool = False) -> float | None:
         """Seconds to drain `tokens` at the measured rate, or with `cautious` at the lowest recent
